@@ -1,0 +1,28 @@
+# Everything a developer or CI needs: `make test` sets up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha1sum | cut -c1-12)
+
+.PHONY: install test test-fast clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# CPU build of torch first, from the pinned version; an unpinned torch pulls CUDA.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" -x
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,51 @@
+"""softprompt: prompt tuning for frozen Hugging Face transformers models.
+
+>>> from softprompt import PromptTuningConfig, wrap
+>>> model = wrap(base_model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
+
+Importing this package has no side effects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checkpoint import AdapterFileError
+from .config import PromptTuningConfig, PromptTuningInit, TaskType
+from .model import SoftPromptModel
+
+__version__ = "0.1.0"
+
+
+def wrap(
+    base_model: Any,
+    config: PromptTuningConfig,
+    adapter_name: str = "default",
+    *,
+    tokenizer: Any | None = None,
+) -> SoftPromptModel:
+    """Freeze `base_model` and attach a new trainable soft prompt described by `config`.
+
+    Args:
+        base_model: A transformers model.
+        config: The prompt's configuration (left unchanged; model-derived values go into
+            `model.peft_config[adapter_name]`).
+        adapter_name: Name of this first prompt.
+        tokenizer: Optional tokenizer for TEXT / CLASS_LABELS initialisation.
+
+    Returns:
+        A `SoftPromptModel` whose only trainable parameters are the prompt (and a new
+        task head for classification / QA, see `PromptTuningConfig.modules_to_save`).
+    """
+    return SoftPromptModel(base_model, config, adapter_name, tokenizer=tokenizer)
+
+
+__all__ = [
+    "AdapterFileError",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "SoftPromptModel",
+    "TaskType",
+    "wrap",
+    "__version__",
+]

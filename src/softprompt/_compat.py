@@ -1,0 +1,85 @@
+"""What softprompt needs to know about a transformers model, found out in one place."""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+from torch import nn
+
+from .config import TaskType
+from .layout import PositionStyle
+
+
+@lru_cache(maxsize=256)
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def accepts(model: nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes an argument called `name`."""
+    return name in _forward_params(type(model))
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which this transformers version passes the KV cache."""
+    return "cache" if accepts(model, "cache") else "past_key_values"
+
+
+def position_style(model: nn.Module) -> PositionStyle:
+    """How to tell `model` where each token is (see `softprompt.layout`)."""
+    if not accepts(model, "position_ids"):
+        return PositionStyle("compact")
+    # RoBERTa-style embeddings count positions from padding_idx + 1.
+    for module in model.modules():
+        if hasattr(module, "create_position_ids_from_inputs_embeds") and hasattr(module, "padding_idx"):
+            pad = int(module.padding_idx)
+            return PositionStyle("ids", offset=pad + 1, pad_value=pad)
+    return PositionStyle("ids")
+
+
+def infer_task_type(model: nn.Module) -> TaskType | None:
+    """Guess the task from the model class name (`LlamaForCausalLM` -> CAUSAL_LM)."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return TaskType.CAUSAL_LM
+    if name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) and getattr(config, "is_encoder_decoder", False):
+        return TaskType.SEQ_2_SEQ_LM
+    if name.endswith("ForSequenceClassification"):
+        return TaskType.SEQ_CLS
+    if name.endswith("ForTokenClassification"):
+        return TaskType.TOKEN_CLS
+    if name.endswith("ForQuestionAnswering"):
+        return TaskType.QUESTION_ANS
+    if name.endswith(("Model", "EncoderModel")) and "For" not in name:
+        return TaskType.FEATURE_EXTRACTION
+    return None
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def hidden_size(model: nn.Module) -> int:
+    emb = model.get_input_embeddings()
+    return int(emb.weight.shape[1])
+
+
+def describe_model(model: nn.Module) -> dict[str, int | None]:
+    """token_dim, num_layers and num_attention_heads as PEFT records them."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(*names: str) -> int | None:
+        for n in names:
+            value = getattr(text, n, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    return {
+        "token_dim": hidden_size(model),
+        "num_layers": first("num_hidden_layers", "num_layers", "n_layer"),
+        "num_attention_heads": first("num_attention_heads", "num_heads", "n_head"),
+    }

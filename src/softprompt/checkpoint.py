@@ -1,0 +1,336 @@
+"""Adapter files in PEFT's format, written atomically and read defensively.
+
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` (tensor
+`prompt_embeddings`, `(num_virtual_tokens * num_transformer_submodules, token_dim)`,
+plus `base_model.<head>.<param>` for trained heads), exactly as PEFT writes them. A
+legacy `adapter_model.bin` is read with `torch.load(weights_only=True)` only.
+
+Writes: the weights file is replaced first, then the config, each by an atomic rename.
+The weights file also carries, in its safetensors metadata, the configuration it belongs
+to and a SHA-256 of its tensors. A save interrupted between the two renames therefore
+leaves a folder whose weights file is complete and self-describing: the reader notices
+the stale `adapter_config.json`, uses the configuration stored with the weights and says
+so. Bit flips in a file we wrote are caught by the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._io import atomic_write_text, atomic_write_with
+from .config import PromptTuningConfig
+
+if TYPE_CHECKING:
+    from .model import SoftPromptModel
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PROMPT_KEY = "prompt_embeddings"
+HEAD_PREFIX = "base_model."
+META_CONFIG = "softprompt.config"
+META_DIGEST = "softprompt.sha256"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder or file is missing, damaged or does not fit the model."""
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def adapter_tensors(model: SoftPromptModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors PEFT stores for this adapter, detached copies on the CPU."""
+    out = {PROMPT_KEY: model.prompts[adapter_name].embedding.detach().to("cpu", torch.float32).clone()}
+    for path, head in model.head_modules(adapter_name).items():
+        for pname, value in head.state_dict().items():
+            out[f"{HEAD_PREFIX}{path}.{pname}"] = value.detach().cpu().clone().contiguous()
+    return out
+
+
+def _file_config(model: SoftPromptModel, adapter_name: str) -> PromptTuningConfig:
+    return model.peft_config[adapter_name].replace(inference_mode=True)
+
+
+def save_adapter(
+    model: SoftPromptModel,
+    adapter_name: str,
+    directory: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Save one adapter into `directory` (created if needed).
+
+    Raises:
+        FileExistsError: `directory` already holds a different adapter and `overwrite` is
+            False. Saving the identical adapter again is allowed.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot save an adapter into {directory}: it is a file, not a folder.")
+    tensors = adapter_tensors(model, adapter_name)
+    config_text = _file_config(model, adapter_name).to_json_string()
+    digest = tensors_digest(tensors)
+    if not overwrite and _holds_other_adapter(directory, config_text, digest):
+        raise FileExistsError(
+            f"{directory} already holds a different adapter; pass overwrite=True to replace it, "
+            "or save into another folder."
+        )
+    metadata = {"format": "pt", META_CONFIG: config_text, META_DIGEST: digest}
+
+    def write(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp), metadata=metadata)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(directory / WEIGHTS_NAME, write)
+    atomic_write_text(directory / CONFIG_NAME, config_text)
+    legacy = directory / LEGACY_WEIGHTS_NAME
+    if legacy.exists():
+        # A stale pickle would shadow nothing (safetensors wins) but would confuse people.
+        legacy.unlink()
+    return directory
+
+
+def _holds_other_adapter(directory: Path, config_text: str, digest: str) -> bool:
+    if not directory.is_dir():
+        return False
+    present = [n for n in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if (directory / n).exists()]
+    if not present:
+        return False
+    try:
+        meta = _safetensors_metadata(directory / WEIGHTS_NAME)
+    except Exception:  # unreadable: certainly not the adapter we are about to write
+        return True
+    return not (meta.get(META_DIGEST) == digest and meta.get(META_CONFIG) == config_text)
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+# ---------------------------------------------------------------------- reading
+def _read_config_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{path} is {size} bytes; an adapter config is a few hundred. Refusing to read it.")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AdapterFileError(f"{path} is not UTF-8 text ({err}).") from None
+
+
+def _parse_config(text: str, source: str) -> PromptTuningConfig:
+    try:
+        return PromptTuningConfig.from_json_string(text, source=source)
+    except (ValueError, TypeError) as err:
+        raise AdapterFileError(str(err)) from None
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if path.stat().st_size == 0:
+        raise AdapterFileError(f"{path} is empty (0 bytes): the file was truncated or never written.")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupted.") from None
+    return tensors, meta
+
+
+def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for code in the pickle, others for damage
+        raise AdapterFileError(
+            f"{path} could not be loaded as plain tensors ({type(err).__name__}: {str(err)[:300]}). "
+            "Only weights are read from .bin files (weights_only=True); a pickle that carries code is refused."
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise AdapterFileError(f"{path} does not hold a dict of named tensors.")
+    return data
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[PromptTuningConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter folder; nothing is attached to any model.
+
+    Returns:
+        The config and the tensors (`prompt_embeddings` float32, head tensors by key).
+
+    Raises:
+        AdapterFileError: missing, damaged or inconsistent files, with the file named.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFileError(f"adapter folder {folder} does not exist (or is not a folder).")
+    config_path = folder / CONFIG_NAME
+    weights_path = folder / WEIGHTS_NAME
+    legacy_path = folder / LEGACY_WEIGHTS_NAME
+    if weights_path.exists():
+        tensors, meta = _load_safetensors(weights_path)
+        weights_file = weights_path
+    elif legacy_path.exists():
+        tensors, meta, weights_file = _load_legacy(legacy_path), {}, legacy_path
+    else:
+        raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}).")
+
+    embedded = meta.get(META_CONFIG)
+    if config_path.exists():
+        config_text = _read_config_text(config_path)
+        source = str(config_path)
+        if embedded is not None and embedded.strip() != config_text.strip():
+            logger.warning(
+                "%s does not match the configuration stored in %s (an interrupted save?); using the "
+                "latter, which was written with the weights. Save the adapter again to repair the folder.",
+                config_path,
+                weights_file,
+            )
+            config_text, source = embedded, f"{weights_file} (metadata)"
+    elif embedded is not None:
+        logger.warning("%s is missing; using the configuration stored in %s.", config_path, weights_file)
+        config_text, source = embedded, f"{weights_file} (metadata)"
+    else:
+        raise AdapterFileError(f"{folder} has no {CONFIG_NAME}.")
+    config = _parse_config(config_text, source)
+
+    if META_DIGEST in meta and tensors_digest(tensors) != meta[META_DIGEST]:
+        raise AdapterFileError(
+            f"{weights_file} is corrupted: its tensors do not match the checksum stored when it was saved."
+        )
+    _check_tensors(config, tensors, weights_file)
+    tensors[PROMPT_KEY] = tensors[PROMPT_KEY].to(torch.float32)
+    return config, tensors
+
+
+def _check_tensors(config: PromptTuningConfig, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    if PROMPT_KEY not in tensors:
+        raise AdapterFileError(f"{file} has no tensor {PROMPT_KEY!r}; keys found: {sorted(tensors)[:10]}.")
+    prompt = tensors[PROMPT_KEY]
+    if not prompt.is_floating_point():
+        raise AdapterFileError(f"{file}: {PROMPT_KEY} has dtype {prompt.dtype}; a floating-point tensor is expected.")
+    submodules = config.num_transformer_submodules or (2 if prompt.dim() == 2 and prompt.shape[0] == 2 * config.num_virtual_tokens else 1)
+    rows = config.num_virtual_tokens * submodules
+    expected = (rows, config.token_dim) if config.token_dim else (rows, prompt.shape[-1] if prompt.dim() else -1)
+    if prompt.dim() != 2 or tuple(prompt.shape) != expected:
+        raise AdapterFileError(
+            f"{file}: {PROMPT_KEY} has shape {tuple(prompt.shape)}, but {CONFIG_NAME} describes "
+            f"{expected} (num_virtual_tokens={config.num_virtual_tokens} x {submodules} submodules, "
+            f"token_dim={config.token_dim})."
+        )
+    if not torch.isfinite(prompt).all():
+        raise AdapterFileError(f"{file}: {PROMPT_KEY} contains NaN or infinite values.")
+    heads = tuple(f"{HEAD_PREFIX}{m}." for m in (config.modules_to_save or []))
+    extra = sorted(k for k in tensors if k != PROMPT_KEY and not k.startswith(heads))
+    if extra:
+        raise AdapterFileError(
+            f"{file} holds unexpected tensors {extra[:5]}; only {PROMPT_KEY!r} and the heads named in "
+            f"modules_to_save ({config.modules_to_save}) belong in a prompt-tuning adapter."
+        )
+    for key, value in tensors.items():
+        if key != PROMPT_KEY and value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterFileError(f"{file}: {key} contains NaN or infinite values.")
+
+
+def check_fits_model(config: PromptTuningConfig, tensors: dict[str, torch.Tensor], base: Any, path: Any) -> None:
+    """Raise if the adapter was made for a model of another hidden size."""
+    hidden = int(base.get_input_embeddings().weight.shape[1])
+    prompt = tensors[PROMPT_KEY]
+    if prompt.shape[1] != hidden:
+        raise AdapterFileError(
+            f"{Path(path) / WEIGHTS_NAME}: {PROMPT_KEY} has shape {tuple(prompt.shape)}, but this model "
+            f"({type(base).__name__}, hidden size {hidden}) needs ({prompt.shape[0]}, {hidden}). "
+            "The adapter was trained on a different model."
+        )
+
+
+def match_head_tensors(
+    base: Any, config: PromptTuningConfig, tensors: dict[str, torch.Tensor], path: Any
+) -> dict[str, tuple[str, str]]:
+    """Map each head tensor key to (head path, parameter name), checking every shape.
+
+    Raises before anything is attached, so a bad file leaves the model untouched.
+    """
+    from .heads import HeadSwitch, find_module
+
+    plan: dict[str, tuple[str, str]] = {}
+    heads = config.modules_to_save or []
+    for key, value in tensors.items():
+        if key == PROMPT_KEY:
+            continue
+        rest = key[len(HEAD_PREFIX) :]
+        owner = next((h for h in heads if rest.startswith(h + ".")), None)
+        found = find_module(base, owner) if owner else None
+        if found is None:
+            raise AdapterFileError(f"{path}: tensor {key} belongs to no head of this model ({heads}).")
+        module = found[2].original if isinstance(found[2], HeadSwitch) else found[2]
+        pname = rest[len(owner) + 1 :]
+        state = module.state_dict()
+        if pname not in state:
+            raise AdapterFileError(f"{path}: {key} names {pname!r}, which head {owner!r} does not have.")
+        if tuple(state[pname].shape) != tuple(value.shape):
+            raise AdapterFileError(
+                f"{path}: {key} has shape {tuple(value.shape)}, this model's {owner}.{pname} has "
+                f"{tuple(state[pname].shape)} (a different number of labels?)."
+            )
+        plan[key] = (owner, pname)
+    missing = [h for h in heads if not any(o == h for o, _ in plan.values())]
+    if missing:
+        logger.warning("%s: no saved weights for head(s) %s; they keep the base model's values.", path, missing)
+    return plan
+
+
+def apply_head_tensors(
+    model: SoftPromptModel, adapter_name: str, tensors: dict[str, torch.Tensor], plan: dict[str, tuple[str, str]]
+) -> None:
+    """Copy checked head weights (see `match_head_tensors`) into the adapter's head copies."""
+    heads = model.head_modules(adapter_name)
+    with torch.no_grad():
+        for key, (owner, pname) in plan.items():
+            target = heads[owner].state_dict(keep_vars=True)[pname]
+            target.copy_(tensors[key].to(target.dtype))
+
+
+def load_adapter(model: SoftPromptModel, path: str | os.PathLike, adapter_name: str, *, trainable: bool = False) -> None:
+    """Read an adapter folder and attach it to `model` under `adapter_name` (all or nothing)."""
+    if adapter_name in model.prompts:
+        raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pick another name.")
+    config, tensors = read_adapter(path)
+    check_fits_model(config, tensors, model.base_model, path)
+    resolved = model.resolve_config(config)
+    plan = match_head_tensors(model.base_model, resolved, tensors, path)
+    model.add_adapter(adapter_name, config, trainable=trainable, init=tensors[PROMPT_KEY])
+    apply_head_tensors(model, adapter_name, tensors, plan)
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Config and tensor shapes of an adapter folder, for humans (no model needed)."""
+    config, tensors = read_adapter(path)
+    return {
+        "config": config.to_dict(),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "bytes": sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
+    }

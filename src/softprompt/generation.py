@@ -1,0 +1,66 @@
+"""Generation through soft prompts, with transformers' own decoding loop and KV cache.
+
+The prompt is laid out once, in front of the user's tokens, and handed to
+`base_model.generate` as `inputs_embeds` for the first (prefill) step only; every later
+step feeds the newly generated token alone and reuses the cache, so the prompt is never
+inserted twice. Position ids are given explicitly (counting attended columns), which
+keeps left-padded batches and absolute-position models such as GPT-2 exact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import _compat
+
+if TYPE_CHECKING:
+    from .model import SoftPromptModel
+
+
+def generate(
+    model: SoftPromptModel,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    *,
+    adapter_names: list[str] | str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Generate with each row's prompt in front of its input.
+
+    Args:
+        model: A CAUSAL_LM or SEQ_2_SEQ_LM `SoftPromptModel`.
+        input_ids: `(B, L)`; decoder-only batches should be left-padded, as for the bare model.
+        attention_mask: `(B, L)`.
+        inputs_embeds: `(B, L, H)` instead of `input_ids`.
+        adapter_names: One adapter for all rows or one per row.
+        **kwargs: Anything `transformers`' `generate` takes (`max_new_tokens`, `do_sample`,
+            `temperature`, `num_beams`, `generation_config`...).
+
+    Returns:
+        What `generate` returns. For decoder-only models given `input_ids`, sequences are
+        `[input_ids, new tokens]` as for the bare model; given only `inputs_embeds`, the new
+        tokens alone. Virtual tokens never appear in the output.
+    """
+    if not model.spec.generative:
+        raise ValueError(
+            f"generate needs a CAUSAL_LM or SEQ_2_SEQ_LM model; this one does {model.task_type.value}."
+        )
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("generate needs input_ids or inputs_embeds.")
+    for key in ("cache", "past_key_values", "position_ids"):
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{key} cannot be passed to generate; softprompt builds it for the prompt.")
+    embeds = model._embed(input_ids, inputs_embeds)
+    batch_size, length = embeds.shape[:2]
+    layout, _ = model.layout(embeds, attention_mask, adapter_names, batch_size, length)
+    base = model.base_model
+    gen: dict[str, Any] = {"inputs_embeds": layout.inputs_embeds, "attention_mask": layout.attention_mask}
+    if not _compat.is_encoder_decoder(base):
+        if layout.position_ids is not None:
+            gen["position_ids"] = layout.position_ids
+        if input_ids is not None:
+            gen["input_ids"] = input_ids.to(embeds.device)
+    return base.generate(**gen, **kwargs)

@@ -1,0 +1,210 @@
+"""Initial values of a soft prompt, one function per `PromptTuningInit` strategy.
+
+Every function returns a float32 tensor of shape `(num_tokens, hidden)` computed from the
+model's input embedding module `embed` (called on token ids, so models that scale their
+embeddings, such as BART, start from the vectors they actually see) and uses torch's
+global random generator, so `torch.manual_seed` makes the result reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PromptTuningConfig, PromptTuningInit
+
+logger = logging.getLogger(__name__)
+
+# Rows drawn to estimate the embedding table's statistics for RANDOM initialisation.
+_STAT_ROWS = 8192
+
+
+def _embed_ids(embed: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = _module_device(embed)
+    with torch.no_grad():
+        return embed(ids.to(device)).detach().to("cpu", torch.float32)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _vocab_rows(embed: nn.Module) -> int:
+    weight = getattr(embed, "weight", None)
+    if weight is None:
+        raise TypeError(f"the input embedding module {type(embed).__name__} has no weight matrix")
+    return int(weight.shape[0])
+
+
+def special_token_ids(tokenizer: Any | None, model_config: Any | None = None) -> set[int]:
+    """Ids that must never seed a prompt: special, added-special and padding tokens."""
+    ids: set[int] = set()
+    if tokenizer is not None:
+        ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [] if i is not None)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id"):
+            value = getattr(tokenizer, name, None)
+            if isinstance(value, int):
+                ids.add(value)
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        for idx, tok in added.items():
+            if getattr(tok, "special", False):
+                ids.add(int(idx))
+    if model_config is not None:
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "decoder_start_token_id"):
+            value = getattr(model_config, name, None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value if isinstance(v, int))
+    return ids
+
+
+def candidate_ids(embed: nn.Module, tokenizer: Any | None, excluded: Iterable[int]) -> torch.Tensor:
+    """Ordinary vocabulary ids: below both the table size and the tokenizer's length, not excluded."""
+    rows = _vocab_rows(embed)
+    if tokenizer is not None:
+        rows = min(rows, len(tokenizer))
+    keep = torch.ones(rows, dtype=torch.bool)
+    bad = torch.tensor(sorted(i for i in excluded if 0 <= i < rows), dtype=torch.long)
+    if bad.numel():
+        keep[bad] = False
+    ids = keep.nonzero().flatten()
+    if ids.numel() == 0:
+        raise ValueError("the vocabulary has no ordinary (non-special) tokens to sample a prompt from")
+    return ids
+
+
+def init_random(num_tokens: int, embed: nn.Module, candidates: torch.Tensor) -> torch.Tensor:
+    """Gaussian vectors shaped like the model's own token embeddings.
+
+    Each dimension is drawn from N(mean_d, std_d), the mean and standard deviation of that
+    dimension over (a sample of) the ordinary vocabulary. PEFT draws from N(0, 1) instead,
+    which for most models is an order of magnitude larger than any real token embedding
+    and trains poorly (Lester et al. 2021 used a small uniform range for the same reason).
+
+    Returns:
+        `(num_tokens, hidden)` float32.
+    """
+    if candidates.numel() > _STAT_ROWS:
+        pick = torch.randperm(candidates.numel())[:_STAT_ROWS]
+        candidates = candidates[pick]
+    table = _embed_ids(embed, candidates)  # (rows, hidden)
+    mean = table.mean(dim=0)
+    std = table.std(dim=0, unbiased=False).clamp_min(1e-6)
+    return mean + std * torch.randn(num_tokens, table.shape[1])
+
+
+def init_sample_vocab(num_tokens: int, embed: nn.Module, candidates: torch.Tensor) -> torch.Tensor:
+    """Embeddings of distinct random ordinary tokens (repeats only if the vocabulary is smaller).
+
+    Returns:
+        `(num_tokens, hidden)` float32.
+    """
+    reps = -(-num_tokens // candidates.numel())
+    order = torch.cat([torch.randperm(candidates.numel()) for _ in range(reps)])[:num_tokens]
+    return _embed_ids(embed, candidates[order])
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ids and isinstance(ids[0], list):  # some tokenizers batch a single string
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def init_text(num_tokens: int, embed: nn.Module, tokenizer: Any, text: str) -> torch.Tensor:
+    """Token embeddings of `text` (no special tokens), repeated or cut to `num_tokens`.
+
+    Returns:
+        `(num_tokens, hidden)` float32.
+    """
+    ids = _tokenize(tokenizer, text)
+    if not ids:
+        raise ValueError(
+            f"prompt_tuning_init_text {text!r} tokenizes to no tokens; give text that contains words."
+        )
+    reps = -(-num_tokens // len(ids))
+    ids = (ids * reps)[:num_tokens]
+    return _embed_ids(embed, torch.tensor(ids, dtype=torch.long))
+
+
+def init_class_labels(
+    num_tokens: int,
+    embed: nn.Module,
+    tokenizer: Any,
+    labels: Sequence[str],
+    candidates: torch.Tensor,
+) -> torch.Tensor:
+    """One position per label word, the rest sampled from the vocabulary (Lester et al. 2021).
+
+    A label word that tokenizes to several tokens contributes the mean of their embeddings.
+    Labels take the first positions, in the order given.
+
+    Returns:
+        `(num_tokens, hidden)` float32.
+    """
+    if len(labels) > num_tokens:
+        raise ValueError(
+            f"{len(labels)} label words do not fit in {num_tokens} virtual tokens; raise num_virtual_tokens."
+        )
+    rows = []
+    for word in labels:
+        ids = _tokenize(tokenizer, word)
+        if not ids:
+            raise ValueError(f"label word {word!r} tokenizes to no tokens; give a real word.")
+        rows.append(_embed_ids(embed, torch.tensor(ids, dtype=torch.long)).mean(dim=0))
+    out = torch.stack(rows)
+    if num_tokens > len(labels):
+        out = torch.cat([out, init_sample_vocab(num_tokens - len(labels), embed, candidates)])
+    return out
+
+
+def load_init_tokenizer(config: PromptTuningConfig) -> Any:
+    """Load the tokenizer named by the config; remote code is never enabled."""
+    from transformers import AutoTokenizer
+
+    kwargs = dict(config.tokenizer_kwargs or {})
+    kwargs["trust_remote_code"] = False
+    return AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+
+
+def initial_prompt(
+    config: PromptTuningConfig,
+    embed: nn.Module,
+    tokenizer: Any | None = None,
+    model_config: Any | None = None,
+) -> torch.Tensor:
+    """The starting matrix for `config`, `(total_virtual_tokens, hidden)` float32.
+
+    Args:
+        config: A resolved config (num_transformer_submodules filled in).
+        embed: The base model's input embedding module.
+        tokenizer: Tokenizer for TEXT / CLASS_LABELS, and to exclude special tokens from
+            sampling; loaded from `config.tokenizer_name_or_path` when needed and absent.
+        model_config: The base model's config, for its special token ids.
+    """
+    total = config.total_virtual_tokens
+    init = config.prompt_tuning_init
+    if tokenizer is None and init in (PromptTuningInit.TEXT, PromptTuningInit.CLASS_LABELS):
+        tokenizer = load_init_tokenizer(config)
+    excluded = special_token_ids(tokenizer, model_config)
+    if init is PromptTuningInit.TEXT:
+        return init_text(total, embed, tokenizer, config.prompt_tuning_init_text)
+    candidates = candidate_ids(embed, tokenizer, excluded)
+    if init is PromptTuningInit.CLASS_LABELS:
+        n = config.num_virtual_tokens
+        blocks = [
+            init_class_labels(n, embed, tokenizer, config.prompt_tuning_init_text, candidates)
+            for _ in range(config.num_transformer_submodules or 1)
+        ]
+        return torch.cat(blocks)
+    if init is PromptTuningInit.SAMPLE_VOCAB:
+        return init_sample_vocab(total, embed, candidates)
+    return init_random(total, embed, candidates)

@@ -1,0 +1,161 @@
+"""Where prompt and user tokens sit in the sequence the base model sees.
+
+This module is the only place that concatenates prompts with inputs, extends attention
+masks, computes position ids and maps labels and outputs between the user's columns and
+the model's columns.
+
+Every row of the model's sequence is `[prompt-pad][prompt][user tokens]`: a batch whose
+rows use prompts of different lengths pads the shorter prompts on the left, so every
+prompt ends in the same column and starts at position 0. Masked columns (prompt-pad and
+the user's own padding, left or right) are excluded from attention, and positions count
+attended columns only, so a padded row gives exactly the numbers it gives alone:
+
+- `PositionStyle("ids")`: the model takes `position_ids`; they are `cumsum(mask) - 1`
+  (plus the model's offset, e.g. RoBERTa's `padding_idx + 1`).
+- `PositionStyle("compact")`: the model derives positions from the layout itself (T5's
+  relative buckets, BART's learned positions). Rows are then reordered so that attended
+  columns come first, in order; outputs are mapped back to the user's columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PositionStyle:
+    """How a model learns where a token is.
+
+    Args:
+        kind: "ids" (pass `position_ids`) or "compact" (reorder columns instead).
+        offset: Added to every attended position ("ids" only).
+        pad_value: Position id given to masked columns ("ids" only).
+    """
+
+    kind: str = "ids"
+    offset: int = 0
+    pad_value: int = 0
+
+
+def _gather_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[b, index[b, j], ...]` for `x` of shape `(B, T, ...)` and `index` of shape `(B, J)`."""
+    shape = index.shape + x.shape[2:]
+    index = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(shape)
+    return torch.gather(x, 1, index)
+
+
+def positions_from_mask(mask: torch.Tensor, style: PositionStyle) -> torch.Tensor:
+    """Position ids counting attended columns only, `(B, T)` long."""
+    mask = mask.long()
+    pos = (mask.cumsum(dim=1) - 1).clamp_min(0) + style.offset
+    return pos.masked_fill(mask == 0, style.pad_value)
+
+
+@dataclass
+class Layout:
+    """A batch laid out for the base model, and the maps back to the user's columns.
+
+    Attributes:
+        inputs_embeds: `(B, T, H)` with `T = prompt_width + user_len`, or None when only
+            masks were laid out (continuing from a cache or from encoder outputs).
+        attention_mask: `(B, T)` long.
+        position_ids: `(B, T)` long, or None for "compact" models.
+        prompt_width: P, the prompt columns (longest prompt in the batch).
+        user_len: L, the user's columns.
+        perm: `(B, T)`: model column j holds concatenated column `perm[b, j]`; None if the
+            columns were not reordered.
+        inv: the inverse of `perm`.
+    """
+
+    inputs_embeds: torch.Tensor | None
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor | None
+    prompt_width: int
+    user_len: int
+    perm: torch.Tensor | None = None
+    inv: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.attention_mask.shape[0])
+
+    def extend(self, x: torch.Tensor, fill: float | int) -> torch.Tensor:
+        """User-aligned `(B, L, ...)` to model-aligned `(B, T, ...)`, prompt columns = `fill`."""
+        pad = x.new_full((x.shape[0], self.prompt_width) + tuple(x.shape[2:]), fill)
+        full = torch.cat([pad, x], dim=1)
+        return full if self.perm is None else _gather_columns(full, self.perm)
+
+    def user_part(self, y: torch.Tensor) -> torch.Tensor:
+        """Model-aligned `(B, T, ...)` to the user's columns `(B, L, ...)`."""
+        if self.inv is None:
+            return y[:, self.prompt_width :]
+        return _gather_columns(y, self.inv[:, self.prompt_width :])
+
+    def user_columns(self) -> torch.Tensor:
+        """`(B, T)` bool: model columns holding an attended user token."""
+        user = self.extend(torch.ones_like(self.attention_mask[:, self.prompt_width :]), 0)
+        return (user > 0) & (self.attention_mask > 0)
+
+    def user_to_model_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Model column of user column `idx`, `(B,)`; out-of-range values map to T (ignored)."""
+        total = self.prompt_width + self.user_len
+        inside = (idx >= 0) & (idx < self.user_len)
+        col = (idx.clamp(0, max(self.user_len - 1, 0)) + self.prompt_width).long()
+        if self.inv is not None:
+            col = self.inv.gather(1, col.unsqueeze(1)).squeeze(1)
+        return torch.where(inside, col, torch.full_like(col, total))
+
+    def last_attended(self) -> torch.Tensor:
+        """Model column of each row's last attended token, `(B,)`."""
+        mask = self.attention_mask
+        cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        return (cols * (mask > 0)).amax(dim=1)
+
+    def next_token_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Causal-LM targets in model columns, `(B, T)`.
+
+        The target of an attended column is the label of the next attended column, so the
+        last prompt token predicts the first user token and padding never sits between a
+        token and its prediction. Labels at padded user columns are ignored (-100).
+        """
+        lab = self.extend(labels, -100).masked_fill(self.attention_mask == 0, -100)
+        # Attended columns first, in order: a stable sort of "is padding".
+        order = torch.sort((self.attention_mask == 0).int(), dim=1, stable=True).indices
+        lab_sorted = lab.gather(1, order)
+        nxt = torch.cat([lab_sorted[:, 1:], lab_sorted.new_full((lab.shape[0], 1), -100)], dim=1)
+        return torch.empty_like(lab).scatter_(1, order, nxt)
+
+
+def build_layout(
+    style: PositionStyle,
+    prompt_mask: torch.Tensor,
+    user_mask: torch.Tensor,
+    prompts: torch.Tensor | None = None,
+    user_embeds: torch.Tensor | None = None,
+) -> Layout:
+    """Lay out prompts and user tokens for the base model.
+
+    Args:
+        style: How the model encodes positions.
+        prompt_mask: `(B, P)`, 1 where the row has a prompt token (prompts right-aligned).
+        user_mask: `(B, L)` the user's attention mask.
+        prompts: `(B, P, H)` right-aligned prompts, already in the model's dtype.
+        user_embeds: `(B, L, H)` the user's token embeddings.
+    """
+    mask = torch.cat([prompt_mask.to(user_mask.device, torch.long), user_mask.long()], dim=1)
+    embeds = None
+    if prompts is not None and user_embeds is not None:
+        embeds = torch.cat([prompts.to(user_embeds.dtype), user_embeds], dim=1)
+    width, length = int(prompt_mask.shape[1]), int(user_mask.shape[1])
+    if style.kind == "ids":
+        return Layout(embeds, mask, positions_from_mask(mask, style), width, length)
+    # "compact": only reorder when some padding precedes an attended column.
+    if bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return Layout(embeds, mask, None, width, length)
+    perm = torch.sort((mask == 0).int(), dim=1, stable=True).indices
+    inv = torch.argsort(perm, dim=1)
+    if embeds is not None:
+        embeds = _gather_columns(embeds, perm)
+    return Layout(embeds, mask.gather(1, perm), None, width, length, perm, inv)

@@ -1,0 +1,505 @@
+"""`SoftPromptModel`: a frozen transformers model plus any number of named soft prompts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _compat
+from .config import PromptTuningConfig, TaskType
+from .heads import HeadSwitch, find_module, routed
+from .init import initial_prompt
+from .layout import Layout, build_layout
+from .prompt import SoftPrompt
+from .tasks import Call, task_spec
+
+logger = logging.getLogger(__name__)
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def _check_adapter_name(name: Any) -> str:
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-' "
+            "(it becomes a module key and a folder name)."
+        )
+    return name
+
+
+class SoftPromptModel(nn.Module):
+    """A frozen base model that prepends learned virtual tokens to every input.
+
+    Several prompts (adapters) can live on one model; `adapter_names` gives every row of
+    a batch its own, prompts of different lengths included. Only the prompts (and, for
+    classification/QA, the new task heads) are trainable.
+
+    Per-token outputs (logits, hidden states, start/end logits) cover the user's tokens
+    only, with the bare model's shapes: `logits[:, t]` predicts token `t + 1`. Pass
+    `full_sequence=True` to get them for the prompt columns as well (PEFT's layout).
+
+    Args:
+        base_model: A transformers model (`...ForCausalLM`, `...ForSequenceClassification`...).
+        config: The first adapter's configuration.
+        adapter_name: Its name.
+        tokenizer: Tokenizer for TEXT / CLASS_LABELS initialisation (else loaded from
+            `config.tokenizer_name_or_path`) and for excluding special tokens from sampling.
+        trainable: False freezes the prompt (inference only).
+        init: Starting prompt values instead of the config's initialisation.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: PromptTuningConfig,
+        adapter_name: str = "default",
+        *,
+        tokenizer: Any | None = None,
+        trainable: bool = True,
+        init: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not hasattr(base_model, "get_input_embeddings"):
+            raise TypeError(
+                f"base_model must be a transformers PreTrainedModel; got {type(base_model).__name__}."
+            )
+        if not isinstance(config, PromptTuningConfig):
+            raise TypeError(f"config must be a PromptTuningConfig; got {type(config).__name__}.")
+        task = config.task_type or _compat.infer_task_type(base_model)
+        if task is None:
+            raise ValueError(
+                f"cannot tell the task of {type(base_model).__name__}; set task_type in the config "
+                f"(one of {', '.join(TaskType.choices())})."
+            )
+        self.base_model = base_model
+        self.task_type: TaskType = TaskType.parse(task, "task_type")
+        self.spec = task_spec(self.task_type)
+        self.spec.check_model(base_model)
+        self.position_style = _compat.position_style(base_model)
+        self.prompts = nn.ModuleDict()
+        self.peft_config: dict[str, PromptTuningConfig] = {}
+        self.heads: dict[str, HeadSwitch] = {}
+        self.active_adapter: str | None = None
+        self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config, tokenizer=tokenizer, trainable=trainable, init=init)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the loaded adapters, in the order they were added."""
+        return list(self.prompts.keys())
+
+    @property
+    def config(self) -> Any:
+        """The base model's transformers config."""
+        return self.base_model.config
+
+    def resolve_config(self, config: PromptTuningConfig) -> PromptTuningConfig:
+        """A copy of `config` with the values derived from the base model filled in.
+
+        Raises:
+            ValueError: The config's task or token_dim does not fit this model.
+        """
+        if config.task_type is not None and config.task_type != self.task_type:
+            raise ValueError(
+                f"this model runs task {self.task_type.value}; an adapter for "
+                f"{config.task_type.value} cannot be added to it."
+            )
+        info = _compat.describe_model(self.base_model)
+        if config.token_dim is not None and config.token_dim != info["token_dim"]:
+            raise ValueError(
+                f"token_dim {config.token_dim} does not match the model's hidden size "
+                f"{info['token_dim']}: the prompt was made for another model."
+            )
+        modules = config.modules_to_save
+        if modules is None:
+            modules = [n for n in self.spec.head_names if find_module(self.base_model, n) is not None]
+        for name in modules:
+            if find_module(self.base_model, name) is None:
+                raise ValueError(
+                    f"modules_to_save names {name!r}, which is not a module of "
+                    f"{type(self.base_model).__name__}."
+                )
+        name_or_path = config.base_model_name_or_path or getattr(self.config, "_name_or_path", None) or None
+        return config.replace(
+            task_type=self.task_type,
+            token_dim=info["token_dim"],
+            num_layers=config.num_layers or info["num_layers"],
+            num_attention_heads=config.num_attention_heads or info["num_attention_heads"],
+            num_transformer_submodules=config.num_transformer_submodules
+            or self.spec.num_transformer_submodules,
+            modules_to_save=list(modules),
+            base_model_name_or_path=name_or_path,
+        )
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: PromptTuningConfig,
+        *,
+        tokenizer: Any | None = None,
+        trainable: bool = True,
+        init: torch.Tensor | None = None,
+    ) -> None:
+        """Add a new prompt (initialised as its config says) under `adapter_name`.
+
+        Args:
+            adapter_name: A new name.
+            config: The prompt's configuration.
+            tokenizer: See `SoftPromptModel`.
+            trainable: Whether the prompt (and its heads) receive gradients.
+            init: Starting values `(num_virtual_tokens * num_transformer_submodules, hidden)`
+                instead of the config's initialisation.
+        """
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.prompts:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists; pick another name or "
+                "delete_adapter it first."
+            )
+        resolved = self.resolve_config(config).replace(inference_mode=not trainable)
+        embed = self.base_model.get_input_embeddings()
+        if init is None:
+            init = initial_prompt(resolved, embed, tokenizer, self.config)
+        prompt = SoftPrompt(
+            resolved.num_virtual_tokens, resolved.token_dim, resolved.num_transformer_submodules, init
+        ).to(embed.weight.device)
+        prompt.embedding.requires_grad_(trainable)
+        for name in resolved.modules_to_save:
+            self._head_switch(name).add(adapter_name, trainable)
+        self.prompts[adapter_name] = prompt
+        self.peft_config[adapter_name] = resolved
+        if self.active_adapter is None:
+            self.set_adapter(adapter_name)
+
+    def _head_switch(self, name: str) -> HeadSwitch:
+        if name in self.heads:
+            return self.heads[name]
+        parent, attr, module = find_module(self.base_model, name)
+        switch = module if isinstance(module, HeadSwitch) else HeadSwitch(module)
+        setattr(parent, attr, switch)
+        self.heads[name] = switch
+        return switch
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the prompt used when `adapter_names` is not given."""
+        self._require(adapter_name)
+        self.active_adapter = adapter_name
+        for switch in self.heads.values():
+            switch.default_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (its prompt and its head copies)."""
+        self._require(adapter_name)
+        if len(self.prompts) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter; a model needs at least one.")
+        del self.prompts[adapter_name]
+        del self.peft_config[adapter_name]
+        for switch in self.heads.values():
+            switch.remove(adapter_name)
+        if self.active_adapter == adapter_name:
+            self.set_adapter(self.adapter_names[0])
+
+    def _require(self, adapter_name: str) -> None:
+        if adapter_name not in self.prompts:
+            raise KeyError(
+                f"no adapter named {adapter_name!r}; loaded adapters: {self.adapter_names}."
+            )
+
+    def get_prompt(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The virtual tokens of an adapter, `(num_virtual_tokens, hidden)` float32."""
+        name = adapter_name or self.active_adapter
+        self._require(name)
+        return self.prompts[name]()
+
+    def head_modules(self, adapter_name: str) -> dict[str, nn.Module]:
+        """The head copies trained with `adapter_name`, by module path."""
+        return {
+            path: switch.copies[adapter_name]
+            for path, switch in self.heads.items()
+            if adapter_name in switch.copies
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that receive gradients: prompts and trained heads."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_parameters_summary(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def unload(self) -> nn.Module:
+        """Give the base model back as it was: heads restored, requires_grad restored."""
+        for name, switch in self.heads.items():
+            parent, attr, _ = find_module(self.base_model, name)
+            setattr(parent, attr, switch.original)
+        self.heads = {}
+        for n, p in self.base_model.named_parameters():
+            p.requires_grad_(self._base_requires_grad.get(n, p.requires_grad))
+        return self.base_model
+
+    # ------------------------------------------------------------------ batching
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor | None:
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("pass either input_ids or inputs_embeds, not both.")
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if input_ids is None:
+            return None
+        embed = self.base_model.get_input_embeddings()
+        return embed(input_ids.to(embed.weight.device))
+
+    def _rows(self, adapter_names: list[str] | str | None, batch_size: int) -> list[str]:
+        if adapter_names is None:
+            return [self.active_adapter] * batch_size
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names] * batch_size
+        names = list(adapter_names)
+        if len(names) != batch_size:
+            raise ValueError(
+                f"adapter_names has {len(names)} entries but the batch has {batch_size} rows; "
+                "give one adapter name per row."
+            )
+        for n in dict.fromkeys(names):
+            self._require(n)
+        return names
+
+    def prompt_batch(
+        self,
+        adapter_names: list[str] | str | None,
+        batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, torch.Tensor | None]]]:
+        """Every row's prompt, right-aligned.
+
+        Returns:
+            prompts `(B, P, H)` in `dtype` (P = longest prompt in the batch), prompt mask
+            `(B, P)` (0 on the left of shorter prompts), and the row routing for heads.
+        """
+        names = self._rows(adapter_names, batch_size)
+        unique = list(dict.fromkeys(names))
+        if len(unique) == 1:
+            p = self.prompts[unique[0]](dtype).to(device)  # (N, H)
+            prompts = p.unsqueeze(0).expand(batch_size, -1, -1)
+            mask = torch.ones(batch_size, p.shape[0], dtype=torch.long, device=device)
+            return prompts, mask, [(unique[0], None)]
+        width = max(self.prompts[u].num_virtual_tokens for u in unique)
+        table = []
+        for u in unique:
+            p = self.prompts[u](dtype).to(device)
+            table.append(torch.cat([p.new_zeros(width - p.shape[0], p.shape[1]), p]))
+        which = torch.tensor([unique.index(n) for n in names], device=device)
+        prompts = torch.stack(table).index_select(0, which)  # (B, P, H)
+        lengths = torch.tensor([self.prompts[n].num_virtual_tokens for n in names], device=device)
+        mask = (torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()
+        routing = [
+            (u, torch.tensor([i for i, n in enumerate(names) if n == u], device=device)) for u in unique
+        ]
+        return prompts, mask, routing
+
+    def layout(
+        self,
+        embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        adapter_names: list[str] | str | None,
+        batch_size: int,
+        user_len: int,
+    ) -> tuple[Layout, list[tuple[str, torch.Tensor | None]]]:
+        """Lay out a batch (see `softprompt.layout`); `embeds` None lays out masks only."""
+        device = embeds.device if embeds is not None else self.base_model.get_input_embeddings().weight.device
+        dtype = embeds.dtype if embeds is not None else self.base_model.get_input_embeddings().weight.dtype
+        prompts, prompt_mask, routing = self.prompt_batch(adapter_names, batch_size, dtype, device)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, user_len, dtype=torch.long, device=device)
+        elif tuple(attention_mask.shape) != (batch_size, user_len):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs are "
+                f"({batch_size}, {user_len}); give one mask value per input token."
+            )
+        layout = build_layout(
+            self.position_style,
+            prompt_mask,
+            attention_mask.to(device),
+            prompts if embeds is not None else None,
+            embeds,
+        )
+        return layout, routing
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        adapter_names: list[str] | str | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        full_sequence: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the base model with each row's prompt in front of its tokens.
+
+        Args:
+            input_ids: `(B, L)` token ids (or `inputs_embeds` `(B, L, H)`).
+            attention_mask: `(B, L)` the usual padding mask, left or right padding.
+            labels: As for the bare model: `(B, L)` for causal LM / token classification
+                (-100 ignored; labels at padded positions are ignored too), `(B,)` for
+                sequence classification, decoder labels for seq2seq.
+            adapter_names: One adapter for the whole batch, or one name per row.
+            token_type_ids: `(B, L)`; the prompt gets segment 0.
+            full_sequence: Return per-token outputs for the prompt columns too.
+            num_items_in_batch: Token-loss normaliser for gradient accumulation.
+            **kwargs: Passed to the base model (`output_hidden_states`, `decoder_input_ids`,
+                `start_positions`/`end_positions` for QA, a `cache` to continue from...).
+
+        Returns:
+            The base model's output object, with loss and per-token outputs as described
+            in the class docstring.
+        """
+        cache_key = _compat.cache_kwarg(self.base_model)
+        cache = kwargs.pop("cache", None)
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        extra = {k: kwargs.pop(k) for k in self.spec.extra_inputs if k in kwargs}
+        embeds = self._embed(input_ids, inputs_embeds)
+        encoder_outputs = kwargs.get("encoder_outputs")
+        if embeds is None and encoder_outputs is None:
+            raise ValueError("forward needs input_ids or inputs_embeds.")
+        if embeds is not None:
+            batch_size, length = embeds.shape[:2]
+        else:
+            batch_size, length = attention_mask.shape
+
+        past = cache.get_seq_length() if cache is not None else 0
+        if past:
+            return self._continue(embeds, attention_mask, adapter_names, cache, cache_key, labels, kwargs)
+
+        layout, routing = self.layout(
+            embeds if encoder_outputs is None else None, attention_mask, adapter_names, batch_size, length
+        )
+        inputs: dict[str, Any] = {"attention_mask": layout.attention_mask}
+        if layout.inputs_embeds is not None:
+            inputs["inputs_embeds"] = layout.inputs_embeds
+        if layout.position_ids is not None:
+            inputs["position_ids"] = layout.position_ids
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = layout.extend(token_type_ids.to(layout.attention_mask.device), 0)
+        if cache is not None:
+            inputs[cache_key] = cache
+        inputs.update(kwargs)
+        call = Call(self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch)
+        with routed(list(self.heads.values()), routing):
+            return self.spec.forward(call)
+
+    def _continue(
+        self,
+        embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        adapter_names: list[str] | str | None,
+        cache: Any,
+        cache_key: str,
+        labels: torch.Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """One step of a hand-written decoding loop: the cache already holds the prompt.
+
+        `attention_mask` covers the user's tokens so far plus the new ones (as with the bare
+        model); the prompt columns are added here and the prompt is not inserted again.
+        """
+        if not self.spec.generative or _compat.is_encoder_decoder(self.base_model):
+            raise ValueError("continuing from a cache is only supported for CAUSAL_LM models.")
+        if labels is not None:
+            raise ValueError("labels cannot be combined with a non-empty cache; run the full sequence.")
+        if embeds is None:
+            raise ValueError("forward needs input_ids or inputs_embeds for the new tokens.")
+        batch_size, new = embeds.shape[:2]
+        width = max(self.prompts[n].num_virtual_tokens for n in self._rows(adapter_names, batch_size))
+        past = cache.get_seq_length()
+        user_len = past - width + new
+        if attention_mask is not None and attention_mask.shape[1] != user_len:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns; with {past} cached positions "
+                f"({width} of them the prompt) and {new} new tokens it must cover the {user_len} user "
+                "tokens so far (without the prompt), as for the bare model."
+            )
+        layout, _ = self.layout(None, attention_mask, adapter_names, batch_size, user_len)
+        inputs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": layout.attention_mask, cache_key: cache}
+        if layout.position_ids is not None:
+            inputs["position_ids"] = layout.position_ids[:, -new:]
+        return self.base_model(**inputs, **kwargs)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Generate through the prompt; see `softprompt.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        """Write adapters in PEFT's format (see `softprompt.checkpoint.save_adapter`).
+
+        The adapter named "default" (or the only one selected) goes into `save_directory`
+        itself, every other adapter into `save_directory/<name>`, as PEFT does.
+        """
+        from .checkpoint import save_adapter
+
+        names = selected_adapters or self.adapter_names
+        for n in names:
+            self._require(n)
+        for n in names:
+            sub = save_directory if (n == "default" or len(names) == 1) else os.path.join(save_directory, n)
+            save_adapter(self, n, sub, overwrite=overwrite)
+
+    def load_adapter(
+        self,
+        path: str | os.PathLike,
+        adapter_name: str,
+        *,
+        trainable: bool = False,
+    ) -> None:
+        """Load an adapter folder (ours or PEFT's) under a new name."""
+        from .checkpoint import load_adapter
+
+        load_adapter(self, path, adapter_name, trainable=trainable)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: nn.Module,
+        path: str | os.PathLike,
+        adapter_name: str = "default",
+        *,
+        trainable: bool = False,
+    ) -> SoftPromptModel:
+        """Wrap `base_model` with the adapter saved in `path`.
+
+        Args:
+            trainable: True resumes training the loaded prompt (PEFT refuses this).
+        """
+        from .checkpoint import PROMPT_KEY, apply_head_tensors, check_fits_model, match_head_tensors, read_adapter
+
+        config, tensors = read_adapter(path)
+        check_fits_model(config, tensors, base_model, path)
+        plan = match_head_tensors(base_model, config, tensors, path)  # before touching base_model
+        model = cls(base_model, config, adapter_name, trainable=trainable, init=tensors[PROMPT_KEY])
+        apply_head_tensors(model, adapter_name, tensors, plan)
+        return model

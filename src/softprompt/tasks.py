@@ -1,0 +1,222 @@
+"""One `TaskSpec` per task type: how the base model is called and what the user gets back.
+
+This is the only module that branches on the task type. Every spec receives the batch
+already laid out by `softprompt.layout` (prompt columns first) and returns the base
+model's output object with:
+
+- losses computed so that padding and the prompt never change them (labels at padded
+  columns are ignored; the last prompt token predicts the first user token in causal LM);
+- per-token outputs (logits, start/end logits, hidden states) cut back to the user's
+  columns, so shapes match the bare model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TaskType
+from .layout import Layout
+
+
+@dataclass
+class Call:
+    """Everything a task needs for one forward pass.
+
+    Attributes:
+        base: The frozen transformers model.
+        layout: The laid-out batch.
+        inputs: Keyword arguments for the base model (embeddings, mask, positions...).
+        labels: The user's labels, in the user's columns (or per example).
+        extra: Task inputs other than labels (start/end positions).
+        full_sequence: Return per-token outputs for all model columns, prompt included.
+        num_items_in_batch: Divide summed token losses by this (gradient accumulation).
+    """
+
+    base: nn.Module
+    layout: Layout
+    inputs: dict[str, Any]
+    labels: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    full_sequence: bool = False
+    num_items_in_batch: int | torch.Tensor | None = None
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean (or sum / num_items_in_batch) cross-entropy over targets that are not -100."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets, ignore_index=-100)
+    total = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _trim(call: Call, out: Any, names: tuple[str, ...]) -> Any:
+    """Cut per-token outputs back to the user's columns (unless the full sequence is asked for)."""
+    if call.full_sequence:
+        return out
+    for name in names:
+        value = out.get(name) if hasattr(out, "get") else None
+        if isinstance(value, torch.Tensor):
+            out[name] = call.layout.user_part(value)
+    hidden = out.get("hidden_states") if hasattr(out, "get") else None
+    if isinstance(hidden, tuple) and not _is_encoder_decoder(call.base):
+        out["hidden_states"] = tuple(call.layout.user_part(h) for h in hidden)
+    return out
+
+
+def _is_encoder_decoder(base: nn.Module) -> bool:
+    return bool(getattr(base.config, "is_encoder_decoder", False))
+
+
+class TaskSpec:
+    """How one task type runs through a prompted model."""
+
+    task_type: TaskType
+    #: Names of the head modules trained with the prompt when `modules_to_save` is None.
+    head_names: tuple[str, ...] = ()
+    #: Whether `generate` applies.
+    generative: bool = False
+    #: PEFT's `num_transformer_submodules` for this task.
+    num_transformer_submodules: int = 1
+    #: Task inputs besides `labels` that this task consumes.
+    extra_inputs: tuple[str, ...] = ()
+
+    def forward(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def check_model(self, base: nn.Module) -> None:
+        """Raise if `base` cannot do this task with a prompt."""
+
+
+class CausalLM(TaskSpec):
+    task_type = TaskType.CAUSAL_LM
+    generative = True
+
+    def check_model(self, base: nn.Module) -> None:
+        if _is_encoder_decoder(base):
+            raise ValueError(
+                f"{type(base).__name__} is an encoder-decoder model; use task_type='SEQ_2_SEQ_LM'."
+            )
+
+    def forward(self, call: Call) -> Any:
+        out = call.base(**call.inputs)
+        if call.labels is not None:
+            targets = call.layout.next_token_targets(call.labels)
+            out["loss"] = token_cross_entropy(out.logits, targets, call.num_items_in_batch)
+        return _trim(call, out, ("logits",))
+
+
+class Seq2SeqLM(TaskSpec):
+    task_type = TaskType.SEQ_2_SEQ_LM
+    generative = True
+    num_transformer_submodules = 2
+
+    def check_model(self, base: nn.Module) -> None:
+        if not _is_encoder_decoder(base):
+            raise ValueError(
+                f"{type(base).__name__} is not an encoder-decoder model; SEQ_2_SEQ_LM needs one "
+                "(T5, BART...). For a decoder-only model use task_type='CAUSAL_LM'."
+            )
+
+    def forward(self, call: Call) -> Any:
+        # The prompt sits on the encoder side only; decoder inputs and labels are untouched,
+        # so the model's own loss is already right.
+        out = call.base(**call.inputs, labels=call.labels)
+        return _trim(call, out, ("encoder_last_hidden_state",))
+
+
+class SequenceClassification(TaskSpec):
+    task_type = TaskType.SEQ_CLS
+    head_names = ("classifier", "score")
+
+    def forward(self, call: Call) -> Any:
+        base = call.base
+        if hasattr(base, "score") and not _is_encoder_decoder(base):
+            return self._last_token(call)
+        out = base(**call.inputs, labels=call.labels)
+        return _trim(call, out, ())
+
+    @staticmethod
+    def _last_token(call: Call) -> Any:
+        """Decoder classifiers: pool the last attended token (never a pad, whatever the side)."""
+        from transformers.loss.loss_utils import ForSequenceClassificationLoss
+        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+        base = call.base
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(**call.inputs).last_hidden_state  # (B, T, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        pooled = hidden[rows, call.layout.last_attended().to(hidden.device)]  # (B, H)
+        logits = base.score(pooled)  # (B, num_labels)
+        loss = None
+        if call.labels is not None:
+            loss = ForSequenceClassificationLoss(call.labels.to(logits.device), logits, base.config)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits)
+
+
+class TokenClassification(TaskSpec):
+    task_type = TaskType.TOKEN_CLS
+    head_names = ("classifier", "score")
+
+    def forward(self, call: Call) -> Any:
+        out = call.base(**call.inputs)
+        if call.labels is not None:
+            targets = call.layout.extend(call.labels, -100).masked_fill(call.layout.attention_mask == 0, -100)
+            out["loss"] = token_cross_entropy(out.logits, targets, call.num_items_in_batch)
+        return _trim(call, out, ("logits",))
+
+
+class QuestionAnswering(TaskSpec):
+    task_type = TaskType.QUESTION_ANS
+    head_names = ("qa_outputs",)
+    extra_inputs = ("start_positions", "end_positions")
+
+    def forward(self, call: Call) -> Any:
+        out = call.base(**call.inputs)
+        start, end = call.extra.get("start_positions"), call.extra.get("end_positions")
+        if start is not None and end is not None:
+            # Positions index the user's columns; the answer can only be an attended user
+            # token, so prompt and padding columns are left out of the softmax.
+            outside = ~call.layout.user_columns()
+            loss = 0.0
+            for name, pos in (("start_logits", start), ("end_logits", end)):
+                logits = out[name].float().masked_fill(outside, float("-inf"))
+                target = call.layout.user_to_model_index(pos.reshape(-1).to(logits.device))
+                loss = loss + F.cross_entropy(logits, target, ignore_index=logits.shape[1])
+            out["loss"] = loss / 2
+        return _trim(call, out, ("start_logits", "end_logits"))
+
+
+class FeatureExtraction(TaskSpec):
+    task_type = TaskType.FEATURE_EXTRACTION
+
+    def forward(self, call: Call) -> Any:
+        out = call.base(**call.inputs)
+        return _trim(call, out, ("last_hidden_state", "encoder_last_hidden_state"))
+
+
+TASKS: dict[TaskType, TaskSpec] = {
+    spec.task_type: spec
+    for spec in (
+        CausalLM(),
+        Seq2SeqLM(),
+        SequenceClassification(),
+        TokenClassification(),
+        QuestionAnswering(),
+        FeatureExtraction(),
+    )
+}
+
+
+def task_spec(task_type: TaskType | str) -> TaskSpec:
+    return TASKS[TaskType.parse(task_type, "task_type")]
