@@ -26,16 +26,25 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if accepts(model, "cache") else "past_key_values"
 
 
+def is_causal_decoder(model: nn.Module) -> bool:
+    """A decoder-only model whose attention is causal (GPT-2, Llama...), as opposed to an
+    encoder (BERT) or an encoder-decoder (T5)."""
+    if is_encoder_decoder(model):
+        return False
+    return any(getattr(m, "is_causal", False) is True for m in model.modules())
+
+
 def position_style(model: nn.Module) -> PositionStyle:
     """How to tell `model` where each token is (see `softprompt.layout`)."""
+    compact = not is_causal_decoder(model)
     if not accepts(model, "position_ids"):
-        return PositionStyle("compact")
+        return PositionStyle(pass_ids=False, compact=compact)
     # RoBERTa-style embeddings count positions from padding_idx + 1.
     for module in model.modules():
         if hasattr(module, "create_position_ids_from_inputs_embeds") and hasattr(module, "padding_idx"):
             pad = int(module.padding_idx)
-            return PositionStyle("ids", offset=pad + 1, pad_value=pad)
-    return PositionStyle("ids")
+            return PositionStyle(compact=compact, offset=pad + 1, pad_value=pad)
+    return PositionStyle(compact=compact)
 
 
 def infer_task_type(model: nn.Module) -> TaskType | None:

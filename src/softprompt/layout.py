@@ -10,11 +10,14 @@ prompt ends in the same column and starts at position 0. Masked columns (prompt-
 the user's own padding, left or right) are excluded from attention, and positions count
 attended columns only, so a padded row gives exactly the numbers it gives alone:
 
-- `PositionStyle("ids")`: the model takes `position_ids`; they are `cumsum(mask) - 1`
-  (plus the model's offset, e.g. RoBERTa's `padding_idx + 1`).
-- `PositionStyle("compact")`: the model derives positions from the layout itself (T5's
-  relative buckets, BART's learned positions). Rows are then reordered so that attended
-  columns come first, in order; outputs are mapped back to the user's columns.
+- models that take `position_ids` get `cumsum(mask) - 1` (plus the model's offset, e.g.
+  RoBERTa's `padding_idx + 1`);
+- models that are not causal decoders (encoders, encoder-decoders) also get their rows
+  *compacted*: attended columns first, in order, padding last. Models that derive
+  positions from the layout itself (T5's relative buckets, BART's learned positions)
+  then see exactly the unpadded sequence, and poolers that read column 0 (BERT's [CLS]
+  pooler) read the first prompt token in every row. Outputs are mapped back to the
+  user's columns. Causal decoders are never compacted: generation appends at the right.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ class PositionStyle:
     """How a model learns where a token is.
 
     Args:
-        kind: "ids" (pass `position_ids`) or "compact" (reorder columns instead).
-        offset: Added to every attended position ("ids" only).
-        pad_value: Position id given to masked columns ("ids" only).
+        pass_ids: Give the model explicit `position_ids`.
+        compact: Reorder columns so attended ones come first (non-causal models).
+        offset: Added to every attended position.
+        pad_value: Position id given to masked columns.
     """
 
-    kind: str = "ids"
+    pass_ids: bool = True
+    compact: bool = False
     offset: int = 0
     pad_value: int = 0
 
@@ -149,13 +154,13 @@ def build_layout(
     if prompts is not None and user_embeds is not None:
         embeds = torch.cat([prompts.to(user_embeds.dtype), user_embeds], dim=1)
     width, length = int(prompt_mask.shape[1]), int(user_mask.shape[1])
-    if style.kind == "ids":
-        return Layout(embeds, mask, positions_from_mask(mask, style), width, length)
-    # "compact": only reorder when some padding precedes an attended column.
-    if bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        return Layout(embeds, mask, None, width, length)
-    perm = torch.sort((mask == 0).int(), dim=1, stable=True).indices
-    inv = torch.argsort(perm, dim=1)
-    if embeds is not None:
-        embeds = _gather_columns(embeds, perm)
-    return Layout(embeds, mask.gather(1, perm), None, width, length, perm, inv)
+    perm = inv = None
+    # Reorder only when some padding precedes an attended column.
+    if style.compact and not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        perm = torch.sort((mask == 0).int(), dim=1, stable=True).indices
+        inv = torch.argsort(perm, dim=1)
+        mask = mask.gather(1, perm)
+        if embeds is not None:
+            embeds = _gather_columns(embeds, perm)
+    positions = positions_from_mask(mask, style) if style.pass_ids else None
+    return Layout(embeds, mask, positions, width, length, perm, inv)

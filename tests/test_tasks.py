@@ -1,0 +1,97 @@
+"""Every task type on every tiny architecture: padded and mixed-adapter batches give, row
+for row, what each example gives alone; outputs cover the user's tokens only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import PromptTuningConfig, wrap
+from tests.tiny import PAD, TASK_ARCHS, VOCAB, build_model
+
+ATOL = 1e-5
+LENGTHS = [5, 3, 6]
+ADAPTERS = ["a", "b", "a"]  # "a" has 4 virtual tokens, "b" 2
+
+
+def _model(task: str, arch: str):
+    base = build_model(task, arch)
+    model = wrap(base, PromptTuningConfig(task_type=task, num_virtual_tokens=4), adapter_name="a")
+    model.add_adapter("b", PromptTuningConfig(task_type=task, num_virtual_tokens=2, prompt_tuning_init="SAMPLE_VOCAB"))
+    model.eval()
+    return model
+
+
+def _rows(seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (n,), generator=g) for n in LENGTHS]
+
+
+def _pad(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, sl] = r
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def _extra(task: str, batch: int) -> dict:
+    if task == "SEQ_2_SEQ_LM":
+        return {"decoder_input_ids": torch.tensor([[PAD, 7, 9, 11]] * batch)}
+    return {}
+
+
+def _per_token(task: str, out) -> torch.Tensor | None:
+    """The per-token output the task returns (None for pooled tasks)."""
+    if task in ("CAUSAL_LM", "TOKEN_CLS"):
+        return out.logits
+    if task == "QUESTION_ANS":
+        return torch.stack([out.start_logits, out.end_logits], dim=-1)
+    if task == "FEATURE_EXTRACTION":
+        return out.last_hidden_state
+    return None
+
+
+def _pooled(task: str, out) -> torch.Tensor | None:
+    if task == "SEQ_CLS":
+        return out.logits
+    if task == "SEQ_2_SEQ_LM":
+        return out.logits  # decoder logits, (B, dec_len, V)
+    return None
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("task,arch", TASK_ARCHS)
+def test_padded_mixed_batch_equals_single_rows(task, arch, side):
+    model = _model(task, arch)
+    rows = _rows()
+    ids, mask = _pad(rows, side)
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, adapter_names=ADAPTERS, **_extra(task, len(rows)))
+        singles = [
+            model(input_ids=r.unsqueeze(0), adapter_names=[a], **_extra(task, 1)) for r, a in zip(rows, ADAPTERS)
+        ]
+    width = ids.shape[1]
+    for i, (r, single) in enumerate(zip(rows, singles)):
+        tok = _per_token(task, batch)
+        if tok is not None:
+            assert tok.shape[1] == width, "per-token outputs must cover the user's columns only"
+            sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            torch.testing.assert_close(tok[i, sl], _per_token(task, single)[0], atol=ATOL, rtol=0)
+        else:
+            torch.testing.assert_close(_pooled(task, batch)[i], _pooled(task, single)[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("task,arch", TASK_ARCHS)
+def test_prompt_changes_the_output(task, arch):
+    """Guards the test above: two different prompts must give different results."""
+    model = _model(task, arch)
+    ids = _rows()[0].unsqueeze(0)
+    with torch.no_grad():
+        a = model(input_ids=ids, adapter_names=["a"], **_extra(task, 1))
+        b = model(input_ids=ids, adapter_names=["b"], **_extra(task, 1))
+    ta, tb = (_per_token(task, a), _per_token(task, b)) if _per_token(task, a) is not None else (_pooled(task, a), _pooled(task, b))
+    assert (ta - tb).abs().max() > 1e-4
