@@ -255,8 +255,15 @@ def _check_tensors(config: PromptTuningConfig, tensors: dict[str, torch.Tensor],
             raise AdapterFileError(f"{file}: {key} contains NaN or infinite values.")
 
 
-def check_fits_model(config: PromptTuningConfig, tensors: dict[str, torch.Tensor], base: Any, path: Any) -> None:
-    """Raise if the adapter was made for a model of another hidden size."""
+def fit_to_model(config: PromptTuningConfig, tensors: dict[str, torch.Tensor], base: Any, path: Any) -> PromptTuningConfig:
+    """Check that the adapter was made for a model of this hidden size; return its config
+    with `modules_to_save` cut to heads this model has.
+
+    PEFT writes every head name it might have trained ("classifier", "score") whether the
+    model has it or not, and matches them by name; a name this model lacks is dropped.
+    """
+    from .heads import find_module
+
     hidden = int(base.get_input_embeddings().weight.shape[1])
     prompt = tensors[PROMPT_KEY]
     if prompt.shape[1] != hidden:
@@ -265,6 +272,9 @@ def check_fits_model(config: PromptTuningConfig, tensors: dict[str, torch.Tensor
             f"({type(base).__name__}, hidden size {hidden}) needs ({prompt.shape[0]}, {hidden}). "
             "The adapter was trained on a different model."
         )
+    if config.modules_to_save:
+        config = config.replace(modules_to_save=[m for m in config.modules_to_save if find_module(base, m)])
+    return config
 
 
 def match_head_tensors(
@@ -319,7 +329,7 @@ def load_adapter(model: SoftPromptModel, path: str | os.PathLike, adapter_name: 
     if adapter_name in model.prompts:
         raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pick another name.")
     config, tensors = read_adapter(path)
-    check_fits_model(config, tensors, model.base_model, path)
+    config = fit_to_model(config, tensors, model.base_model, path)
     resolved = model.resolve_config(config)
     plan = match_head_tensors(model.base_model, resolved, tensors, path)
     model.add_adapter(adapter_name, config, trainable=trainable, init=tensors[PROMPT_KEY])

@@ -495,10 +495,10 @@ class SoftPromptModel(nn.Module):
         Args:
             trainable: True resumes training the loaded prompt (PEFT refuses this).
         """
-        from .checkpoint import PROMPT_KEY, apply_head_tensors, check_fits_model, match_head_tensors, read_adapter
+        from .checkpoint import PROMPT_KEY, apply_head_tensors, fit_to_model, match_head_tensors, read_adapter
 
         config, tensors = read_adapter(path)
-        check_fits_model(config, tensors, base_model, path)
+        config = fit_to_model(config, tensors, base_model, path)
         plan = match_head_tensors(base_model, config, tensors, path)  # before touching base_model
         model = cls(base_model, config, adapter_name, trainable=trainable, init=tensors[PROMPT_KEY])
         apply_head_tensors(model, adapter_name, tensors, plan)
