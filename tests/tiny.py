@@ -77,9 +77,9 @@ TASK_ARCHS = [(task, arch) for task, archs in _CLASSES.items() for arch in archs
 
 def build_model(task: str, arch: str, seed: int = 0, **config_extra) -> torch.nn.Module:
     """A freshly initialised tiny model in eval mode, the same weights for the same seed."""
-    cfg = config_for(arch, **config_extra)
     if task in ("SEQ_CLS", "TOKEN_CLS"):
-        cfg.num_labels = 3
+        config_extra.setdefault("num_labels", 3)
+    cfg = config_for(arch, **config_extra)
     torch.manual_seed(seed)
     model = getattr(T, _CLASSES[task][arch])(cfg)
     return model.eval()

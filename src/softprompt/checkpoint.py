@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._io import atomic_write_text, atomic_write_with
+from ._io import atomic_write_bytes, atomic_write_text
 from .config import PromptTuningConfig
 
 if TYPE_CHECKING:
@@ -54,6 +54,32 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Serialise to the safetensors format with a canonical header (sorted keys).
+
+    The reference writer orders metadata keys arbitrarily, so saving the same adapter
+    twice could give different bytes; this one is deterministic.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data section to 8 bytes
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
 
 
 def adapter_tensors(model: SoftPromptModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -95,13 +121,8 @@ def save_adapter(
         )
     metadata = {"format": "pt", META_CONFIG: config_text, META_DIGEST: digest}
 
-    def write(tmp: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(tmp), metadata=metadata)
-
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(directory / WEIGHTS_NAME, write)
+    atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata))
     atomic_write_text(directory / CONFIG_NAME, config_text)
     legacy = directory / LEGACY_WEIGHTS_NAME
     if legacy.exists():

@@ -187,12 +187,13 @@ def initial_prompt(
         config: A resolved config (num_transformer_submodules filled in).
         embed: The base model's input embedding module.
         tokenizer: Tokenizer for TEXT / CLASS_LABELS, and to exclude special tokens from
-            sampling; loaded from `config.tokenizer_name_or_path` when needed and absent.
+            sampling; loaded from `config.tokenizer_name_or_path` when absent. Without
+            any tokenizer, sampling excludes the special ids the model config names.
         model_config: The base model's config, for its special token ids.
     """
     total = config.total_virtual_tokens
     init = config.prompt_tuning_init
-    if tokenizer is None and init in (PromptTuningInit.TEXT, PromptTuningInit.CLASS_LABELS):
+    if tokenizer is None and config.tokenizer_name_or_path and init is not PromptTuningInit.RANDOM:
         tokenizer = load_init_tokenizer(config)
     excluded = special_token_ids(tokenizer, model_config)
     if init is PromptTuningInit.TEXT:
