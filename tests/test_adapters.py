@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import PromptTuningConfig, SoftPromptModel, wrap
+from softprompt import BASE, PromptTuningConfig, SoftPromptModel, wrap
 from tests.tiny import VOCAB, build_model
 
 
@@ -73,3 +73,32 @@ def test_adapters_saved_and_loaded_into_another_model(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids, adapter_names="b").logits
         torch.testing.assert_close(other(input_ids=ids, adapter_names=["b", "b2"]).logits, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_base_rows_and_disable_adapter_give_the_bare_model(arch):
+    base = build_model("CAUSAL_LM", arch)
+    model = wrap(base, PromptTuningConfig(num_virtual_tokens=3)).eval()
+    ids = torch.randint(4, VOCAB, (2, 5))
+    with torch.no_grad():
+        bare = base(input_ids=ids).logits
+        mixed = model(input_ids=ids, adapter_names=[BASE, "default"]).logits
+        prompted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=ids).logits
+    torch.testing.assert_close(mixed[0], bare[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], prompted[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(disabled, bare, atol=1e-5, rtol=0)
+
+
+def test_logits_to_keep_scores_only_the_last_columns():
+    model = wrap(build_model("CAUSAL_LM", "llama"), PromptTuningConfig(num_virtual_tokens=3)).eval()
+    ids = torch.randint(4, VOCAB, (2, 5))
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    with torch.no_grad():
+        full = model(input_ids=ids, labels=labels)
+        last = model(input_ids=ids, labels=labels, logits_to_keep=2)
+    assert last.logits.shape == (2, 2, VOCAB)
+    torch.testing.assert_close(last.logits, full.logits[:, -2:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(last.loss, full.loss, atol=1e-6, rtol=0)

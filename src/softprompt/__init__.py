@@ -12,7 +12,7 @@ from typing import Any
 
 from .checkpoint import AdapterFileError
 from .config import PromptTuningConfig, PromptTuningInit, TaskType
-from .model import SoftPromptModel
+from .model import BASE, SoftPromptModel
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,7 @@ def wrap(
 
 
 __all__ = [
+    "BASE",
     "AdapterFileError",
     "PromptTuningConfig",
     "PromptTuningInit",

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-Routing = list[tuple[str, torch.Tensor | None]]
+Routing = list[tuple[str | None, torch.Tensor | None]]
 
 
 class HeadSwitch(nn.Module):
@@ -51,7 +51,7 @@ class HeadSwitch(nn.Module):
         return self.original
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        routing = self._routing or [(self.default_adapter, None)]
+        routing = self._routing if self._routing is not None else [(self.default_adapter, None)]
         if len(routing) == 1:
             return self.head_for(routing[0][0])(x, *args, **kwargs)
         out = None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -19,6 +21,10 @@ from .prompt import SoftPrompt
 from .tasks import Call, task_spec
 
 logger = logging.getLogger(__name__)
+
+#: An `adapter_names` entry meaning "no prompt for this row" (the bare model).
+BASE = "__base__"
+AdapterNames = Union[list[Union[str, None]], str, None]
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -85,6 +91,7 @@ class SoftPromptModel(nn.Module):
         self.peft_config: dict[str, PromptTuningConfig] = {}
         self.heads: dict[str, HeadSwitch] = {}
         self.active_adapter: str | None = None
+        self._disabled = False
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         for p in base_model.parameters():
             p.requires_grad_(False)
@@ -258,49 +265,71 @@ class SoftPromptModel(nn.Module):
         embed = self.base_model.get_input_embeddings()
         return embed(input_ids.to(embed.weight.device))
 
-    def _rows(self, adapter_names: list[str] | str | None, batch_size: int) -> list[str]:
+    def _rows(self, adapter_names: AdapterNames, batch_size: int) -> list[str | None]:
+        if self._disabled:
+            return [None] * batch_size
         if adapter_names is None:
             return [self.active_adapter] * batch_size
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names] * batch_size
-        names = list(adapter_names)
+        names = [None if n == BASE else n for n in adapter_names]
         if len(names) != batch_size:
             raise ValueError(
                 f"adapter_names has {len(names)} entries but the batch has {batch_size} rows; "
                 "give one adapter name per row."
             )
         for n in dict.fromkeys(names):
-            self._require(n)
+            if n is not None:
+                self._require(n)
         return names
+
+    def _width(self, names: list[str | None]) -> int:
+        return max((self.prompts[n].num_virtual_tokens for n in names if n is not None), default=0)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the bare base model (no prompt, base heads) inside this block, with the same
+        exact handling of padding. Rows can also opt out one by one with `adapter_names`
+        entries equal to `softprompt.BASE` or None."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
 
     def prompt_batch(
         self,
-        adapter_names: list[str] | str | None,
+        adapter_names: AdapterNames,
         batch_size: int,
         dtype: torch.dtype,
         device: torch.device,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, torch.Tensor | None]]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str | None, torch.Tensor | None]]]:
         """Every row's prompt, right-aligned.
 
         Returns:
             prompts `(B, P, H)` in `dtype` (P = longest prompt in the batch), prompt mask
-            `(B, P)` (0 on the left of shorter prompts), and the row routing for heads.
+            `(B, P)` (0 on the left of shorter prompts and for rows without a prompt), and
+            the row routing for heads.
         """
         names = self._rows(adapter_names, batch_size)
         unique = list(dict.fromkeys(names))
+        hidden = self.base_model.get_input_embeddings().weight.shape[1]
         if len(unique) == 1:
-            p = self.prompts[unique[0]](dtype).to(device)  # (N, H)
-            prompts = p.unsqueeze(0).expand(batch_size, -1, -1)
-            mask = torch.ones(batch_size, p.shape[0], dtype=torch.long, device=device)
+            if unique[0] is None:
+                prompts = torch.zeros(batch_size, 0, hidden, dtype=dtype, device=device)
+            else:
+                p = self.prompts[unique[0]](dtype).to(device)  # (N, H)
+                prompts = p.unsqueeze(0).expand(batch_size, -1, -1)
+            mask = torch.ones(batch_size, prompts.shape[1], dtype=torch.long, device=device)
             return prompts, mask, [(unique[0], None)]
-        width = max(self.prompts[u].num_virtual_tokens for u in unique)
+        width = self._width(names)
         table = []
         for u in unique:
-            p = self.prompts[u](dtype).to(device)
-            table.append(torch.cat([p.new_zeros(width - p.shape[0], p.shape[1]), p]))
+            p = self.prompts[u](dtype).to(device) if u is not None else torch.zeros(0, hidden, dtype=dtype, device=device)
+            table.append(torch.cat([p.new_zeros(width - p.shape[0], hidden), p]))
         which = torch.tensor([unique.index(n) for n in names], device=device)
         prompts = torch.stack(table).index_select(0, which)  # (B, P, H)
-        lengths = torch.tensor([self.prompts[n].num_virtual_tokens for n in names], device=device)
+        lengths = torch.tensor([self.prompts[n].num_virtual_tokens if n else 0 for n in names], device=device)
         mask = (torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()
         routing = [
             (u, torch.tensor([i for i, n in enumerate(names) if n == u], device=device)) for u in unique
@@ -311,7 +340,7 @@ class SoftPromptModel(nn.Module):
         self,
         embeds: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        adapter_names: list[str] | str | None,
+        adapter_names: AdapterNames,
         batch_size: int,
         user_len: int,
     ) -> tuple[Layout, list[tuple[str, torch.Tensor | None]]]:
@@ -343,7 +372,7 @@ class SoftPromptModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         *,
-        adapter_names: list[str] | str | None = None,
+        adapter_names: AdapterNames = None,
         token_type_ids: torch.Tensor | None = None,
         full_sequence: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
@@ -407,7 +436,7 @@ class SoftPromptModel(nn.Module):
         self,
         embeds: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        adapter_names: list[str] | str | None,
+        adapter_names: AdapterNames,
         cache: Any,
         cache_key: str,
         labels: torch.Tensor | None,
@@ -425,7 +454,7 @@ class SoftPromptModel(nn.Module):
         if embeds is None:
             raise ValueError("forward needs input_ids or inputs_embeds for the new tokens.")
         batch_size, new = embeds.shape[:2]
-        width = max(self.prompts[n].num_virtual_tokens for n in self._rows(adapter_names, batch_size))
+        width = self._width(self._rows(adapter_names, batch_size))
         past = cache.get_seq_length()
         user_len = past - width + new
         if attention_mask is not None and attention_mask.shape[1] != user_len:

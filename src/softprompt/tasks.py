@@ -64,10 +64,15 @@ def _trim(call: Call, out: Any, names: tuple[str, ...]) -> Any:
     """Cut per-token outputs back to the user's columns (unless the full sequence is asked for)."""
     if call.full_sequence:
         return out
+    layout = call.layout
     for name in names:
         value = out.get(name) if hasattr(out, "get") else None
-        if isinstance(value, torch.Tensor):
-            out[name] = call.layout.user_part(value)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.shape[1] == layout.prompt_width + layout.user_len:
+            out[name] = layout.user_part(value)
+        elif value.shape[1] > layout.user_len:  # `logits_to_keep`: the last columns
+            out[name] = value[:, -layout.user_len :]
     hidden = out.get("hidden_states") if hasattr(out, "get") else None
     if isinstance(hidden, tuple) and not _is_encoder_decoder(call.base):
         out["hidden_states"] = tuple(call.layout.user_part(h) for h in hidden)
@@ -112,6 +117,8 @@ class CausalLM(TaskSpec):
         out = call.base(**call.inputs)
         if call.labels is not None:
             targets = call.layout.next_token_targets(call.labels)
+            # With `logits_to_keep` the logits cover the last columns only.
+            targets = targets[:, targets.shape[1] - out.logits.shape[1] :]
             out["loss"] = token_cross_entropy(out.logits, targets, call.num_items_in_batch)
         return _trim(call, out, ("logits",))
 
