@@ -62,16 +62,22 @@ def positions_from_mask(mask: torch.Tensor, style: PositionStyle) -> torch.Tenso
 class Layout:
     """A batch laid out for the base model, and the maps back to the user's columns.
 
+    "Model columns" are the `T = prompt_width + user_len` columns of the full sequence.
+    When the prompt's keys and values come from a cache (`prompt_cached`, see
+    `softprompt.prefix`), the model runs on the user's columns only and its per-token
+    outputs are already user-aligned.
+
     Attributes:
-        inputs_embeds: `(B, T, H)` with `T = prompt_width + user_len`, or None when only
-            masks were laid out (continuing from a cache or from encoder outputs).
+        inputs_embeds: `(B, T, H)`, or None when only masks were laid out.
         attention_mask: `(B, T)` long.
-        position_ids: `(B, T)` long, or None for "compact" models.
+        position_ids: `(B, T)` long, or None for models that take none.
         prompt_width: P, the prompt columns (longest prompt in the batch).
         user_len: L, the user's columns.
+        user_mask: `(B, L)` the user's own attention mask.
         perm: `(B, T)`: model column j holds concatenated column `perm[b, j]`; None if the
             columns were not reordered.
         inv: the inverse of `perm`.
+        prompt_cached: The prompt is supplied as a KV cache, not as input columns.
     """
 
     inputs_embeds: torch.Tensor | None
@@ -79,44 +85,36 @@ class Layout:
     position_ids: torch.Tensor | None
     prompt_width: int
     user_len: int
+    user_mask: torch.Tensor
     perm: torch.Tensor | None = None
     inv: torch.Tensor | None = None
+    prompt_cached: bool = False
 
     @property
     def batch_size(self) -> int:
         return int(self.attention_mask.shape[0])
 
     def extend(self, x: torch.Tensor, fill: float | int) -> torch.Tensor:
-        """User-aligned `(B, L, ...)` to model-aligned `(B, T, ...)`, prompt columns = `fill`."""
+        """User-aligned `(B, L, ...)` to model columns `(B, T, ...)`, prompt columns = `fill`."""
         pad = x.new_full((x.shape[0], self.prompt_width) + tuple(x.shape[2:]), fill)
         full = torch.cat([pad, x], dim=1)
         return full if self.perm is None else _gather_columns(full, self.perm)
 
     def user_part(self, y: torch.Tensor) -> torch.Tensor:
-        """Model-aligned `(B, T, ...)` to the user's columns `(B, L, ...)`."""
+        """A per-token model output `(B, T, ...)` (or `(B, L, ...)` when the prompt was
+        cached) to the user's columns `(B, L, ...)`."""
+        if self.prompt_cached:
+            return y
         if self.inv is None:
             return y[:, self.prompt_width :]
         return _gather_columns(y, self.inv[:, self.prompt_width :])
 
-    def user_columns(self) -> torch.Tensor:
-        """`(B, T)` bool: model columns holding an attended user token."""
-        user = self.extend(torch.ones_like(self.attention_mask[:, self.prompt_width :]), 0)
-        return (user > 0) & (self.attention_mask > 0)
-
-    def user_to_model_index(self, idx: torch.Tensor) -> torch.Tensor:
-        """Model column of user column `idx`, `(B,)`; out-of-range values map to T (ignored)."""
-        total = self.prompt_width + self.user_len
-        inside = (idx >= 0) & (idx < self.user_len)
-        col = (idx.clamp(0, max(self.user_len - 1, 0)) + self.prompt_width).long()
-        if self.inv is not None:
-            col = self.inv.gather(1, col.unsqueeze(1)).squeeze(1)
-        return torch.where(inside, col, torch.full_like(col, total))
-
     def last_attended(self) -> torch.Tensor:
-        """Model column of each row's last attended token, `(B,)`."""
+        """Each row's last attended column, `(B,)`, as an index into the model's outputs."""
         mask = self.attention_mask
         cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        return (cols * (mask > 0)).amax(dim=1)
+        last = (cols * (mask > 0)).amax(dim=1)
+        return last - self.prompt_width if self.prompt_cached else last
 
     def next_token_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Causal-LM targets in model columns, `(B, T)`.
@@ -163,4 +161,4 @@ def build_layout(
         if embeds is not None:
             embeds = _gather_columns(embeds, perm)
     positions = positions_from_mask(mask, style) if style.pass_ids else None
-    return Layout(embeds, mask, positions, width, length, perm, inv)
+    return Layout(embeds, mask, positions, width, length, user_mask, perm, inv)

@@ -17,6 +17,7 @@ from .config import PromptTuningConfig, TaskType
 from .heads import HeadSwitch, find_module, routed
 from .init import initial_prompt
 from .layout import Layout, build_layout
+from .prefix import PromptKV, supports_prefix_cache
 from .prompt import SoftPrompt
 from .tasks import Call, task_spec
 
@@ -57,6 +58,8 @@ class SoftPromptModel(nn.Module):
             `config.tokenizer_name_or_path`) and for excluding special tokens from sampling.
         trainable: False freezes the prompt (inference only).
         init: Starting prompt values instead of the config's initialisation.
+        prefix_cache: Compute each prompt's keys/values once instead of per example
+            (causal decoders; see `softprompt.prefix`). Results are the same either way.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class SoftPromptModel(nn.Module):
         tokenizer: Any | None = None,
         trainable: bool = True,
         init: torch.Tensor | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         super().__init__()
         if not hasattr(base_model, "get_input_embeddings"):
@@ -92,6 +96,11 @@ class SoftPromptModel(nn.Module):
         self.heads: dict[str, HeadSwitch] = {}
         self.active_adapter: str | None = None
         self._disabled = False
+        #: Start every forward/prefill from the prompts' precomputed KV where the model allows
+        #: it (see `softprompt.prefix`); set False to always feed the prompt as embeddings.
+        self.prefix_cache = prefix_cache
+        self._prefix_supported = supports_prefix_cache(base_model)
+        self._prompt_kv = PromptKV()
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         for p in base_model.parameters():
             p.requires_grad_(False)
@@ -183,6 +192,7 @@ class SoftPromptModel(nn.Module):
             self._head_switch(name).add(adapter_name, trainable)
         self.prompts[adapter_name] = prompt
         self.peft_config[adapter_name] = resolved
+        self._prompt_kv.clear(adapter_name)
         if self.active_adapter is None:
             self.set_adapter(adapter_name)
 
@@ -209,6 +219,7 @@ class SoftPromptModel(nn.Module):
             raise ValueError(f"{adapter_name!r} is the only adapter; a model needs at least one.")
         del self.prompts[adapter_name]
         del self.peft_config[adapter_name]
+        self._prompt_kv.clear(adapter_name)
         for switch in self.heads.values():
             switch.remove(adapter_name)
         if self.active_adapter == adapter_name:
@@ -415,22 +426,66 @@ class SoftPromptModel(nn.Module):
         if past:
             return self._continue(embeds, attention_mask, adapter_names, cache, cache_key, labels, kwargs)
 
-        layout, routing = self.layout(
-            embeds if encoder_outputs is None else None, attention_mask, adapter_names, batch_size, length
-        )
-        inputs: dict[str, Any] = {"attention_mask": layout.attention_mask}
-        if layout.inputs_embeds is not None:
-            inputs["inputs_embeds"] = layout.inputs_embeds
-        if layout.position_ids is not None:
-            inputs["position_ids"] = layout.position_ids
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = layout.extend(token_type_ids.to(layout.attention_mask.device), 0)
-        if cache is not None:
-            inputs[cache_key] = cache
+        if cache is None and encoder_outputs is None and not full_sequence and self._use_prefix(adapter_names, batch_size):
+            layout, routing, cache, prompt_logits = self._prefix_layout(embeds, attention_mask, adapter_names, labels)
+            inputs: dict[str, Any] = {
+                "inputs_embeds": embeds,
+                "attention_mask": layout.attention_mask,
+                "position_ids": layout.position_ids[:, layout.prompt_width :],
+                cache_key: cache,
+            }
+            if token_type_ids is not None:
+                inputs["token_type_ids"] = token_type_ids
+        else:
+            prompt_logits = None
+            layout, routing = self.layout(
+                embeds if encoder_outputs is None else None, attention_mask, adapter_names, batch_size, length
+            )
+            inputs = {"attention_mask": layout.attention_mask}
+            if layout.inputs_embeds is not None:
+                inputs["inputs_embeds"] = layout.inputs_embeds
+            if layout.position_ids is not None:
+                inputs["position_ids"] = layout.position_ids
+            if token_type_ids is not None:
+                inputs["token_type_ids"] = layout.extend(token_type_ids.to(layout.attention_mask.device), 0)
+            if cache is not None:
+                inputs[cache_key] = cache
         inputs.update(kwargs)
-        call = Call(self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch)
+        call = Call(self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch, prompt_logits)
         with routed(list(self.heads.values()), routing):
             return self.spec.forward(call)
+
+    # ------------------------------------------------------------------ prompt KV cache
+    def _use_prefix(self, adapter_names: AdapterNames, batch_size: int) -> bool:
+        """Whether this call can start from the prompts' cached KV (see `softprompt.prefix`)."""
+        if not self.prefix_cache or not self._prefix_supported:
+            return False
+        if self.training and any(getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules()):
+            return False  # transformers returns no cache while checkpointing activations
+        return self._width(self._rows(adapter_names, batch_size)) > 0
+
+    def _prefix_layout(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        adapter_names: AdapterNames,
+        labels: torch.Tensor | None,
+    ) -> tuple[Layout, Any, Any, torch.Tensor | None]:
+        """Masks and positions for the full sequence, and a cache holding each row's prompt."""
+        from .prefix import batch_cache
+
+        batch_size, length = embeds.shape[:2]
+        names = self._rows(adapter_names, batch_size)
+        layout, routing = self.layout(None, attention_mask, names, batch_size, length)
+        layout.prompt_cached = True
+        with_logits = labels is not None and self.spec.prompt_logits
+        states = {n: self._prompt_kv.get(self, n, embeds.dtype, with_logits) for n in dict.fromkeys(names) if n}
+        cache, prompt_logits = batch_cache(self, states, names, layout.prompt_width)
+        return layout, routing, cache, prompt_logits
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the prompts' remembered keys/values (needed only after changing the base model)."""
+        self._prompt_kv.clear()
 
     def _continue(
         self,

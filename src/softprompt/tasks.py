@@ -35,6 +35,8 @@ class Call:
         extra: Task inputs other than labels (start/end positions).
         full_sequence: Return per-token outputs for all model columns, prompt included.
         num_items_in_batch: Divide summed token losses by this (gradient accumulation).
+        prompt_logits: With a cached prompt, the last virtual token's logits `(B, V)`
+            (it predicts the first user token).
     """
 
     base: nn.Module
@@ -44,6 +46,7 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)
     full_sequence: bool = False
     num_items_in_batch: int | torch.Tensor | None = None
+    prompt_logits: torch.Tensor | None = None
 
 
 def token_cross_entropy(
@@ -95,6 +98,8 @@ class TaskSpec:
     num_transformer_submodules: int = 1
     #: Task inputs besides `labels` that this task consumes.
     extra_inputs: tuple[str, ...] = ()
+    #: Whether the loss needs the last virtual token's logits (see `softprompt.prefix`).
+    prompt_logits: bool = False
 
     def forward(self, call: Call) -> Any:
         raise NotImplementedError
@@ -106,6 +111,7 @@ class TaskSpec:
 class CausalLM(TaskSpec):
     task_type = TaskType.CAUSAL_LM
     generative = True
+    prompt_logits = True
 
     def check_model(self, base: nn.Module) -> None:
         if _is_encoder_decoder(base):
@@ -116,10 +122,14 @@ class CausalLM(TaskSpec):
     def forward(self, call: Call) -> Any:
         out = call.base(**call.inputs)
         if call.labels is not None:
-            targets = call.layout.next_token_targets(call.labels)
-            # With `logits_to_keep` the logits cover the last columns only.
-            targets = targets[:, targets.shape[1] - out.logits.shape[1] :]
-            out["loss"] = token_cross_entropy(out.logits, targets, call.num_items_in_batch)
+            targets = call.layout.next_token_targets(call.labels)  # (B, T) model columns
+            logits = out.logits
+            if call.prompt_logits is not None and logits.shape[1] == call.layout.user_len:
+                # Cached prompt: its last column's logits come from the prompt pass.
+                logits = torch.cat([call.prompt_logits.unsqueeze(1).to(logits.dtype), logits], dim=1)
+            # The logits cover the last columns (all of them, or `logits_to_keep`).
+            targets = targets[:, targets.shape[1] - logits.shape[1] :]
+            out["loss"] = token_cross_entropy(logits, targets, call.num_items_in_batch)
         return _trim(call, out, ("logits",))
 
 
@@ -176,11 +186,12 @@ class TokenClassification(TaskSpec):
     head_names = ("classifier", "score")
 
     def forward(self, call: Call) -> Any:
-        out = call.base(**call.inputs)
+        out = _trim(call, call.base(**call.inputs), ("logits",))
         if call.labels is not None:
-            targets = call.layout.extend(call.labels, -100).masked_fill(call.layout.attention_mask == 0, -100)
-            out["loss"] = token_cross_entropy(out.logits, targets, call.num_items_in_batch)
-        return _trim(call, out, ("logits",))
+            logits = out.logits if not call.full_sequence else call.layout.user_part(out.logits)
+            targets = call.labels.to(logits.device).masked_fill(call.layout.user_mask.to(logits.device) == 0, -100)
+            out["loss"] = token_cross_entropy(logits, targets, call.num_items_in_batch)
+        return out
 
 
 class QuestionAnswering(TaskSpec):
@@ -189,19 +200,22 @@ class QuestionAnswering(TaskSpec):
     extra_inputs = ("start_positions", "end_positions")
 
     def forward(self, call: Call) -> Any:
-        out = call.base(**call.inputs)
+        out = _trim(call, call.base(**call.inputs), ("start_logits", "end_logits"))
         start, end = call.extra.get("start_positions"), call.extra.get("end_positions")
         if start is not None and end is not None:
-            # Positions index the user's columns; the answer can only be an attended user
-            # token, so prompt and padding columns are left out of the softmax.
-            outside = ~call.layout.user_columns()
+            # Positions index the user's tokens; the answer is an attended user token, so
+            # the prompt and padding are left out of the softmax. Out-of-range positions
+            # are ignored, as in transformers.
             loss = 0.0
             for name, pos in (("start_logits", start), ("end_logits", end)):
-                logits = out[name].float().masked_fill(outside, float("-inf"))
-                target = call.layout.user_to_model_index(pos.reshape(-1).to(logits.device))
-                loss = loss + F.cross_entropy(logits, target, ignore_index=logits.shape[1])
+                logits = out[name] if not call.full_sequence else call.layout.user_part(out[name])
+                logits = logits.float().masked_fill(call.layout.user_mask.to(logits.device) == 0, float("-inf"))
+                length = logits.shape[1]
+                target = pos.reshape(-1).to(logits.device).long()
+                target = target.masked_fill((target < 0) | (target >= length), length)
+                loss = loss + F.cross_entropy(logits, target, ignore_index=length)
             out["loss"] = loss / 2
-        return _trim(call, out, ("start_logits", "end_logits"))
+        return out
 
 
 class FeatureExtraction(TaskSpec):

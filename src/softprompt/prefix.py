@@ -1,0 +1,162 @@
+"""The prompt's keys and values, computed once instead of for every example.
+
+In a causal decoder the virtual tokens come first (positions 0..N-1) and attend only to
+each other, so every layer's keys and values at those positions are the same for every
+input. `PromptKV` computes them once per adapter (batch of one) and hands the model a
+cache that already holds them; the model then processes only the user's tokens:
+
+- inference: the prompt KV is kept and reused until the prompt tensor changes (an
+  optimizer step, `load_adapter`, a dtype/device change) - the prompt costs nothing per
+  request;
+- training: within a step every example shares the prompt, so its KV is computed once
+  (with gradients) and broadcast to the batch; gradients flow back through it once.
+
+Where this cannot hold the plain path (prompt embeddings in front of the input) is used
+automatically: encoders and encoder-decoders (the prompt attends to the input), models
+with sliding-window, chunked or linear-attention layers (the prefix would fall out of
+the window or be folded into a recurrent state), models that take no `position_ids`, and
+calls that ask for per-token outputs of the prompt columns (`full_sequence=True`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _compat
+
+
+def supports_prefix_cache(base: nn.Module) -> bool:
+    """Whether the prompt's KV is input-independent and can be fed as a cache to `base`."""
+    if not _compat.is_causal_decoder(base) or not _compat.accepts(base, "position_ids"):
+        return False
+    if _compat.cache_kwarg(base) not in _compat._forward_params(type(base)):
+        return False
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=base.config)
+    except Exception:  # a config the cache classes do not understand
+        return False
+    layers = getattr(cache, "layers", [])
+    return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def backbone(base: nn.Module) -> nn.Module:
+    """The transformer body of a model with a head (`model`, `transformer`...), or the model."""
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    return body if isinstance(body, nn.Module) else base
+
+
+def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values), each `(batch, kv_heads, seq, head_dim)`."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def make_cache(base: nn.Module, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=tensors, config=base.config)
+
+
+@dataclass
+class PromptState:
+    """One adapter's prompt as the model has processed it."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (1, kv_heads, N, head_dim)
+    last_logits: torch.Tensor | None  # (1, V): the last virtual token's next-token logits (causal LM)
+    key: tuple | None = None
+
+
+class PromptKV:
+    """Computes and (for inference) remembers each adapter's prompt KV."""
+
+    def __init__(self) -> None:
+        self._store: dict[str, PromptState] = {}
+
+    def clear(self, adapter: str | None = None) -> None:
+        """Forget remembered prompt KV (all adapters, or one)."""
+        if adapter is None:
+            self._store.clear()
+        else:
+            self._store.pop(adapter, None)
+
+    @staticmethod
+    def _key(prompt: torch.Tensor, dtype: torch.dtype, base: nn.Module) -> tuple:
+        autocast = torch.is_autocast_enabled("cpu") if prompt.device.type == "cpu" else torch.is_autocast_enabled()
+        return (prompt.data_ptr(), prompt._version, dtype, prompt.device, base.training, autocast,
+                torch.get_autocast_dtype(prompt.device.type) if autocast else None)
+
+    def get(self, model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState:
+        """The prompt state of `adapter`; recomputed when gradients are needed or it changed."""
+        prompt = model.prompts[adapter].embedding
+        grad = torch.is_grad_enabled() and prompt.requires_grad
+        key = self._key(prompt, dtype, model.base_model)
+        cached = self._store.get(adapter)
+        if not grad and cached is not None and cached.key == key and (cached.last_logits is not None or not with_logits):
+            return cached
+        state = self._compute(model, adapter, dtype, with_logits)
+        if grad:
+            return state
+        state.key = key
+        self._store[adapter] = state
+        return state
+
+    @staticmethod
+    def _compute(model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState:
+        base = model.base_model
+        embeds = model.prompts[adapter](dtype).unsqueeze(0)  # (1, N, H)
+        n = embeds.shape[1]
+        style = model.position_style
+        positions = torch.arange(n, device=embeds.device).unsqueeze(0) + style.offset
+        mask = torch.ones(1, n, dtype=torch.long, device=embeds.device)
+        inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+        if with_logits:
+            out = base(**inputs, logits_to_keep=1)
+            logits = out.logits[:, -1]
+        else:
+            out = backbone(base)(**inputs)
+            logits = None
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        return PromptState(cache_tensors(cache), logits)
+
+
+def batch_cache(
+    model: Any, states: dict[str, PromptState], names: list[str | None], width: int
+) -> tuple[Any, torch.Tensor | None]:
+    """A cache holding each row's prompt KV, right-aligned in `width` columns.
+
+    Returns:
+        The cache for `base`, and the rows' last-virtual-token logits `(B, V)` (zeros for
+        rows without a prompt) when the states carry them.
+    """
+    unique = [n for n in dict.fromkeys(names)]
+    batch = len(names)
+    base = model.base_model
+    if len(unique) == 1 and unique[0] is not None:
+        state = states[unique[0]]
+        tensors = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in state.kv]
+        logits = state.last_logits.expand(batch, -1) if state.last_logits is not None else None
+        return make_cache(base, tensors), logits
+    some = next(states[u] for u in unique if u is not None)
+    which = torch.tensor([unique.index(n) for n in names], device=some.kv[0][0].device)
+    tensors = []
+    for layer in range(len(some.kv)):
+        parts = []
+        for kind in (0, 1):
+            ref = some.kv[layer][kind]
+            table = []
+            for u in unique:
+                t = states[u].kv[layer][kind] if u is not None else ref[:, :, :0]
+                pad = t.new_zeros(t.shape[0], t.shape[1], width - t.shape[2], t.shape[3])
+                table.append(torch.cat([pad, t], dim=2))
+            parts.append(torch.cat(table).index_select(0, which))  # (B, kv_heads, width, head_dim)
+        tensors.append((parts[0], parts[1]))
+    logits = None
+    if some.last_logits is not None:
+        rows = [states[u].last_logits if u is not None else torch.zeros_like(some.last_logits) for u in unique]
+        logits = torch.cat(rows).index_select(0, which)
+    return make_cache(base, tensors), logits

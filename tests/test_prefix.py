@@ -1,0 +1,154 @@
+"""The prompt's KV computed once equals the plain path: logits, losses, gradients, generations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import BASE, PromptTuningConfig, wrap
+from softprompt.prefix import supports_prefix_cache
+from tests.tiny import PAD, VOCAB, build_model
+
+DECODERS = ["gpt2", "llama", "qwen2", "opt", "gpt_neox"]
+ATOL = 1e-5
+
+
+def _pair(task: str, arch: str):
+    """The same adapters on two copies of one model: prompt KV cached, and plain."""
+    models = []
+    for prefix in (True, False):
+        torch.manual_seed(0)
+        model = wrap(build_model(task, arch), PromptTuningConfig(task_type=task, num_virtual_tokens=5), "a")
+        model.add_adapter("b", PromptTuningConfig(task_type=task, num_virtual_tokens=2))
+        model.prefix_cache = prefix
+        models.append(model.eval())
+    assert torch.equal(models[0].get_prompt("b"), models[1].get_prompt("b"))
+    return models
+
+
+def _batch():
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, VOCAB, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[2, 5:] = 0  # right padding
+    ids[mask == 0] = PAD
+    return ids, mask
+
+
+def _widths(model):
+    """Record how many columns the first transformer layer is fed on each call."""
+    seen = []
+    layers = next(m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList))
+
+    def hook(mod, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.shape[1])
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    return seen, handle
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_supported_decoders_use_the_cache_and_match_the_plain_path(arch):
+    cached, plain = _pair("CAUSAL_LM", arch)
+    assert supports_prefix_cache(cached.base_model)
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    names = ["a", "b", BASE]
+    seen, handle = _widths(cached)
+    with torch.no_grad():
+        got = cached(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=names)
+        want = plain(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=names)
+    handle.remove()
+    assert seen[-1] == ids.shape[1], "the model must be fed the user's columns only"
+    torch.testing.assert_close(got.logits, want.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.loss, want.loss, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_training_loss_and_prompt_gradient_match(arch):
+    cached, plain = _pair("CAUSAL_LM", arch)
+    ids, mask = _batch()
+    grads, losses = [], []
+    for model in (cached, plain):
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids, adapter_names=["a", "a", "b"]).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([model.prompts[n].embedding.grad.clone() for n in ("a", "b")])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+    for g_cached, g_plain in zip(*grads):
+        assert g_plain.abs().sum() > 0
+        torch.testing.assert_close(g_cached, g_plain, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"])
+def test_other_decoder_tasks_match(task):
+    cached, plain = _pair(task, "llama")
+    ids, mask = _batch()
+    extra = {"SEQ_CLS": {"labels": torch.tensor([0, 1, 2])}, "TOKEN_CLS": {"labels": torch.randint(0, 3, ids.shape)},
+             "QUESTION_ANS": {"start_positions": torch.tensor([3, 1, 0]), "end_positions": torch.tensor([5, 2, 4])},
+             "FEATURE_EXTRACTION": {}}[task]
+    with torch.no_grad():
+        got = cached(input_ids=ids, attention_mask=mask, adapter_names=["a", "b", "a"], **extra)
+        want = plain(input_ids=ids, attention_mask=mask, adapter_names=["a", "b", "a"], **extra)
+    for key in ("logits", "start_logits", "end_logits", "last_hidden_state", "loss"):
+        if key in want and want[key] is not None:
+            g, w = got[key], want[key]
+            if task in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION") and key != "loss":
+                g, w = g[mask.bool()], w[mask.bool()]  # padded columns hold no meaning
+            torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_generate_greedy_and_sampled_match(arch):
+    cached, plain = _pair("CAUSAL_LM", arch)
+    ids, mask = _batch()
+    ids, mask = ids[:2], mask[:2]  # decoder generation wants left padding
+    kw = dict(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=5, min_new_tokens=5)
+    assert torch.equal(cached.generate(**kw, do_sample=False), plain.generate(**kw, do_sample=False))
+    outs = []
+    for model in (cached, plain):
+        torch.manual_seed(11)
+        outs.append(model.generate(**kw, do_sample=True, top_k=0, temperature=1.0))
+    assert torch.equal(outs[0], outs[1])
+    beams = [m.generate(**kw, num_beams=3, num_return_sequences=2, do_sample=False) for m in (cached, plain)]
+    assert torch.equal(beams[0], beams[1])
+
+
+def test_prompt_kv_is_computed_once_for_inference_and_again_after_an_update():
+    model = wrap(build_model("CAUSAL_LM", "llama"), PromptTuningConfig(num_virtual_tokens=4)).eval()
+    ids = torch.randint(4, VOCAB, (2, 5))
+    seen, handle = _widths(model)
+    with torch.no_grad():
+        model(input_ids=ids)
+        model(input_ids=ids)
+    assert seen == [4, 5, 5], "one prompt pass (4 columns), then the user's 5 columns per call"
+    with torch.no_grad():
+        model.prompts["default"].embedding.add_(0.1)  # e.g. an optimizer step
+        model(input_ids=ids)
+    handle.remove()
+    assert seen[3:] == [4, 5]
+
+
+def test_fallbacks():
+    for task, arch in [("SEQ_2_SEQ_LM", "t5"), ("SEQ_2_SEQ_LM", "bart"), ("SEQ_CLS", "bert"), ("FEATURE_EXTRACTION", "roberta")]:
+        assert not supports_prefix_cache(build_model(task, arch)), (task, arch)
+    sliding = build_model("CAUSAL_LM", "qwen2", use_sliding_window=True, sliding_window=4, layer_types=["sliding_attention"] * 2)
+    assert not supports_prefix_cache(sliding)
+    # gradient checkpointing during training: the plain path, same gradients (see test_training)
+    model = wrap(build_model("CAUSAL_LM", "llama"), PromptTuningConfig(num_virtual_tokens=3))
+    model.base_model.gradient_checkpointing_enable()
+    model.train()
+    seen, handle = _widths(model)
+    model(input_ids=torch.randint(4, VOCAB, (2, 5))).logits.sum().backward()
+    handle.remove()
+    assert seen == [8]
+
+
+def test_full_sequence_uses_the_plain_path():
+    model = wrap(build_model("CAUSAL_LM", "gpt2"), PromptTuningConfig(num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(4, VOCAB, (1, 5)), full_sequence=True)
+    assert out.logits.shape[1] == 8
