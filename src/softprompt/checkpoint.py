@@ -365,3 +365,21 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "bytes": sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
     }
+
+
+def load_weights_into(model: SoftPromptModel, adapter_name: str, path: str | os.PathLike) -> None:
+    """Overwrite an existing adapter's prompt (and heads) with the weights saved in `path`.
+
+    Used to resume training and to go back to the best checkpoint; shapes must match.
+    """
+    config, tensors = read_adapter(path)
+    prompt = model.prompts[adapter_name].embedding
+    if tuple(prompt.shape) != tuple(tensors[PROMPT_KEY].shape):
+        raise AdapterFileError(
+            f"{path}: {PROMPT_KEY} has shape {tuple(tensors[PROMPT_KEY].shape)}, adapter "
+            f"{adapter_name!r} has {tuple(prompt.shape)}."
+        )
+    plan = match_head_tensors(model.base_model, model.peft_config[adapter_name], tensors, path)
+    with torch.no_grad():
+        prompt.copy_(tensors[PROMPT_KEY])
+    apply_head_tensors(model, adapter_name, tensors, plan)

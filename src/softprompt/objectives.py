@@ -1,0 +1,181 @@
+"""What a training run optimises and how it is scored: classification or generation.
+
+Both objectives hold pre-tokenized data and expose the same three methods, so the
+training loop and the `eval` command never branch on the kind of data:
+
+- `loss(model, indices)`: differentiable loss of a batch of example indices;
+- `evaluate(model, indices, adapter)`: metrics of one adapter (or the bare model);
+- `lengths`: token counts, for length-grouped batching.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .evaluate import Verbalizer, class_logits, classify, encode, generation_metrics, left_pad
+from .model import BASE, SoftPromptModel
+
+
+@dataclass
+class ClassificationObjective:
+    """Rank classification over label words (cross-entropy over the labels' log-likelihoods).
+
+    Attributes:
+        rows: Token ids of each templated input.
+        gold: Class index of each example.
+        verbalizer: Labels and their words.
+        pad_id: Padding id.
+    """
+
+    rows: list[list[int]]
+    gold: list[int]
+    verbalizer: Verbalizer
+    pad_id: int
+    primary_metric: str = "accuracy"
+
+    @classmethod
+    def build(cls, tokenizer: Any, texts: Sequence[str], labels: Sequence[str], template: str,
+              label_words: dict[str, str], max_length: int) -> ClassificationObjective:
+        verbalizer = Verbalizer.build(tokenizer, label_words)
+        rows = encode(tokenizer, texts, template, max_length)
+        gold = [verbalizer.index(label) for label in labels]
+        return cls(rows, gold, verbalizer, _pad_id(tokenizer))
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def loss(self, model: SoftPromptModel, indices: Sequence[int]) -> torch.Tensor:
+        scores = class_logits(model, [self.rows[i] for i in indices], self.verbalizer, self.pad_id)
+        gold = torch.tensor([self.gold[i] for i in indices], device=scores.device)
+        return F.cross_entropy(scores, gold)
+
+    def evaluate(self, model: SoftPromptModel, indices: Sequence[int] | None = None, adapter: str | None = None,
+                 batch_size: int = 64, progress: Callable[[int], None] | None = None) -> dict[str, float]:
+        idx = list(range(len(self.rows))) if indices is None else list(indices)
+        scores = classify(model, [self.rows[i] for i in idx], self.verbalizer, self.pad_id,
+                          adapter=adapter, batch_size=batch_size, progress=progress)
+        gold = torch.tensor([self.gold[i] for i in idx])
+        pred = scores.argmax(dim=1)
+        out = {"accuracy": float((pred == gold).float().mean()) if idx else float("nan"), "examples": len(idx)}
+        for c, label in enumerate(self.verbalizer.labels):  # per-class recall shows a collapsed classifier
+            mask = gold == c
+            if mask.any():
+                out[f"recall_{label}"] = float((pred[mask] == c).float().mean())
+        return out
+
+
+@dataclass
+class GenerationObjective:
+    """Input -> target text: causal-LM loss on the target tokens, exact match / F1 on generations.
+
+    Attributes:
+        prompts: Token ids of each templated input.
+        targets: Token ids of each target (followed by EOS when the tokenizer has one).
+        target_texts: The targets as text, for the metrics.
+    """
+
+    prompts: list[list[int]]
+    targets: list[list[int]]
+    target_texts: list[str]
+    tokenizer: Any
+    pad_id: int
+    max_new_tokens: int = 32
+    primary_metric: str = "f1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, tokenizer: Any, texts: Sequence[str], targets: Sequence[str], template: str,
+              max_length: int, max_new_tokens: int = 32) -> GenerationObjective:
+        prompts = encode(tokenizer, texts, template, max_length)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        target_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) + eos for t in targets]
+        return cls(prompts, target_ids, list(targets), tokenizer, _pad_id(tokenizer), max_new_tokens)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(p) + len(t) for p, t in zip(self.prompts, self.targets)]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def loss(self, model: SoftPromptModel, indices: Sequence[int]) -> torch.Tensor:
+        seqs = [self.prompts[i] + self.targets[i] for i in indices]
+        device = model.base_model.get_input_embeddings().weight.device
+        ids, mask = left_pad(seqs, self.pad_id, device)
+        labels = torch.full_like(ids, -100)
+        for row, i in enumerate(indices):
+            n = len(self.targets[i])
+            labels[row, ids.shape[1] - n :] = ids[row, ids.shape[1] - n :]
+        longest = max(len(self.targets[i]) for i in indices)
+        return model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=longest + 1).loss
+
+    def evaluate(self, model: SoftPromptModel, indices: Sequence[int] | None = None, adapter: str | None = None,
+                 batch_size: int = 16, progress: Callable[[int], None] | None = None) -> dict[str, float]:
+        idx = list(range(len(self.prompts))) if indices is None else list(indices)
+        predictions = self.generate(model, [self.prompts[i] for i in idx], adapter, batch_size, progress)
+        out = generation_metrics(predictions, [self.target_texts[i] for i in idx])
+        out["examples"] = len(idx)
+        return out
+
+    def generate(self, model: SoftPromptModel, prompts: Sequence[Sequence[int]], adapter: str | None,
+                 batch_size: int, progress: Callable[[int], None] | None = None) -> list[str]:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        texts: list[str] = [""] * len(prompts)
+        device = model.base_model.get_input_embeddings().weight.device
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                ids, mask = left_pad([prompts[i] for i in idx], self.pad_id, device)
+                with torch.no_grad():
+                    out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapter or BASE,
+                                         max_new_tokens=self.max_new_tokens, do_sample=False,
+                                         pad_token_id=self.pad_id)
+                for row, i in enumerate(idx):
+                    texts[i] = self.tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
+                if progress:
+                    progress(len(idx))
+        finally:
+            model.train(was_training)
+        return texts
+
+
+Objective = ClassificationObjective | GenerationObjective
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                           group: int = 50) -> list[list[int]]:
+    """A deterministic epoch of batches: shuffled, then sorted by length within groups of
+    `group` batches so each batch pads little, then the batch order shuffled again.
+
+    The same (seed, epoch) always gives the same batches, which is what makes a resumed
+    run identical to an uninterrupted one.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * group
+    batches: list[list[int]] = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches.extend(chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,45 @@
+"""The loss / dev-metric plot written next to a run's metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def plot_metrics(records: Sequence[dict[str, Any]], path: Path, metric: str = "accuracy") -> Path | None:
+    """Draw training loss and the dev metric against the step into a PNG.
+
+    Returns None (with a warning) when matplotlib is not installed: the plot is a
+    convenience, the numbers are in metrics.jsonl.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot written (the numbers are in metrics.jsonl).")
+        return None
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("event") is None]
+    dev = [(r["step"], r[f"dev_{metric}"]) for r in records if f"dev_{metric}" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if loss:
+        ax.plot(*zip(*loss), color="tab:blue", label="training loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if dev:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*dev), color="tab:orange", marker="o", label=f"dev {metric}")
+        ax2.set_ylabel(f"dev {metric}", color="tab:orange")
+    ax.set_title("softprompt training")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,221 @@
+"""Setting up a training run: output folder, data, model, prompt and objectives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._io import atomic_write_text
+from .config import PromptTuningConfig, PromptTuningInit
+from .model import SoftPromptModel
+from .objectives import ClassificationObjective, GenerationObjective, Objective
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+RUN_FILES = ("run_config.json", "metrics.jsonl", "plot.png", "results.json", "best", "last", "checkpoints")
+DEFAULT_CLASSIFICATION_TEXT = "Classify the sentiment of the review as positive or negative."
+
+
+@dataclass
+class Run:
+    model: SoftPromptModel
+    tokenizer: Any
+    train: Objective
+    dev: Objective | None
+    test: Objective | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSpec:
+    """The examples of a run and how to present them to the model."""
+
+    task: str
+    train: list[Any]
+    dev: list[Any] | None
+    test: list[Any] | None
+    template: str
+    label_words: dict[str, str] | None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _error(message: str) -> Exception:
+    from .train import TrainingError
+
+    return TrainingError(message)
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Never mix two runs in one folder or delete a run without `overwrite`."""
+    from .train import _RUN_IDENTITY
+
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise _error(f"output_dir {out} is a file; give a folder.")
+    saved = out / "run_config.json"
+    if saved.exists():
+        try:
+            previous = json.loads(saved.read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError):
+            previous = None
+        if config.resume:
+            if previous is None:
+                raise _error(f"{saved} is unreadable, so the run cannot be resumed safely; use another output_dir.")
+            mine = config.to_dict()
+            diff = [k for k in _RUN_IDENTITY if previous.get(k) != mine.get(k)]
+            if diff:
+                details = ", ".join(f"{k}: {previous.get(k)!r} -> {mine.get(k)!r}" for k in diff)
+                raise _error(f"--resume with different settings than the run in {out} ({details}). "
+                             "Resume with the same settings, or start a new run in another folder.")
+            return
+        if not config.overwrite:
+            raise _error(f"{out} already holds a training run. Pass --resume to continue it, --overwrite to "
+                         "replace it, or choose another --output folder.")
+    elif not config.overwrite:
+        clash = [name for name in RUN_FILES if (out / name).exists()]
+        if clash:
+            raise _error(f"{out} already contains {clash} that softprompt did not write as a run; choose another "
+                         "--output folder (or --overwrite to replace them).")
+    if config.overwrite and not config.resume:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+
+def _sniff_task(path: str, config: TrainConfig) -> str:
+    """classification if the first record has the label field, generation if it has the target field."""
+    from .data import DataError, read_examples
+
+    for task in ("classification", "generation"):
+        try:
+            read_examples(path, task=task, text_field=config.text_field, label_field=config.label_field,
+                          target_field=config.target_field, skip_invalid=True)
+            return task
+        except DataError:
+            continue
+    return "classification"  # let the real read below report the problem
+
+
+def load_data(config: TrainConfig) -> DataSpec:
+    """Examples for train/dev/test, from a built-in set or files."""
+    from .data import BUILTIN, load_builtin, read_examples
+
+    if config.data in BUILTIN:
+        spec = BUILTIN[config.data]
+        if config.task == "generation":
+            raise _error(f"{config.data} is a classification data set; task must be classification.")
+        opts = dict(task="classification", text_field=config.text_field, label_field=config.label_field,
+                    skip_invalid=config.skip_invalid)
+        return DataSpec(
+            task="classification",
+            train=load_builtin(config.data, "train"),
+            dev=read_examples(config.dev_data, **opts)[0] if config.dev_data else load_builtin(config.data, "dev"),
+            test=read_examples(config.test_data, **opts)[0] if config.test_data else load_builtin(config.data, "test"),
+            template=config.template or spec.template,
+            label_words=config.label_words or dict(spec.label_words),
+        )
+    if not Path(config.data).exists():
+        raise _error(f"data {config.data!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing file.")
+    task = config.task or _sniff_task(config.data, config)
+    opts = dict(task=task, text_field=config.text_field, label_field=config.label_field,
+                target_field=config.target_field, skip_invalid=config.skip_invalid)
+    train, report = read_examples(config.data, **opts)
+    skipped = dict(report.skipped)
+    if config.dev_data:
+        dev, _ = read_examples(config.dev_data, **opts)
+    else:  # hold out 10% of the training file
+        order = list(range(len(train)))
+        random.Random(config.seed).shuffle(order)
+        cut = max(1, len(train) // 10) if len(train) >= 10 else 0
+        dev = [train[i] for i in sorted(order[:cut])] or None
+        train = [train[i] for i in sorted(order[cut:])]
+    test = read_examples(config.test_data, **opts)[0] if config.test_data else None
+    label_words = None
+    if task == "classification":
+        from .data import label_set
+
+        labels = label_set(train)
+        label_words = config.label_words or {label: f" {label}" for label in labels}
+        missing = [label for label in labels if label not in label_words]
+        if missing:
+            raise _error(f"labels {missing} of {config.data} have no label word in label_words {label_words}.")
+    return DataSpec(task, train, dev, test, config.template or "{text}", label_words, skipped)
+
+
+def build_objective(spec: DataSpec, examples: list[Any] | None, tokenizer: Any, config: TrainConfig) -> Objective | None:
+    if not examples:
+        return None
+    texts = [e.text for e in examples]
+    if spec.task == "classification":
+        return ClassificationObjective.build(tokenizer, texts, [e.label for e in examples], spec.template,
+                                             spec.label_words, config.max_length)
+    return GenerationObjective.build(tokenizer, texts, [e.target for e in examples], spec.template,
+                                     config.max_length, config.max_new_tokens)
+
+
+def prompt_config(config: TrainConfig, objective: Objective) -> PromptTuningConfig:
+    """The prompt's configuration for this run (initialisation from the recipe)."""
+    init = PromptTuningInit.parse(config.init, "init")
+    kwargs: dict[str, Any] = {"task_type": "CAUSAL_LM", "num_virtual_tokens": config.num_virtual_tokens,
+                              "prompt_tuning_init": init, "tokenizer_name_or_path": config.model or "SmolLM2-135M-Instruct"}
+    if init is PromptTuningInit.CLASS_LABELS:
+        if not isinstance(objective, ClassificationObjective):
+            raise _error("init CLASS_LABELS needs classification data; use TEXT or SAMPLE_VOCAB for generation.")
+        kwargs["prompt_tuning_init_text"] = list(objective.verbalizer.words)
+    elif init is PromptTuningInit.TEXT:
+        default = DEFAULT_CLASSIFICATION_TEXT if isinstance(objective, ClassificationObjective) else "Answer:"
+        kwargs["prompt_tuning_init_text"] = config.init_text or default
+    return PromptTuningConfig(**kwargs)
+
+
+def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], None]) -> Run:
+    """Check the output folder, load data and model, attach a fresh prompt, write run_config.json."""
+    import softprompt
+
+    check_output_dir(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    notify("phase", {"message": f"loading data {config.data}"})
+    spec = load_data(config)
+    if config.max_train_examples is not None:
+        spec.train = spec.train[: config.max_train_examples]
+    notify("phase", {"message": f"loading model {config.model or 'SmolLM2-135M-Instruct (packaged)'}"})
+    from .models import load_model
+
+    base, tokenizer = load_model(config.model)
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+    objectives = [build_objective(spec, part, tokenizer, config) for part in (spec.train, spec.dev, spec.test)]
+    train_obj, dev_obj, test_obj = objectives
+    if train_obj is None:
+        raise _error(f"no training examples in {config.data}.")
+    torch.manual_seed(config.seed)  # the prompt's initialisation depends on the seed only
+    model = SoftPromptModel(base, prompt_config(config, train_obj), tokenizer=tokenizer)
+    info = {
+        "config": config.to_dict(),
+        "resolved": {"task": spec.task, "template": spec.template, "label_words": spec.label_words,
+                     "prompt": model.peft_config["default"].to_dict(),
+                     "train_examples": len(train_obj), "dev_examples": len(dev_obj) if dev_obj else 0,
+                     "test_examples": len(test_obj) if test_obj else 0, "skipped_rows": spec.skipped},
+        "versions": {"softprompt": softprompt.__version__, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+    }
+    if not (config.resume and (out / "run_config.json").exists()):
+        atomic_write_text(out / "run_config.json", json.dumps(info, indent=2, default=str) + "\n")
+    return Run(model, tokenizer, train_obj, dev_obj, test_obj, info)
