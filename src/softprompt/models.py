@@ -40,6 +40,7 @@ import torch
 from . import paths
 from ._io import atomic_write_text, fsync_dir
 from .config import TaskType
+from .tasks import task_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,14 +66,6 @@ _CHUNK = 1 << 22
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _LOCK = threading.Lock()  # one conversion at a time within a process
 
-_AUTO_CLASSES = {
-    TaskType.CAUSAL_LM: "AutoModelForCausalLM",
-    TaskType.SEQ_2_SEQ_LM: "AutoModelForSeq2SeqLM",
-    TaskType.SEQ_CLS: "AutoModelForSequenceClassification",
-    TaskType.TOKEN_CLS: "AutoModelForTokenClassification",
-    TaskType.QUESTION_ANS: "AutoModelForQuestionAnswering",
-    TaskType.FEATURE_EXTRACTION: "AutoModel",
-}
 _LABELLED_TASKS = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
 
 
@@ -250,7 +243,7 @@ def _load_pretrained(
     common: dict[str, Any] = {"trust_remote_code": False, "local_files_only": local}
     if revision is not None:
         common["revision"] = revision
-    auto_name = _AUTO_CLASSES[task]
+    auto_name = task_spec(task).auto_class
     try:
         config = transformers.AutoConfig.from_pretrained(source, **common)
         if num_labels is not None:

@@ -100,6 +100,8 @@ class TaskSpec:
     extra_inputs: tuple[str, ...] = ()
     #: Whether the loss needs the last virtual token's logits (see `softprompt.prefix`).
     prompt_logits: bool = False
+    #: The transformers Auto class that loads a model for this task.
+    auto_class: str = "AutoModel"
 
     def forward(self, call: Call) -> Any:
         raise NotImplementedError
@@ -110,6 +112,7 @@ class TaskSpec:
 
 class CausalLM(TaskSpec):
     task_type = TaskType.CAUSAL_LM
+    auto_class = "AutoModelForCausalLM"
     generative = True
     prompt_logits = True
 
@@ -135,6 +138,7 @@ class CausalLM(TaskSpec):
 
 class Seq2SeqLM(TaskSpec):
     task_type = TaskType.SEQ_2_SEQ_LM
+    auto_class = "AutoModelForSeq2SeqLM"
     generative = True
     num_transformer_submodules = 2
 
@@ -154,6 +158,7 @@ class Seq2SeqLM(TaskSpec):
 
 class SequenceClassification(TaskSpec):
     task_type = TaskType.SEQ_CLS
+    auto_class = "AutoModelForSequenceClassification"
     head_names = ("classifier", "score")
 
     def forward(self, call: Call) -> Any:
@@ -183,6 +188,7 @@ class SequenceClassification(TaskSpec):
 
 class TokenClassification(TaskSpec):
     task_type = TaskType.TOKEN_CLS
+    auto_class = "AutoModelForTokenClassification"
     head_names = ("classifier", "score")
 
     def forward(self, call: Call) -> Any:
@@ -196,6 +202,7 @@ class TokenClassification(TaskSpec):
 
 class QuestionAnswering(TaskSpec):
     task_type = TaskType.QUESTION_ANS
+    auto_class = "AutoModelForQuestionAnswering"
     head_names = ("qa_outputs",)
     extra_inputs = ("start_positions", "end_positions")
 

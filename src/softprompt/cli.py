@@ -1,0 +1,435 @@
+"""`softprompt`: train, evaluate, use and inspect soft prompts from the command line.
+
+A thin shell over the Python API: `train` is `softprompt.train.train`, `eval` scores
+adapters with `softprompt.objectives`, `generate` calls `SoftPromptModel.generate`,
+`inspect` calls `softprompt.inspect`. Option help comes from the same dataclass fields
+and docstrings. This is the only module that prints; errors become one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+# ---------------------------------------------------------------------- option parsing
+def parse_label_words(value: str) -> dict[str, str]:
+    """JSON ('{"positive": " positive"}') or 'label=word,label=word' (a word keeps its spaces)."""
+    value = value.strip()
+    if value.startswith("{"):
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"label words are not valid JSON: {err}") from None
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            raise argparse.ArgumentTypeError("label words must map label names to words (strings).")
+        return data
+    out = {}
+    for part in value.split(","):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"label words: {part!r} is not label=word (or give a JSON object).")
+        label, word = part.split("=", 1)
+        out[label.strip()] = word
+    return out
+
+
+def _optional(kind: type) -> Any:
+    def parse(value: str) -> Any:
+        return None if value.lower() in ("none", "null", "") else kind(value)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _unescape(value: str) -> str:
+    """Let '\\n' typed on a command line mean a newline (templates)."""
+    return value.encode("utf-8").decode("unicode_escape") if "\\" in value else value
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--option` per dataclass field, typed from the annotation, help from metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint)
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help texts
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        if typing.get_origin(base) is dict or base is dict:
+            conv: Any = parse_label_words
+        elif f.name in ("template", "init_text"):
+            conv = _unescape
+        elif base in (int, float):
+            conv = _optional(base) if optional else base
+        else:
+            conv = str
+        parser.add_argument(flag, type=conv, default=default, help=f"{help_text} (default: {str(default).replace('%', '%%')!r})" if default is not None else f"{help_text}")
+
+
+# ---------------------------------------------------------------------- progress
+class Progress:
+    """Training progress on stderr: a live line on a terminal, a line every 10 steps otherwise."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.time()
+        self.first_step: int | None = None
+        self.examples = 0
+        self.total = 0
+        self.done = 0
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "phase":
+            self._line(info["message"] + " ...")
+            self.total, self.done, self.phase_start = info.get("total", 0), 0, time.time()
+        elif event == "start":
+            self.start, self.first_step, self.examples = time.time(), info["step"], 0
+        elif event == "step":
+            self._step(info)
+        elif event == "progress":
+            self.done += info["n"]
+            if self.tty and self.total:
+                self._live(f"  {self.done}/{self.total} examples, {self.done / max(time.time() - self.phase_start, 1e-9):.1f}/s")
+        elif event == "eval":
+            metric = next((k for k in info if k.startswith("dev_") and k not in ("dev_examples",) and not k.startswith("dev_recall")), None)
+            mark = " (best so far, saved)" if info.get("improved") else ""
+            self._line(f"step {info['step']}: {metric} = {info[metric]:.4f}{mark}")
+
+    def _step(self, info: dict[str, Any]) -> None:
+        self.examples += info["examples"]
+        step, total = info["step"], info["total_steps"]
+        done = step - (self.first_step or 0)
+        elapsed = time.time() - self.start
+        eta = elapsed / max(done, 1) * (total - step)
+        text = (f"step {step}/{total} | loss {info['loss']:.4f} | lr {info['lr']:.2e} | "
+                f"{self.examples / max(elapsed, 1e-9):.1f} ex/s | ETA {_clock(eta)}")
+        if self.tty:
+            bar = int(20 * step / max(total, 1))
+            self._live(f"[{'#' * bar}{'.' * (20 - bar)}] {text}")
+        elif step % 10 == 0 or step == total:
+            self._line(text)
+
+    def _live(self, text: str) -> None:
+        self.stream.write("\r\033[K" + text)
+        self.stream.flush()
+
+    def _line(self, text: str) -> None:
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str], stream: Any = None) -> None:
+    stream = stream or sys.stdout
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    stream.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)) + "\n")
+    stream.write("  ".join("-" * w for w in widths) + "\n")
+    for row in cells:
+        stream.write("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    result = train(config, Progress())
+    out = result.output_dir
+    metrics = result.metrics
+    rows = []
+    for label in ("zero_shot", "tuned"):
+        if label in metrics:
+            rows.append({"model": "bare model (zero-shot)" if label == "zero_shot" else "tuned prompt (best)", **metrics[label]})
+    if rows:
+        print(f"\n{metrics.get('final_split', 'test')} results ({rows[0].get('examples')} examples):")
+        columns = ["model"] + [k for k in rows[0] if k not in ("model", "examples")]
+        print_table(rows, columns)
+    print(f"\nsteps: {result.steps} ({metrics.get('stop_reason')}), best dev at step {result.best_step}, "
+          f"{result.seconds / 60:.1f} min")
+    print(f"adapter:  {out / 'best'}  (last: {out / 'last'})")
+    print(f"metrics:  {out / 'metrics.jsonl'}  results: {out / 'results.json'}")
+    print(f"plot:     {out / 'plot.png'}")
+    print(f"config:   {out / 'run_config.json'}")
+    return 0
+
+
+def _adapter_specs(values: list[str] | None) -> list[tuple[str, Path]]:
+    """'name=path' or 'path' (named after its folder) -> (name, path), names unique."""
+    specs: list[tuple[str, Path]] = []
+    for value in values or []:
+        name, _, path = value.rpartition("=") if "=" in value else ("", "", value)
+        p = Path(path)
+        if not name:
+            name = "_".join(part for part in p.resolve().parts[-2:] if part not in ("/",))
+        name = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)[:64] or "adapter"
+        while name in [n for n, _ in specs]:
+            name += "_"
+        specs.append((name, p))
+    return specs
+
+
+def _run_settings(adapters: list[tuple[str, Path]]) -> dict[str, Any]:
+    """Template/label words/model of the run an adapter came from (run_config.json next to it)."""
+    for _, path in adapters:
+        for folder in (path, path.parent):
+            cfg = folder / "run_config.json"
+            if cfg.exists():
+                try:
+                    info = json.loads(cfg.read_text(encoding="utf-8"))
+                    return {**info.get("resolved", {}), "model": info.get("config", {}).get("model")}
+                except (OSError, ValueError):
+                    return {}
+    return {}
+
+
+def _load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]]):
+    from .config import PromptTuningConfig
+    from .model import SoftPromptModel
+    from .models import load_model
+
+    base, tokenizer = load_model(model_name)
+    if adapters:
+        first_name, first_path = adapters[0]
+        model = SoftPromptModel.from_pretrained(base, first_path, adapter_name=first_name)
+        for name, path in adapters[1:]:
+            model.load_adapter(path, name)
+    else:  # the bare model only: a placeholder prompt that is never used
+        model = SoftPromptModel(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1), "unused", trainable=False)
+    return model.eval(), tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .runs import DataSpec, build_objective
+    from .train import TrainConfig
+
+    adapters = _adapter_specs(args.adapter)
+    if not adapters and not args.zero_shot:
+        raise ValueError("nothing to evaluate: give --adapter PATH (one or more) and/or --zero-shot.")
+    settings = _run_settings(adapters)
+    model_name = args.model or settings.get("model")
+    config = TrainConfig(output_dir=".", model=model_name, data=args.data, task=args.task,
+                         template=args.template or settings.get("template"),
+                         label_words=args.label_words or settings.get("label_words"),
+                         text_field=args.text_field, label_field=args.label_field, target_field=args.target_field,
+                         max_length=args.max_length, max_new_tokens=args.max_new_tokens, skip_invalid=args.skip_invalid)
+    examples, spec = _eval_examples(config, args.split)
+    model, tokenizer = _load_with_adapters(model_name, adapters)
+    objective = build_objective(DataSpec(spec.task, examples, None, None, spec.template, spec.label_words), examples, tokenizer, config)
+    if args.limit:
+        indices = list(range(min(args.limit, len(objective))))
+    else:
+        indices = None
+    rows = []
+    targets = ([("bare model (zero-shot)", None)] if args.zero_shot else []) + [(n, n) for n, _ in adapters]
+    for label, name in targets:
+        progress = Progress()
+        progress("phase", {"message": f"scoring {label}", "total": len(indices or objective.lengths)})
+        scores = objective.evaluate(model, indices, adapter=name, batch_size=args.batch_size, progress=lambda n: progress("progress", {"n": n}))
+        rows.append({"model": label, **scores})
+    sys.stderr.write("\n")
+    columns = ["model"] + [k for k in rows[0] if k != "model"]
+    print_table(rows, columns)
+    if args.output:
+        from ._io import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps({"data": args.data, "split": args.split, "results": rows}, indent=2) + "\n")
+        print(f"saved {args.output}")
+    return 0
+
+
+def _eval_examples(config: Any, split: str):
+    from .data import BUILTIN, load_builtin, read_examples
+    from .runs import load_data
+
+    if config.data in BUILTIN:
+        spec = load_data(config)
+        return load_builtin(config.data, split), spec
+    spec = load_data(dataclasses.replace(config, dev_data=config.data))
+    examples, _ = read_examples(config.data, task=spec.task, text_field=config.text_field, label_field=config.label_field,
+                                target_field=config.target_field, skip_invalid=config.skip_invalid)
+    return examples, spec
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    adapters = _adapter_specs(args.adapter)
+    settings = _run_settings(adapters)
+    model, tokenizer = _load_with_adapters(args.model or settings.get("model"), adapters)
+    template = args.template or settings.get("template") or "{text}"
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("no input: give texts as arguments or on standard input.")
+    names = [n for n, _ in adapters] or [None]
+    if args.zero_shot and adapters:
+        names = [None] + names
+    from .evaluate import encode, left_pad
+
+    rows = encode(tokenizer, texts, template, args.max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = left_pad(rows, pad)
+    results = []
+    for name in names:
+        torch.manual_seed(args.seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=name or "__base__",
+                             max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                             pad_token_id=pad)
+        for i, text in enumerate(texts):
+            completion = tokenizer.decode(out[i, ids.shape[1]:], skip_special_tokens=True)
+            results.append({"adapter": name or "(bare model)", "input": text, "output": completion})
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        for r in results:
+            print(f"[{r['adapter']}] {r['input']!r}\n  -> {r['output']!r}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import compare_adapters, nearest_tokens
+
+    adapters = _adapter_specs([args.adapter] + ([args.compare] if args.compare else []))
+    settings = _run_settings(adapters)
+    model, tokenizer = _load_with_adapters(args.model or settings.get("model"), adapters)
+    report: dict[str, Any] = {"adapter": str(adapters[0][1]),
+                              "tokens": nearest_tokens(model, tokenizer, adapters[0][0], top_k=args.top_k)}
+    if args.compare:
+        report["comparison"] = compare_adapters(model, adapters[0][0], adapters[1][0])
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{adapters[0][1]}: {len(report['tokens'])} virtual tokens")
+    rows = [{"#": t["position"], "norm": t["norm"], "nearest tokens (cosine)": ", ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in t["nearest"])}
+            for t in report["tokens"]]
+    print_table(rows, ["#", "norm", "nearest tokens (cosine)"])
+    if args.compare:
+        c = report["comparison"]
+        print(f"\nvs {adapters[1][1]}: mean cosine of aligned positions {c['mean_position_cosine']:.4f}, "
+              f"of whole prompts {c['prompt_cosine']:.4f}, best-match mean {c['mean_best_match_cosine']:.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show debug logging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="Train a soft prompt.", description=TrainConfig.__doc__)
+    add_dataclass_options(p, TrainConfig, skip=("output_dir",))
+    p.add_argument("--output", "--output-dir", dest="output_dir", required=True, help=TrainConfig.__dataclass_fields__["output_dir"].metadata["help"])
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="Score adapters (and the bare model) on labelled data.")
+    p.add_argument("--adapter", action="append", help="Adapter folder, or name=folder; repeat for several.")
+    p.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=True, help="Also score the bare model.")
+    p.add_argument("--data", default="movie-reviews", help="Built-in set or a JSONL/CSV/TSV file.")
+    p.add_argument("--split", default="test", help="Split of a built-in set: train, dev or test.")
+    _shared_data_options(p)
+    p.add_argument("--batch-size", type=int, default=64, help="Examples per forward pass.")
+    p.add_argument("--limit", type=int, default=None, help="Score only the first N examples.")
+    p.add_argument("--output", default=None, help="Write the results as JSON here.")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="Text in, text out, through one or more adapters.")
+    p.add_argument("text", nargs="*", help="Input texts (default: one per line on standard input).")
+    p.add_argument("--adapter", action="append", help="Adapter folder, or name=folder; repeat for several.")
+    p.add_argument("--zero-shot", action="store_true", help="Also answer with the bare model.")
+    p.add_argument("--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2).")
+    p.add_argument("--template", type=_unescape, default=None, help="Input template with {text} (default: the adapter's run).")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="Print JSON.")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="What a prompt learned: nearest tokens, norms, similarity.")
+    p.add_argument("adapter", help="Adapter folder.")
+    p.add_argument("--compare", default=None, help="A second adapter folder to compare with.")
+    p.add_argument("--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2).")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="Print JSON.")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _shared_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2).")
+    p.add_argument("--task", default=None, choices=["classification", "generation"])
+    p.add_argument("--template", type=_unescape, default=None, help="Input template with {text} (default: the adapter's run).")
+    p.add_argument("--label-words", type=parse_label_words, default=None, help="label=word,... or JSON.")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--target-field", default="target")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--skip-invalid", action="store_true", help="Skip bad data rows instead of stopping.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("softprompt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .train import TrainingDiverged, TrainingInterrupted
+
+    try:
+        return int(args.func(args) or 0)
+    except TrainingInterrupted as err:
+        sys.stderr.write(f"\n{err}\n")
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as err:
+        sys.stderr.write(f"\nerror: {err}\n")
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, OSError, RuntimeError, KeyError) as err:
+        if args.verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        sys.stderr.write(f"error: {message}\n")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "parse_label_words"]
