@@ -111,8 +111,11 @@ def _sniff_task(path: str, config: TrainConfig) -> str:
 
 
 def load_data(config: TrainConfig) -> DataSpec:
-    """Examples for train/dev/test, from a built-in set or files."""
+    """Examples for train/dev/test, from a built-in set, files, or (Python API) records."""
     from .data import BUILTIN, load_builtin, read_examples
+
+    if not isinstance(config.data, (str, Path)):
+        return _from_records(config)
 
     if config.data in BUILTIN:
         spec = BUILTIN[config.data]
@@ -156,6 +159,33 @@ def load_data(config: TrainConfig) -> DataSpec:
     return DataSpec(task, train, dev, test, config.template or "{text}", label_words, skipped)
 
 
+def _from_records(config: TrainConfig) -> DataSpec:
+    """`data` / `dev_data` / `test_data` given as a `datasets.Dataset`, a list of dicts or of `Example`s."""
+    from .data import Example, examples_from_records, label_set
+
+    def examples(records: Any, name: str) -> list[Any] | None:
+        if records is None:
+            return None
+        rows = list(records)
+        if rows and all(isinstance(r, Example) for r in rows):
+            return rows
+        task = config.task or ("generation" if rows and config.target_field in rows[0] else "classification")
+        return examples_from_records(rows, task=task, text_field=config.text_field, label_field=config.label_field,
+                                     target_field=config.target_field, skip_invalid=config.skip_invalid,
+                                     source_name=name)[0]
+
+    train = examples(config.data, "data")
+    if not train:
+        raise _error("data holds no examples.")
+    task = config.task or ("classification" if train[0].label is not None else "generation")
+    dev = examples(config.dev_data, "dev_data")
+    test = examples(config.test_data, "test_data")
+    label_words = None
+    if task == "classification":
+        label_words = config.label_words or {label: f" {label}" for label in label_set(train)}
+    return DataSpec(task, train, dev, test, config.template or "{text}", label_words)
+
+
 def build_objective(spec: DataSpec, examples: list[Any] | None, tokenizer: Any, config: TrainConfig) -> Objective | None:
     if not examples:
         return None
@@ -169,7 +199,8 @@ def build_objective(spec: DataSpec, examples: list[Any] | None, tokenizer: Any, 
 
 def prompt_config(config: TrainConfig, objective: Objective) -> PromptTuningConfig:
     """The prompt's configuration for this run (initialisation from the recipe)."""
-    init = PromptTuningInit.parse(config.init, "init")
+    default = "CLASS_LABELS" if isinstance(objective, ClassificationObjective) else "SAMPLE_VOCAB"
+    init = PromptTuningInit.parse(config.init or default, "init")
     kwargs: dict[str, Any] = {"task_type": "CAUSAL_LM", "num_virtual_tokens": config.num_virtual_tokens,
                               "prompt_tuning_init": init, "tokenizer_name_or_path": config.model or "SmolLM2-135M-Instruct"}
     if init is PromptTuningInit.CLASS_LABELS:

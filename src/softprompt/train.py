@@ -46,7 +46,7 @@ class TrainConfig:
 
     output_dir: str = _f("", "Folder for the adapters, metrics, plot and checkpoints (required).")
     model: str | None = _f(None, "Model id or local folder (default: the packaged SmolLM2-135M-Instruct).")
-    data: str = _f("movie-reviews", "Training data: a built-in set (movie-reviews, amazon-reviews, tweets, nyt-editorials) or a JSONL/CSV/TSV file.")
+    data: str = _f("movie-reviews", "Training data: a built-in set (movie-reviews, amazon-reviews, tweets, nyt-editorials) or a JSONL/CSV/TSV file. From Python also a datasets.Dataset or a list of dicts / Examples.")
     dev_data: str | None = _f(None, "Dev file for evaluation and early stopping (built-in sets have their own; else 10% of the training file).")
     test_data: str | None = _f(None, "Test file scored at the end (built-in sets have their own).")
     task: str | None = _f(None, "classification or generation (default: classification if the data has labels).")
@@ -55,7 +55,7 @@ class TrainConfig:
     target_field: str = _f("target", "Target text field / column (generation).")
     template: str | None = _f(None, "Input template with {text} (built-in sets: 'Review: {text}\\nSentiment:'; files: '{text}').")
     label_words: dict[str, str] | None = _f(None, "Label -> label word, e.g. {'positive': ' positive'} (default: ' ' + label).")
-    init: str = _f("CLASS_LABELS", "Prompt initialisation: CLASS_LABELS, TEXT, SAMPLE_VOCAB or RANDOM.")
+    init: str | None = _f(None, "Prompt initialisation: CLASS_LABELS, TEXT, SAMPLE_VOCAB or RANDOM (default: CLASS_LABELS for classification, SAMPLE_VOCAB for generation).")
     init_text: str | None = _f(None, "Text for TEXT initialisation (default: a task description).")
     num_virtual_tokens: int = _f(20, "Prompt length N.")
     optimizer: str = _f("adamw", "adamw or adafactor.")
@@ -87,7 +87,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder where the run is written.")
-        self.init = PromptTuningInit.parse(self.init, "init").value
+        if self.init is not None:
+            self.init = PromptTuningInit.parse(self.init, "init").value
         for name in ("num_virtual_tokens", "batch_size", "grad_accum", "max_length", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}.")
@@ -103,12 +104,20 @@ class TrainConfig:
             raise ValueError(f"task must be classification or generation; got {self.task!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready values; in-memory data sets are recorded by their type and size."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("data", "dev_data", "test_data") and value is not None and not isinstance(value, str):
+                value = f"<{type(value).__name__} of {len(value) if hasattr(value, '__len__') else '?'} records>"
+            out[f.name] = value
+        return out
 
 
-# The fields that must match for `resume` to continue a run.
+# The fields that must match for `resume` to continue a run. The learning rate may change
+# (the usual fix after a diverged run); evaluation and checkpoint settings may too.
 _RUN_IDENTITY = ("model", "data", "task", "template", "label_words", "init", "init_text", "num_virtual_tokens",
-                 "optimizer", "lr", "weight_decay", "warmup_steps", "schedule", "batch_size", "grad_accum",
+                 "optimizer", "weight_decay", "warmup_steps", "schedule", "batch_size", "grad_accum",
                  "max_steps", "epochs", "seed", "bf16", "max_length", "max_train_examples")  # fmt: skip
 
 
@@ -216,6 +225,10 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
         load_weights_into(model, adapter, folder)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scheduler.base_lrs != [config.lr] * len(scheduler.base_lrs):  # resumed with a new --lr
+            scheduler.base_lrs = [config.lr] * len(scheduler.base_lrs)
+            for group, lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         set_rng_state(state["rng"])
         position = Position(**state["position"])
         best, patience = dict(state["best"]), int(state["patience"])
@@ -239,17 +252,21 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     model.train()
     window_loss, window_n, window_examples, window_start = 0.0, 0, 0, time.time()
     stop_reason = "max_steps"
-    try:
+    with _StopOnSignal() as stop:
         while position.step < total_steps:
             batches = length_grouped_batches(objective.lengths, config.batch_size, config.seed, position.epoch)
             while position.batch < len(batches) and position.step < total_steps:
+                if stop.requested:  # Ctrl-C: only ever between two optimizer steps
+                    folder = checkpoint()
+                    raise TrainingInterrupted(f"interrupted at step {position.step}; checkpoint saved to {folder}. "
+                                              "Run the same command with --resume to continue.")
                 group = batches[position.batch : position.batch + config.grad_accum]
                 step_loss = 0.0
                 for indices in group:
                     with autocast:
                         loss = objective.loss(model, indices) / len(group)
                     if not torch.isfinite(loss):
-                        raise TrainingDiverged(_diverged_message(loss, position, scheduler, out))
+                        raise TrainingDiverged(_diverged(loss, position, scheduler, out))
                     loss.backward()
                     step_loss += float(loss)
                 optimizer.step()
@@ -279,10 +296,6 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             if position.batch >= len(batches):
                 position.epoch += 1
                 position.batch = 0
-    except KeyboardInterrupt:
-        folder = checkpoint()
-        raise TrainingInterrupted(f"interrupted at step {position.step}; checkpoint saved to {folder}. "
-                                  "Run the same command with --resume to continue.") from None
 
     if dev is not None and (not config.eval_every or position.step % config.eval_every != 0):
         _, patience = _evaluate(model, dev, dev_idx, position, best, patience, metrics, out, adapter, notify, autocast)
@@ -301,14 +314,49 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     return TrainResult(out, position.step, final, best["step"], time.time() - started)
 
 
-def _diverged_message(loss: torch.Tensor, position: Position, scheduler: Any, out: Path) -> str:
+def _diverged(loss: torch.Tensor, position: Position, scheduler: Any, out: Path) -> str:
+    """Drop the checkpoint of the state that produced the bad loss; say what to do next."""
+    import shutil
+
     from .trainstate import list_checkpoints
 
     ckpts = list_checkpoints(out / "checkpoints")
-    where = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+    if ckpts and int(ckpts[-1].name.split("-")[1]) >= position.step:
+        shutil.rmtree(ckpts[-1], ignore_errors=True)  # its prompt is what gave the NaN
+        ckpts = ckpts[:-1]
+    where = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no good checkpoint was written yet"
     lr = scheduler.get_last_lr()[0]
-    return (f"the loss became {float(loss)} at step {position.step + 1}; {where}. "
-            f"The learning rate was {lr:.3g}: try a lower one (e.g. --lr {lr / 3:.2g}), then --resume or start again.")
+    return (f"the loss became {float(loss)} at step {position.step + 1}; {where}. The learning rate was "
+            f"{lr:.3g}: try a lower one (e.g. --lr {lr / 3:.2g}) and --resume, or start again.")
+
+
+class _StopOnSignal:
+    """Turn the first Ctrl-C into a request honoured between optimizer steps (a second one
+    interrupts at once). Outside the main thread signals cannot be caught: no-op there."""
+
+    def __enter__(self) -> _StopOnSignal:
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _dev_subset(dev: Objective | None, config: TrainConfig) -> list[int] | None:

@@ -1,0 +1,154 @@
+"""Nothing lost: real processes killed with SIGKILL (also mid-checkpoint) or interrupted with
+Ctrl-C resume to the bit-identical prompt of an uninterrupted run; a diverging run stops
+with its last good checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softprompt.train import TrainConfig, TrainingDiverged, train
+from tests.test_cli import _rows
+from tests.tiny import build_model, make_tokenizer
+
+STEPS = 14
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    build_model("CAUSAL_LM", "llama", initializer_range=0.5).save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    for name, n, seed in (("train", 96, 1), ("dev", 12, 2)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
+    return root
+
+
+def _command(ws: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "softprompt", "train", "--model", str(ws / "model"), "--data", str(ws / "train.jsonl"),
+            "--dev-data", str(ws / "dev.jsonl"), "--output", str(out), "--max-steps", str(STEPS), "--batch-size", "4",
+            "--eval-every", "5", "--eval-samples", "none", "--checkpoint-every", "1", "--keep-checkpoints", "2",
+            "--num-virtual-tokens", "4", "--lr", "0.05", "--no-zero-shot", "--seed", "3", *extra]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"})
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _final_prompt(out: Path) -> torch.Tensor:
+    return load_file(out / "last" / "adapter_model.safetensors")["prompt_embeddings"]
+
+
+@pytest.fixture(scope="module")
+def reference(ws):
+    out = ws / "reference"
+    subprocess.run(_command(ws, out), check=True, env=_env(), capture_output=True)
+    return _final_prompt(out)
+
+
+def _kill_when(proc: subprocess.Popen, condition, timeout: float = 120.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    proc.wait()
+    return False
+
+
+def _resume(ws: Path, out: Path) -> None:
+    result = subprocess.run(_command(ws, out, "--resume"), env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in root.iterdir() if p.name.startswith("step-")) if root.is_dir() else []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(ws, reference, seed):
+    out = ws / f"killed-random-{seed}"
+    target = random.Random(seed).randint(2, STEPS - 2)
+    proc = subprocess.Popen(_command(ws, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _kill_when(proc, lambda: any(s >= target for s in _checkpoint_steps(out)))
+    assert not (out / "last").exists(), "the run was killed before it finished"
+    _resume(ws, out)
+    assert torch.equal(_final_prompt(out), reference)
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(ws, reference):
+    out = ws / "killed-mid-write"
+    root = out / "checkpoints"
+    proc = subprocess.Popen(_command(ws, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def writing() -> bool:  # a half-built checkpoint folder exists, after a few complete ones
+        return root.is_dir() and len(_checkpoint_steps(out)) >= 2 and any(p.name.startswith(".tmp-") for p in root.iterdir())
+
+    assert _kill_when(proc, writing)
+    _resume(ws, out)
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir()), "leftovers are cleaned up"
+    assert torch.equal(_final_prompt(out), reference)
+
+
+def test_sigkill_twice_and_metrics_stay_consistent(ws, reference):
+    out = ws / "killed-twice"
+    for target in (3, 9):
+        proc = subprocess.Popen(_command(ws, out, *(["--resume"] if target == 9 else [])), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _kill_when(proc, lambda t=target: any(s >= t for s in _checkpoint_steps(out)))
+    _resume(ws, out)
+    assert torch.equal(_final_prompt(out), reference)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in records if r.get("event") == "eval"]
+    assert evals == sorted(set(evals)), "no step is reported twice after resuming"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(ws, reference):
+    out = ws / "interrupted"
+    proc = subprocess.Popen(_command(ws, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(s >= 4 for s in _checkpoint_steps(out)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and "Traceback" not in err
+    _resume(ws, out)
+    assert torch.equal(_final_prompt(out), reference)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(ws):
+    out = ws / "diverged"
+    config = TrainConfig(output_dir=str(out), model=str(ws / "model"), data=str(ws / "train.jsonl"),
+                         dev_data=str(ws / "dev.jsonl"), max_steps=STEPS, batch_size=4, eval_every=0,
+                         checkpoint_every=1, num_virtual_tokens=4, lr=1e38, warmup_steps=0, zero_shot=False)
+    with pytest.raises(TrainingDiverged, match=r"lower one.*--lr") as err:
+        train(config)
+    assert "last good checkpoint" in str(err.value)
+    steps = _checkpoint_steps(out)
+    assert steps, "the checkpoints written before the loss broke are kept"
+    good = load_file(out / "checkpoints" / f"step-{steps[-1]:08d}" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.isfinite(good).all()
+
+
+def test_cli_exit_code_for_a_diverged_run(ws):
+    result = subprocess.run(_command(ws, ws / "diverged-cli", "--lr", "1e38", "--warmup-steps", "0"), env=_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 3
+    assert "lower one" in result.stderr and "Traceback" not in result.stderr

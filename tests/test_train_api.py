@@ -1,0 +1,95 @@
+"""softprompt.train from Python: in-memory data, options, schedules, early stopping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt.data import Example
+from softprompt.train import TrainConfig, TrainingError, _lr_lambda, train
+from tests.test_cli import _rows
+from tests.tiny import build_model, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    build_model("CAUSAL_LM", "llama", initializer_range=0.5).save_pretrained(root)
+    make_tokenizer().save_pretrained(root)
+    return str(root)
+
+
+def _config(tmp_path, model_dir, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), model=model_dir, data=_rows(48, 1), dev_data=_rows(12, 2),
+                max_steps=4, batch_size=8, eval_every=2, eval_samples=None, num_virtual_tokens=3, zero_shot=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_records_and_examples_as_data(tmp_path, model_dir):
+    result = train(_config(tmp_path, model_dir))
+    assert result.steps == 4 and result.metrics["final_split"] == "dev"
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert saved["config"]["data"] == "<list of 48 records>"
+    assert saved["resolved"]["label_words"] == {"negative": " negative", "positive": " positive"}
+    examples = [Example(r["text"], label=r["label"]) for r in _rows(24, 3)]
+    result = train(_config(tmp_path, model_dir, output_dir=str(tmp_path / "ex"), data=examples, dev_data=None, max_steps=2))
+    assert result.steps == 2
+
+
+def test_generation_data(tmp_path, model_dir):
+    rows = [{"text": f"{w} movie", "target": w} for w in ["good", "bad", "fun", "boring"] * 6]
+    result = train(_config(tmp_path, model_dir, data=rows, dev_data=rows[:4], max_steps=3, eval_every=3, max_new_tokens=2))
+    assert set(result.metrics["tuned"]) >= {"exact_match", "f1"}
+
+
+def test_early_stopping(tmp_path, model_dir):
+    result = train(_config(tmp_path, model_dir, lr=1e-9, max_steps=40, eval_every=1, early_stopping_patience=2,
+                           checkpoint_every=100))
+    assert result.steps == 3 and result.metrics["stop_reason"].startswith("early stopping")
+
+
+def test_gradient_accumulation_equals_one_big_batch(model_dir):
+    """What the loop does with grad_accum: each micro-batch loss / number of micro-batches."""
+    from softprompt import PromptTuningConfig, wrap
+    from softprompt.objectives import ClassificationObjective
+
+    tokenizer = make_tokenizer()
+    rows = _rows(8, 4)
+    objective = ClassificationObjective.build(tokenizer, [r["text"] for r in rows], [r["label"] for r in rows],
+                                              "{text}", {"negative": " negative", "positive": " positive"}, 64)
+    model = wrap(build_model("CAUSAL_LM", "llama", initializer_range=0.5), PromptTuningConfig(num_virtual_tokens=3))
+    objective.loss(model, list(range(8))).backward()
+    whole = model.prompts["default"].embedding.grad.clone()
+    model.prompts["default"].embedding.grad = None
+    for half in (range(0, 4), range(4, 8)):
+        (objective.loss(model, list(half)) / 2).backward()
+    torch.testing.assert_close(model.prompts["default"].embedding.grad, whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_optimizers(tmp_path, model_dir, optimizer):
+    result = train(_config(tmp_path, model_dir, optimizer=optimizer, max_steps=2, eval_every=0))
+    assert result.steps == 2
+
+
+def test_schedules():
+    for schedule, last in (("linear", 0.0), ("cosine", 0.0), ("constant", 1.0)):
+        f = _lr_lambda(TrainConfig(output_dir="x", warmup_steps=4, schedule=schedule, max_steps=20), 20)
+        assert f(0) == pytest.approx(1 / 5) and f(3) == pytest.approx(4 / 5)
+        assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(last, abs=1e-9)
+
+
+@pytest.mark.parametrize("bad", [dict(lr=-1), dict(batch_size=0), dict(optimizer="sgd"), dict(schedule="step"),
+                                 dict(init="FANCY"), dict(output_dir="")])
+def test_bad_options_are_refused(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**{"output_dir": "x", **bad})
+
+
+def test_resume_with_different_settings_is_refused(tmp_path, model_dir):
+    train(_config(tmp_path, model_dir, max_steps=2, eval_every=0))
+    with pytest.raises(TrainingError, match="num_virtual_tokens"):
+        train(_config(tmp_path, model_dir, max_steps=2, eval_every=0, num_virtual_tokens=5, resume=True))
