@@ -153,13 +153,15 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------------- reading
 def _read_config_text(path: Path) -> str:
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise AdapterFileError(f"{path} is {size} bytes; an adapter config is a few hundred. Refusing to read it.")
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise AdapterFileError(f"{path} is {size} bytes; an adapter config is a few hundred. Refusing to read it.")
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise AdapterFileError(f"{path} is not UTF-8 text ({err}).") from None
+    except OSError as err:  # a folder in its place, no permission, an I/O error
+        raise AdapterFileError(f"{path} cannot be read ({err.strerror or err}).") from None
 
 
 def _parse_config(text: str, source: str) -> PromptTuningConfig:
@@ -262,8 +264,10 @@ def _check_tensors(config: PromptTuningConfig, tensors: dict[str, torch.Tensor],
             f"{expected} (num_virtual_tokens={config.num_virtual_tokens} x {submodules} submodules, "
             f"token_dim={config.token_dim})."
         )
-    if not torch.isfinite(prompt).all():
-        raise AdapterFileError(f"{file}: {PROMPT_KEY} contains NaN or infinite values.")
+    # Checked in float32, the dtype it is used in: a float64 value past float32's range would
+    # become infinite, and isfinite is not implemented for every float8 dtype.
+    if not torch.isfinite(prompt.to(torch.float32)).all():
+        raise AdapterFileError(f"{file}: {PROMPT_KEY} contains NaN or infinite values (in float32).")
     heads = tuple(f"{HEAD_PREFIX}{m}." for m in (config.modules_to_save or []))
     extra = sorted(k for k in tensors if k != PROMPT_KEY and not k.startswith(heads))
     if extra:
@@ -272,7 +276,7 @@ def _check_tensors(config: PromptTuningConfig, tensors: dict[str, torch.Tensor],
             f"modules_to_save ({config.modules_to_save}) belong in a prompt-tuning adapter."
         )
     for key, value in tensors.items():
-        if key != PROMPT_KEY and value.is_floating_point() and not torch.isfinite(value).all():
+        if key != PROMPT_KEY and value.is_floating_point() and not torch.isfinite(value.to(torch.float32)).all():
             raise AdapterFileError(f"{file}: {key} contains NaN or infinite values.")
 
 

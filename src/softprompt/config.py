@@ -26,6 +26,10 @@ PEFT_TYPE = "PROMPT_TUNING"
 MAX_VIRTUAL_TOKENS = 65_536
 MAX_DIM = 1 << 20
 MAX_LAYERS = 10_000
+# Deepest nesting accepted in JSON-valued fields; a real config nests two or three levels.
+# The limit keeps hostile documents from exhausting the stack (RecursionError) when the
+# values are checked, copied or written back.
+MAX_JSON_DEPTH = 64
 
 
 class _StrEnum(str, Enum):
@@ -135,6 +139,32 @@ def _find_remote_code(value: Any, path: str) -> str | None:
     return None
 
 
+def _check_json_data(name: str, value: Any, *, strict: bool = True) -> None:
+    """Raise unless `value` can be written to `adapter_config.json` and read back.
+
+    That is dicts with string keys, lists, strings, numbers, booleans and None, nested at
+    most `MAX_JSON_DEPTH` levels (checked without recursion). `strict` also refuses NaN and
+    infinities and anything JSON would give back changed (tuples, integer keys); it is off
+    for unknown keys read from a file, which Python's json module wrote and reads back.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{name} is nested more than {MAX_JSON_DEPTH} levels deep; a configuration value never is.")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+    what = "plain JSON data (strings, finite numbers, booleans, None, lists, dicts with string keys)"
+    try:
+        text = json.dumps(value, allow_nan=not strict)
+    except (TypeError, ValueError) as err:  # bytes, sets, NaN, integers too long to write
+        raise type(err)(f"{name} must hold {what}; {err}.") from None
+    if strict and json.loads(text) != value:
+        raise TypeError(f"{name} must hold {what}; {value!r:.200} would not read back the same from JSON.")
+
+
 @dataclass
 class PromptTuningConfig:
     """Configuration of one soft prompt (one adapter).
@@ -237,8 +267,10 @@ class PromptTuningConfig:
                     "each label word takes one virtual token. Raise num_virtual_tokens or give fewer labels."
                 )
             self.prompt_tuning_init_text = list(text)
-        elif text is not None and not isinstance(text, (str, list)):
-            raise TypeError(f"prompt_tuning_init_text must be a string, a list of strings or None; got {text!r}.")
+        elif text is not None and (
+            not isinstance(text, (str, list)) or (isinstance(text, list) and not all(isinstance(w, str) for w in text))
+        ):
+            raise TypeError(f"prompt_tuning_init_text must be a string, a list of strings or None; got {text!r:.200}.")
         if needs_tokenizer and not self.tokenizer_name_or_path:
             raise ValueError(
                 f"prompt_tuning_init={init.value!r} needs tokenizer_name_or_path, the tokenizer of the base "
@@ -254,8 +286,9 @@ class PromptTuningConfig:
                 isinstance(k, str) for k in self.tokenizer_kwargs
             ):
                 raise TypeError(
-                    f"tokenizer_kwargs must be a dict with string keys; got {self.tokenizer_kwargs!r}."
+                    f"tokenizer_kwargs must be a dict with string keys; got {self.tokenizer_kwargs!r:.200}."
                 )
+            _check_json_data("tokenizer_kwargs", self.tokenizer_kwargs)  # before the recursive search below
             found = _find_remote_code(self.tokenizer_kwargs, "tokenizer_kwargs")
             if found:
                 raise ValueError(
@@ -327,6 +360,8 @@ class PromptTuningConfig:
                 f"{source}: peft_type is {data['peft_type']!r}, but softprompt only loads "
                 f"{PEFT_TYPE!r} adapters."
             )
+        for key, value in unknown.items():
+            _check_json_data(f"{source}: key {key!r}", value, strict=False)
         if unknown:
             logger.warning(
                 "%s: ignoring unknown keys %s (written by a newer PEFT?); they are kept when saving.",
@@ -346,4 +381,6 @@ class PromptTuningConfig:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{source} is not valid JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # an integer too long to convert; nesting past the stack
+            raise ValueError(f"{source} is not usable JSON ({type(err).__name__}: {err}).") from None
         return cls.from_dict(data, source=source)

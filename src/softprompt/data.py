@@ -262,6 +262,9 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, _Row]]:
         except RecursionError:
             yield number, _RowError("malformed JSON", "malformed JSON (nested too deeply)")
             continue
+        except ValueError as err:  # an integer literal longer than sys.get_int_max_str_digits()
+            yield number, _RowError("malformed JSON", f"malformed JSON ({err})")
+            continue
         if not isinstance(value, dict):
             yield number, _RowError("not a JSON object", "expected a JSON object such as {\"text\": ...}; "
                                     f"got a {type(value).__name__} (the file must hold one object per line)")
