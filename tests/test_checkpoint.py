@@ -190,6 +190,11 @@ def test_malicious_pickle_is_refused(tmp_path):
         ({"num_virtual_tokens": 10**9}, "between 1 and"),
         ({"peft_type": "LORA"}, "LORA"),
         ({"task_type": "DANCE"}, "Unknown task_type"),
+        ({"base_model_name_or_path": "../../etc/models"}, "contains '..'"),
+        ({"tokenizer_name_or_path": "a/../../b"}, "contains '..'"),
+        ({"modules_to_save": ["../score"]}, "not a module name"),
+        ({"num_virtual_tokens": 2.5}, "must be an integer"),
+        ({"token_dim": -4}, "between 1 and"),
         ({"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "x", "tokenizer_name_or_path": "t", "tokenizer_kwargs": {"trust_remote_code": True}}, "trust_remote_code"),
     ],
 )

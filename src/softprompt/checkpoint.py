@@ -166,9 +166,19 @@ def _read_config_text(path: Path) -> str:
 
 def _parse_config(text: str, source: str) -> PromptTuningConfig:
     try:
-        return PromptTuningConfig.from_json_string(text, source=source)
+        config = PromptTuningConfig.from_json_string(text, source=source)
     except (ValueError, TypeError) as err:
         raise AdapterFileError(str(err)) from None
+    # Paths in a file are informational (nothing is loaded from them when an adapter is
+    # read), but one that climbs out of its folder is the mark of a crafted file.
+    for name in ("base_model_name_or_path", "tokenizer_name_or_path"):
+        value = getattr(config, name)
+        if value and ".." in value.replace("\\", "/").split("/"):
+            raise AdapterFileError(
+                f"{source}: {name} {value!r} contains '..'; refusing a path that climbs out of its folder. "
+                "Give the model or tokenizer as a hub id or an absolute path."
+            )
+    return config
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -9,6 +9,7 @@ value received, what was expected and how to fix it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -319,8 +320,12 @@ class PromptTuningConfig:
 
     def replace(self, **changes: Any) -> PromptTuningConfig:
         """A validated copy with some fields changed; the original is left untouched."""
+        # JSON-valued fields are deep-copied so no two configs share a mutable value.
+        for name in ("tokenizer_kwargs", "prompt_tuning_init_text", "modules_to_save"):
+            if name not in changes and isinstance(getattr(self, name), (list, dict)):
+                changes[name] = copy.deepcopy(getattr(self, name))
         new = dataclasses.replace(self, **changes)
-        new._unknown = dict(getattr(self, "_unknown", {}))
+        new._unknown = copy.deepcopy(getattr(self, "_unknown", {}))
         return new
 
     # ------------------------------------------------------------------ serialisation
