@@ -133,22 +133,39 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(ws, reference):
     assert torch.equal(_final_prompt(out), reference)
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint(ws):
+def test_nan_loss_stops_with_the_last_good_checkpoint(ws, monkeypatch):
+    from softprompt.objectives import ClassificationObjective
+
+    real_loss, calls = ClassificationObjective.loss, []
+
+    def loss_that_breaks_at_step_6(self, model, indices):
+        calls.append(1)
+        value = real_loss(self, model, indices)
+        return value * float("nan") if len(calls) >= 6 else value
+
+    monkeypatch.setattr(ClassificationObjective, "loss", loss_that_breaks_at_step_6)
     out = ws / "diverged"
     config = TrainConfig(output_dir=str(out), model=str(ws / "model"), data=str(ws / "train.jsonl"),
                          dev_data=str(ws / "dev.jsonl"), max_steps=STEPS, batch_size=4, eval_every=0,
-                         checkpoint_every=1, num_virtual_tokens=4, lr=1e38, warmup_steps=0, zero_shot=False)
-    with pytest.raises(TrainingDiverged, match=r"lower one.*--lr") as err:
+                         checkpoint_every=1, keep_checkpoints=3, num_virtual_tokens=4, lr=0.05, zero_shot=False)
+    with pytest.raises(TrainingDiverged, match=r"at step 6.*last good checkpoint is .*step-00000004.*lower one.*--lr"):
         train(config)
-    assert "last good checkpoint" in str(err.value)
-    steps = _checkpoint_steps(out)
-    assert steps, "the checkpoints written before the loss broke are kept"
-    good = load_file(out / "checkpoints" / f"step-{steps[-1]:08d}" / "adapter_model.safetensors")["prompt_embeddings"]
+    # step 5's state produced the NaN at step 6: its checkpoint is dropped, 3 and 4 are kept
+    assert _checkpoint_steps(out) == [3, 4]
+    good = load_file(out / "checkpoints" / "step-00000004" / "adapter_model.safetensors")["prompt_embeddings"]
     assert torch.isfinite(good).all()
 
 
-def test_cli_exit_code_for_a_diverged_run(ws):
-    result = subprocess.run(_command(ws, ws / "diverged-cli", "--lr", "1e38", "--warmup-steps", "0"), env=_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 3
-    assert "lower one" in result.stderr and "Traceback" not in result.stderr
+def test_cli_exit_code_for_a_diverged_run(ws, tmp_path):
+    poisoned = tmp_path / "poisoned"
+    model = build_model("CAUSAL_LM", "llama")
+    with torch.no_grad():
+        model.lm_head.weight[5].fill_(float("nan"))  # every softmax over the vocabulary is NaN
+    model.save_pretrained(poisoned)
+    make_tokenizer().save_pretrained(poisoned)
+    command = _command(ws, tmp_path / "out")
+    command[command.index("--model") + 1] = str(poisoned)
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr[-1000:]
+    assert "the loss became nan at step 1" in result.stderr and "lower one" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -268,7 +268,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(_diverged(loss, position, scheduler, out))
                     loss.backward()
-                    step_loss += float(loss)
+                    step_loss += float(loss.detach())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
