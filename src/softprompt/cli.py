@@ -85,42 +85,46 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tupl
 
 # ---------------------------------------------------------------------- progress
 class Progress:
-    """Training progress on stderr: a live line on a terminal, a line every 10 steps otherwise."""
+    """Training progress on stderr: a live line on a terminal, a line every 10 steps otherwise.
+
+    Examples/s and the ETA count training time only (evaluations are left out).
+    """
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.start = time.time()
-        self.first_step: int | None = None
+        self.last = time.time()
+        self.train_time = 0.0
+        self.steps_timed = 0
         self.examples = 0
         self.total = 0
         self.done = 0
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        now = time.time()
         if event == "phase":
             self._line(info["message"] + " ...")
-            self.total, self.done, self.phase_start = info.get("total", 0), 0, time.time()
-        elif event == "start":
-            self.start, self.first_step, self.examples = time.time(), info["step"], 0
+            self.total, self.done, self.phase_start = info.get("total", 0), 0, now
         elif event == "step":
+            self.train_time += now - self.last
+            self.steps_timed += 1
+            self.examples += info["examples"]
             self._step(info)
         elif event == "progress":
             self.done += info["n"]
             if self.tty and self.total:
-                self._live(f"  {self.done}/{self.total} examples, {self.done / max(time.time() - self.phase_start, 1e-9):.1f}/s")
+                self._live(f"  {self.done}/{self.total} examples, {self.done / max(now - self.phase_start, 1e-9):.1f}/s")
         elif event == "eval":
-            metric = next((k for k in info if k.startswith("dev_") and k not in ("dev_examples",) and not k.startswith("dev_recall")), None)
+            metric = next(k for k in info if k.startswith("dev_") and k != "dev_examples" and not k.startswith("dev_recall"))
             mark = " (best so far, saved)" if info.get("improved") else ""
             self._line(f"step {info['step']}: {metric} = {info[metric]:.4f}{mark}")
+        self.last = time.time()
 
     def _step(self, info: dict[str, Any]) -> None:
-        self.examples += info["examples"]
         step, total = info["step"], info["total_steps"]
-        done = step - (self.first_step or 0)
-        elapsed = time.time() - self.start
-        eta = elapsed / max(done, 1) * (total - step)
+        per_step = self.train_time / max(self.steps_timed, 1)
         text = (f"step {step}/{total} | loss {info['loss']:.4f} | lr {info['lr']:.2e} | "
-                f"{self.examples / max(elapsed, 1e-9):.1f} ex/s | ETA {_clock(eta)}")
+                f"{self.examples / max(self.train_time, 1e-9):.1f} ex/s | ETA {_clock(per_step * (total - step))}")
         if self.tty:
             bar = int(20 * step / max(total, 1))
             self._live(f"[{'#' * bar}{'.' * (20 - bar)}] {text}")
@@ -406,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("softprompt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars; softprompt reports its own progress
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .train import TrainingDiverged, TrainingInterrupted
 
