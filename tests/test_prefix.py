@@ -132,6 +132,19 @@ def test_prompt_kv_is_computed_once_for_inference_and_again_after_an_update():
     assert seen[3:] == [4, 5]
 
 
+def test_prompt_changed_through_data_is_not_served_stale():
+    """`.data` writes bypass the version counter; the cache must still notice them."""
+    cached, plain = _pair("CAUSAL_LM", "llama")
+    ids, mask = _batch()
+    with torch.no_grad():
+        cached(input_ids=ids, attention_mask=mask, adapter_names="a")  # remembers a's KV
+        for model in (cached, plain):
+            model.prompts["a"].embedding.data.mul_(-2.0)
+        got = cached(input_ids=ids, attention_mask=mask, adapter_names="a").logits
+        want = plain(input_ids=ids, attention_mask=mask, adapter_names="a").logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
 def test_fallbacks():
     for task, arch in [("SEQ_2_SEQ_LM", "t5"), ("SEQ_2_SEQ_LM", "bart"), ("SEQ_CLS", "bert"), ("FEATURE_EXTRACTION", "roberta")]:
         assert not supports_prefix_cache(build_model(task, arch)), (task, arch)

@@ -93,3 +93,56 @@ def test_resume_with_different_settings_is_refused(tmp_path, model_dir):
     train(_config(tmp_path, model_dir, max_steps=2, eval_every=0))
     with pytest.raises(TrainingError, match="num_virtual_tokens"):
         train(_config(tmp_path, model_dir, max_steps=2, eval_every=0, num_virtual_tokens=5, resume=True))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_eager_attention_gives_the_same_loss_and_gradient_as_sdpa(arch):
+    """bf16 training on CPU switches to eager attention; it must compute the same thing."""
+    from softprompt import PromptTuningConfig, wrap
+    from softprompt._compat import attention_implementation
+    from softprompt.objectives import ClassificationObjective
+
+    tokenizer = make_tokenizer()
+    rows = _rows(8, 5)
+    texts = [" ".join([r["text"]] * (1 + i % 3)) for i, r in enumerate(rows)]  # 3 lengths: padded batch
+    objective = ClassificationObjective.build(tokenizer, texts, [r["label"] for r in rows],
+                                              "{text}", {"negative": " negative", "positive": " positive"}, 64)
+    assert len(set(objective.lengths)) == 3
+    model = wrap(build_model("CAUSAL_LM", arch, initializer_range=0.5, attn_implementation="sdpa"),
+                 PromptTuningConfig(num_virtual_tokens=4))
+    results = {}
+    for name in ("sdpa", "eager"):
+        with attention_implementation(model.base_model, name):
+            assert model.base_model.config._attn_implementation == name
+            loss = objective.loss(model, list(range(8)))
+            loss.backward()
+        results[name] = (loss.detach(), model.prompts["default"].embedding.grad.clone())
+        model.prompts["default"].embedding.grad = None
+    assert model.base_model.config._attn_implementation == "sdpa"  # restored
+    torch.testing.assert_close(results["eager"][0], results["sdpa"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results["eager"][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_attention_switch_is_undone_on_error_and_chosen_for_bf16_cpu_only():
+    from softprompt._compat import attention_implementation, training_attention
+
+    base = build_model("CAUSAL_LM", "llama", attn_implementation="sdpa")
+    with pytest.raises(RuntimeError, match="boom"):
+        with attention_implementation(base, "eager"):
+            raise RuntimeError("boom")
+    assert base.config._attn_implementation == "sdpa"
+    assert training_attention(base, True, torch.device("cpu")) == "eager"
+    assert training_attention(base, False, torch.device("cpu")) is None
+    assert training_attention(base, True, torch.device("cuda")) is None
+
+
+def test_bf16_default_follows_the_hardware(tmp_path, model_dir):
+    from softprompt._compat import native_bf16
+
+    result = train(_config(tmp_path, model_dir, max_steps=2, eval_every=0))
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert saved["config"]["bf16"] is None
+    assert saved["resolved"]["bf16"] is native_bf16(torch.device("cpu"))
+    assert result.steps == 2
+    train(_config(tmp_path, model_dir, output_dir=str(tmp_path / "off"), max_steps=2, eval_every=0, bf16=False))
+    assert json.loads((tmp_path / "off" / "run_config.json").read_text())["resolved"]["bf16"] is False

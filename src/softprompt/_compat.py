@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
+import torch
 from torch import nn
 
 from .config import TaskType
@@ -92,3 +95,61 @@ def describe_model(model: nn.Module) -> dict[str, int | None]:
         "num_layers": first("num_hidden_layers", "num_layers", "n_layer"),
         "num_attention_heads": first("num_attention_heads", "num_heads", "n_head"),
     }
+
+
+@lru_cache(maxsize=8)
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 matrix products natively (so autocast is a speed-up).
+
+    CUDA: `torch.cuda.is_bf16_supported()`. CPU: the AMX-BF16 or AVX512-BF16 instruction
+    sets (read from /proc/cpuinfo; elsewhere assumed absent, where bfloat16 is emulated
+    and slower than float32).
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Run the block with transformers attention implementation `name` ("eager", "sdpa"...),
+    then restore the model's own. A no-op for `None`, for the current implementation, and
+    for models that cannot switch."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    can_switch = getattr(model, "_can_set_attn_implementation", None)
+    if name is None or current is None or current == name or can_switch is None or not can_switch():
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
+
+
+EAGER_MAX_TOKENS = 512
+
+
+def training_attention(model: nn.Module, bf16: bool, device: torch.device) -> str | None:
+    """The attention implementation to train with: "eager" for bfloat16 on CPU.
+
+    PyTorch's CPU flash-attention backward is slow in bfloat16; plain matmul attention
+    uses the CPU's bfloat16 units and made a SmolLM2-135M training step about 30% faster
+    (1.25 s against 1.81 s for 16 reviews, 50 virtual tokens). The training loop uses it
+    only for batches of at most `EAGER_MAX_TOKENS` positions per row, where eager's L×L
+    score matrices stay small.
+    """
+    if not bf16 or device.type != "cpu":
+        return None
+    return "eager" if getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa" else None

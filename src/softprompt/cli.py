@@ -253,12 +253,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         indices = list(range(min(args.limit, len(objective))))
     else:
         indices = None
+    import torch
+
+    from ._compat import native_bf16
+
+    device = model.base_model.get_input_embeddings().weight.device
+    bf16 = native_bf16(device) if args.bf16 is None else args.bf16
     rows = []
     targets = ([("bare model (zero-shot)", None)] if args.zero_shot else []) + [(n, n) for n, _ in adapters]
     for label, name in targets:
         progress = Progress()
         progress("phase", {"message": f"scoring {label}", "total": len(indices or objective.lengths)})
-        scores = objective.evaluate(model, indices, adapter=name, batch_size=args.batch_size, progress=lambda n: progress("progress", {"n": n}))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            scores = objective.evaluate(model, indices, adapter=name, batch_size=args.batch_size,
+                                        progress=lambda n: progress("progress", {"n": n}))
         rows.append({"model": label, **scores})
     sys.stderr.write("\n")
     columns = ["model"] + [k for k in rows[0] if k != "model"]
@@ -364,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     _shared_data_options(p)
     p.add_argument("--batch-size", type=int, default=64, help="Examples per forward pass.")
     p.add_argument("--limit", type=int, default=None, help="Score only the first N examples.")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: on where the hardware computes bfloat16 natively).")
     p.add_argument("--output", default=None, help="Write the results as JSON here.")
     p.set_defaults(func=cmd_eval)
 

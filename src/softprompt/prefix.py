@@ -69,6 +69,7 @@ class PromptState:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (1, kv_heads, N, head_dim)
     last_logits: torch.Tensor | None  # (1, V): the last virtual token's next-token logits (causal LM)
     key: tuple | None = None
+    values: torch.Tensor | None = None  # a copy of the prompt it was computed from
 
 
 class PromptKV:
@@ -96,12 +97,14 @@ class PromptKV:
         grad = torch.is_grad_enabled() and prompt.requires_grad
         key = self._key(prompt, dtype, model.base_model)
         cached = self._store.get(adapter)
-        if not grad and cached is not None and cached.key == key and (cached.last_logits is not None or not with_logits):
+        if (not grad and cached is not None and cached.key == key and (cached.last_logits is not None or not with_logits)
+                and torch.equal(cached.values, prompt.detach())):  # also catches writes through `.data`
             return cached
         state = self._compute(model, adapter, dtype, with_logits)
         if grad:
             return state
         state.key = key
+        state.values = prompt.detach().clone()
         self._store[adapter] = state
         return state
 

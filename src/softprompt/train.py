@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ._compat import EAGER_MAX_TOKENS, attention_implementation, training_attention
 from ._io import atomic_write_text
 from .checkpoint import load_weights_into
 from .config import PromptTuningInit
@@ -71,7 +72,7 @@ class TrainConfig:
     eval_samples: int | None = _f(400, "Dev examples used for these evaluations (None: all).")
     early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without improvement (None: never).")
     seed: int = _f(0, "Random seed (initialisation, data order).")
-    bf16: bool = _f(False, "Run the frozen model under bfloat16 autocast (the prompt stays float32).")
+    bf16: bool | None = _f(None, "Run the frozen model under bfloat16 autocast; the prompt and optimizer stay float32 (default: on where the hardware computes bfloat16 natively: CPUs with AMX or AVX512-BF16, CUDA GPUs with bf16).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, slower).")
     max_length: int = _f(256, "Longest templated input in tokens (longer texts are shortened).")
     max_new_tokens: int = _f(32, "Generation task: tokens generated for evaluation.")
@@ -247,7 +248,10 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
         return save_checkpoint(out / "checkpoints", model, adapter, state, config.keep_checkpoints)
 
     dev_idx = _dev_subset(dev, config)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+    device = model.base_model.get_input_embeddings().weight.device
+    bf16 = run.info["resolved"]["bf16"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    attention = training_attention(model.base_model, bf16, device)
     notify("start", {"total_steps": total_steps, "step": position.step, "train_examples": len(objective)})
     model.train()
     window_loss, window_n, window_examples, window_start = 0.0, 0, 0, time.time()
@@ -263,11 +267,13 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 group = batches[position.batch : position.batch + config.grad_accum]
                 step_loss = 0.0
                 for indices in group:
-                    with autocast:
-                        loss = objective.loss(model, indices) / len(group)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(_diverged(loss, position, scheduler, out))
-                    loss.backward()
+                    longest = max(objective.lengths[i] for i in indices) + config.num_virtual_tokens
+                    with attention_implementation(model.base_model, attention if longest <= EAGER_MAX_TOKENS else None):
+                        with autocast:
+                            loss = objective.loss(model, indices) / len(group)
+                        if not torch.isfinite(loss):
+                            raise TrainingDiverged(_diverged(loss, position, scheduler, out))
+                        loss.backward()
                     step_loss += float(loss.detach())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
