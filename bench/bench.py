@@ -241,11 +241,30 @@ def memory_child(args: argparse.Namespace) -> None:
     ids, mask = random_batch(pool, args.batch, args.length, seed=5)
     system = {"softprompt": lambda: ours(base, args.num_virtual_tokens), "bare": lambda: base,
               "peft_prompt_tuning": lambda: peft_prompt(base, args.num_virtual_tokens)}[args.memory_child]()
+    loaded = _status_mib("VmRSS")
+    # Loading the model peaks higher than running it; reset the peak (Linux: clear_refs 5)
+    # so the figure is the workload's own peak, model weights included.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
     forward_fn(system, ids, mask)()
     generate_fn(system, ids[:8], mask[:8], 8)()
     if args.memory_child != "bare":
         train_step_fn(system, ids, mask, optimizer_for(system))()
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": peak, "after_load_mib": loaded, "peak_reset_after_load": reset}))
+
+
+def _status_mib(field: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def bench_memory(args: argparse.Namespace) -> dict[str, float]:
@@ -256,7 +275,7 @@ def bench_memory(args: argparse.Namespace) -> dict[str, float]:
         if args.model:
             cmd += ["--model", args.model]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out[system] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+        out[system] = json.loads(result.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -294,8 +313,10 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
                      f"(one adapter at a time) | | ours / PEFT = **{s['ours_over_peft']:.2f}** | >= 3 |")
     m = results.get("memory")
     if m:
-        lines.append(f"| peak RSS (forward + generate + train step) | {m['softprompt']:.0f} MiB | {m['peft_prompt_tuning']:.0f} MiB | "
-                     f"bare: {m['bare']:.0f} MiB | | |")
+        def mib(v: Any) -> float:
+            return v["peak_rss_mib"] if isinstance(v, dict) else v
+        lines.append(f"| peak RSS while running (forward + generate + train step; loading excluded) | {mib(m['softprompt']):.0f} MiB | "
+                     f"{mib(m['peft_prompt_tuning']):.0f} MiB | bare (forward + generate): {mib(m['bare']):.0f} MiB | | |")
     a = results.get("adapter_bytes")
     if a:
         lines.append(f"| adapter files (N={results['meta']['num_virtual_tokens']}) | {a['softprompt']} B | {a['peft_prompt_tuning']} B | | | |")
@@ -370,6 +391,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats, no scaling, no memory.")
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--name", default=None)
+    parser.add_argument("--update", action="store_true", help="Merge into an existing result file (re-measure --sections only).")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -442,6 +464,13 @@ def main() -> None:
                              "forward_peft_over_bare": fw["peft_prompt_tuning"] / fw["bare"]})
         results["scaling"] = {"batch": args.scaling_batch, "rows": rows}
     name = args.name or f"bench-{Path(results['meta']['model']).name}"
+    previous = Path(args.out) / f"{name}.json"
+    if args.update and previous.exists():  # re-measure some sections, keep the others
+        merged = json.loads(previous.read_text())
+        remeasured = sorted(k for k in results if k != "meta")
+        merged.setdefault("meta", {}).setdefault("updates", []).append({"date": results["meta"]["date"], "sections": remeasured})
+        merged.update({k: v for k, v in results.items() if k != "meta"})
+        results = merged
     write_report(results, Path(args.out), name)
     print((Path(args.out) / f"{name}.md").read_text())
 

@@ -50,11 +50,14 @@ class Call:
 
 
 def token_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean (or sum / num_items_in_batch) cross-entropy over targets that are not -100."""
+    """Mean (or sum / num_items_in_batch, or sum) cross-entropy over targets that are not -100."""
     logits = logits.reshape(-1, logits.shape[-1]).float()
     targets = targets.reshape(-1).to(logits.device)
+    if reduction == "sum":
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
     if num_items_in_batch is None:
         return F.cross_entropy(logits, targets, ignore_index=-100)
     total = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
@@ -128,11 +131,20 @@ class CausalLM(TaskSpec):
             targets = call.layout.next_token_targets(call.labels)  # (B, T) model columns
             logits = out.logits
             if call.prompt_logits is not None and logits.shape[1] == call.layout.user_len:
-                # Cached prompt: its last column's logits come from the prompt pass.
-                logits = torch.cat([call.prompt_logits.unsqueeze(1).to(logits.dtype), logits], dim=1)
-            # The logits cover the last columns (all of them, or `logits_to_keep`).
-            targets = targets[:, targets.shape[1] - logits.shape[1] :]
-            out["loss"] = token_cross_entropy(logits, targets, call.num_items_in_batch)
+                # Cached prompt: the last virtual token's logits (which predict the first
+                # user token) come from the prompt pass. Two sums, not a concatenation: no
+                # copy of the (B, L, vocab) logits.
+                targets = targets[:, -logits.shape[1] - 1 :]
+                total = token_cross_entropy(call.prompt_logits.to(logits.dtype), targets[:, 0], reduction="sum")
+                total = total + token_cross_entropy(logits, targets[:, 1:], reduction="sum")
+                count = call.num_items_in_batch
+                if count is None:
+                    count = (targets != -100).sum()
+                out["loss"] = total / (count.to(total.device) if isinstance(count, torch.Tensor) else count)
+            else:
+                # The logits cover the last columns (all of them, or `logits_to_keep`).
+                targets = targets[:, targets.shape[1] - logits.shape[1] :]
+                out["loss"] = token_cross_entropy(logits, targets, call.num_items_in_batch)
         return _trim(call, out, ("logits",))
 
 
