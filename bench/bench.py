@@ -287,7 +287,10 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
              f"{results['meta']['machine']}, {results['meta']['threads']} threads, torch {results['meta']['torch']}, "
              f"transformers {results['meta']['transformers']}, peft {results['meta']['peft']}; median of "
              f"{results['meta']['repeats']} runs after a warm-up, systems alternated. N = virtual tokens, L = input "
-             "tokens, B = batch.", "", "| measurement | softprompt | PEFT prompt tuning | other | ratio | target |",
+             "tokens, B = batch."]
+    for u in results["meta"].get("updates", []):
+        lines.append(f"Re-measured {u['date']} (median of {u.get('repeats', '?')}): {', '.join(u['sections'])}.")
+    lines += ["", "| measurement | softprompt | PEFT prompt tuning | other | ratio | target |",
              "|---|---|---|---|---|---|"]
     t = results.get("train")
     if t:
@@ -468,7 +471,8 @@ def main() -> None:
     if args.update and previous.exists():  # re-measure some sections, keep the others
         merged = json.loads(previous.read_text())
         remeasured = sorted(k for k in results if k != "meta")
-        merged.setdefault("meta", {}).setdefault("updates", []).append({"date": results["meta"]["date"], "sections": remeasured})
+        merged.setdefault("meta", {}).setdefault("updates", []).append(
+            {"date": results["meta"]["date"], "sections": remeasured, "repeats": results["meta"]["repeats"]})
         merged.update({k: v for k, v in results.items() if k != "meta"})
         results = merged
     write_report(results, Path(args.out), name)
