@@ -232,7 +232,8 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
 
     base, tokenizer = load_model(config.model)
     if config.gradient_checkpointing:
-        base.gradient_checkpointing_enable()
+        # transformers 5.x renamed it (the old name warns and goes in v6)
+        (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
     objectives = [build_objective(spec, part, tokenizer, config) for part in (spec.train, spec.dev, spec.test)]
     train_obj, dev_obj, test_obj = objectives
     if train_obj is None:

@@ -332,7 +332,7 @@ def _diverged(loss: torch.Tensor, position: Position, scheduler: Any, out: Path)
         ckpts = ckpts[:-1]
     where = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no good checkpoint was written yet"
     lr = scheduler.get_last_lr()[0]
-    return (f"the loss became {float(loss)} at step {position.step + 1}; {where}. The learning rate was "
+    return (f"the loss became {float(loss.detach())} at step {position.step + 1}; {where}. The learning rate was "
             f"{lr:.3g}: try a lower one (e.g. --lr {lr / 3:.2g}) and --resume, or start again.")
 
 
