@@ -14,7 +14,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*bos_token_id must be.*")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
+from hypothesis import settings  # noqa: E402
+
 from tests.tiny import WORDS, build_model, make_tokenizer  # noqa: E402
+
+# Property tests draw the same examples on every run, so CI never fails by chance;
+# HYPOTHESIS_PROFILE=explore draws new ones (run it when changing a parser or a strategy).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

@@ -557,8 +557,7 @@ def new_header(draw):
             data = bytes(size)
         elif fill == "huge" and dtype == "F64":  # finite, but past float32's range
             data = (
-                torch.full((count,), draw(st.sampled_from([1e300, -3.5e38, 3.4e38])))
-                .double()
+                torch.full((count,), draw(st.sampled_from([1e300, -3.5e38, 3.4e38])), dtype=torch.float64)
                 .numpy()
                 .tobytes()
             )

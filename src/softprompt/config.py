@@ -20,6 +20,17 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+
+def _show(value: Any, limit: int = 200) -> str:
+    """`repr(value)` for an error message: shortened, and never itself an error (Python
+    refuses to print integers of over 4,300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<a {type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 PEFT_TYPE = "PROMPT_TUNING"
 
 # Upper bounds that no real model reaches; they stop a hostile or mistyped
@@ -42,7 +53,7 @@ class _StrEnum(str, Enum):
             return value
         if not isinstance(value, str):
             raise TypeError(
-                f"{field_name} must be a string, one of {cls.choices()}; got {value!r} "
+                f"{field_name} must be a string, one of {cls.choices()}; got {_show(value)} "
                 f"of type {type(value).__name__}."
             )
         key = value.strip().upper().replace("-", "_")
@@ -50,7 +61,7 @@ class _StrEnum(str, Enum):
             if member.value == key:
                 return member
         raise ValueError(
-            f"Unknown {field_name} {value!r}. Valid values are: {', '.join(cls.choices())}."
+            f"Unknown {field_name} {_show(value)}. Valid values are: {', '.join(cls.choices())}."
         )
 
     @classmethod
@@ -107,9 +118,9 @@ def _check_int(name: str, value: Any, *, low: int, high: int, required: bool) ->
         if isinstance(value, float) and value.is_integer() and math.isfinite(value):
             value = int(value)
         else:
-            raise TypeError(f"{name} must be an integer; got {value!r} of type {type(value).__name__}.")
+            raise TypeError(f"{name} must be an integer; got {_show(value)} of type {type(value).__name__}.")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}; got {value}.")
+        raise ValueError(f"{name} must be between {low} and {high}; got {_show(value)}.")
     return value
 
 
@@ -117,9 +128,9 @@ def _check_str(name: str, value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string or None; got {value!r} of type {type(value).__name__}.")
+        raise TypeError(f"{name} must be a string or None; got {_show(value)} of type {type(value).__name__}.")
     if "\x00" in value:
-        raise ValueError(f"{name} must not contain NUL characters; got {value!r}.")
+        raise ValueError(f"{name} must not contain NUL characters; got {_show(value)}.")
     return value
 
 
@@ -128,8 +139,8 @@ def _find_remote_code(value: Any, path: str) -> str | None:
     if isinstance(value, dict):
         for k, v in value.items():
             if isinstance(k, str) and k.strip().lower() == "trust_remote_code":
-                return f"{path}[{k!r}]"
-            found = _find_remote_code(v, f"{path}[{k!r}]")
+                return f"{path}[{_show(k)}]"
+            found = _find_remote_code(v, f"{path}[{_show(k)}]")
             if found:
                 return found
     elif isinstance(value, (list, tuple)):
@@ -163,7 +174,7 @@ def _check_json_data(name: str, value: Any, *, strict: bool = True) -> None:
     except (TypeError, ValueError) as err:  # bytes, sets, NaN, integers too long to write
         raise type(err)(f"{name} must hold {what}; {err}.") from None
     if strict and json.loads(text) != value:
-        raise TypeError(f"{name} must hold {what}; {value!r:.200} would not read back the same from JSON.")
+        raise TypeError(f"{name} must hold {what}; {_show(value)} would not read back the same from JSON.")
 
 
 @dataclass
@@ -210,8 +221,8 @@ class PromptTuningConfig:
     def __post_init__(self) -> None:
         if self.peft_type != PEFT_TYPE:
             raise ValueError(
-                f"peft_type must be {PEFT_TYPE!r} (softprompt only does prompt tuning); got "
-                f"{self.peft_type!r}. An adapter of another PEFT method cannot be loaded here."
+                f"peft_type must be {_show(PEFT_TYPE)} (softprompt only does prompt tuning); got "
+                f"{_show(self.peft_type)}. An adapter of another PEFT method cannot be loaded here."
             )
         if self.task_type is not None:
             self.task_type = TaskType.parse(self.task_type, "task_type")
@@ -230,7 +241,7 @@ class PromptTuningConfig:
         self.revision = _check_str("revision", self.revision)
         self.tokenizer_name_or_path = _check_str("tokenizer_name_or_path", self.tokenizer_name_or_path)
         if not isinstance(self.inference_mode, bool):
-            raise TypeError(f"inference_mode must be true or false; got {self.inference_mode!r}.")
+            raise TypeError(f"inference_mode must be true or false; got {_show(self.inference_mode)}.")
         self.prompt_tuning_init = PromptTuningInit.parse(self.prompt_tuning_init, "prompt_tuning_init")
         self._check_init()
         self._check_modules_to_save()
@@ -243,23 +254,23 @@ class PromptTuningConfig:
             if not isinstance(text, str):
                 raise ValueError(
                     "prompt_tuning_init='TEXT' needs prompt_tuning_init_text, a non-empty string such as "
-                    f"'Classify the sentiment:'; got {text!r}."
+                    f"'Classify the sentiment:'; got {_show(text)}."
                 )
             if not text.strip():
                 raise ValueError(
-                    f"prompt_tuning_init_text is empty ({text!r}): TEXT initialisation needs at least one "
+                    f"prompt_tuning_init_text is empty ({_show(text)}): TEXT initialisation needs at least one "
                     "token. Give some text, or use prompt_tuning_init='SAMPLE_VOCAB'."
                 )
         elif init is PromptTuningInit.CLASS_LABELS:
             if isinstance(text, str) or not isinstance(text, (list, tuple)) or not text:
                 raise ValueError(
                     "prompt_tuning_init='CLASS_LABELS' needs prompt_tuning_init_text as a non-empty list of "
-                    f"label words, for example ['positive', 'negative']; got {text!r}."
+                    f"label words, for example ['positive', 'negative']; got {_show(text)}."
                 )
             bad = [w for w in text if not isinstance(w, str) or not w.strip()]
             if bad:
                 raise ValueError(
-                    f"prompt_tuning_init_text holds empty or non-string label words {bad!r}; every label "
+                    f"prompt_tuning_init_text holds empty or non-string label words {_show(bad)}; every label "
                     "word must be a non-empty string."
                 )
             if len(text) > self.num_virtual_tokens:
@@ -271,23 +282,23 @@ class PromptTuningConfig:
         elif text is not None and (
             not isinstance(text, (str, list)) or (isinstance(text, list) and not all(isinstance(w, str) for w in text))
         ):
-            raise TypeError(f"prompt_tuning_init_text must be a string, a list of strings or None; got {text!r:.200}.")
+            raise TypeError(f"prompt_tuning_init_text must be a string, a list of strings or None; got {_show(text)}.")
         if needs_tokenizer and not self.tokenizer_name_or_path:
             raise ValueError(
-                f"prompt_tuning_init={init.value!r} needs tokenizer_name_or_path, the tokenizer of the base "
-                f"model (a hub id or a local folder); got {self.tokenizer_name_or_path!r}."
+                f"prompt_tuning_init={_show(init.value)} needs tokenizer_name_or_path, the tokenizer of the base "
+                f"model (a hub id or a local folder); got {_show(self.tokenizer_name_or_path)}."
             )
         if self.tokenizer_kwargs is not None:
             if not needs_tokenizer:
                 raise ValueError(
                     f"tokenizer_kwargs only applies to TEXT and CLASS_LABELS initialisation, but "
-                    f"prompt_tuning_init is {init.value!r}. Remove tokenizer_kwargs."
+                    f"prompt_tuning_init is {_show(init.value)}. Remove tokenizer_kwargs."
                 )
             if not isinstance(self.tokenizer_kwargs, dict) or not all(
                 isinstance(k, str) for k in self.tokenizer_kwargs
             ):
                 raise TypeError(
-                    f"tokenizer_kwargs must be a dict with string keys; got {self.tokenizer_kwargs!r:.200}."
+                    f"tokenizer_kwargs must be a dict with string keys; got {_show(self.tokenizer_kwargs)}."
                 )
             _check_json_data("tokenizer_kwargs", self.tokenizer_kwargs)  # before the recursive search below
             found = _find_remote_code(self.tokenizer_kwargs, "tokenizer_kwargs")
@@ -302,11 +313,11 @@ class PromptTuningConfig:
         if mts is None:
             return
         if isinstance(mts, str) or not isinstance(mts, (list, tuple)):
-            raise TypeError(f"modules_to_save must be a list of module names or None; got {mts!r}.")
+            raise TypeError(f"modules_to_save must be a list of module names or None; got {_show(mts)}.")
         for name in mts:
             if not isinstance(name, str) or not name or ".." in name or name.startswith("."):
                 raise ValueError(
-                    f"modules_to_save holds {name!r}, which is not a module name such as 'score' or "
+                    f"modules_to_save holds {_show(name)}, which is not a module name such as 'score' or "
                     "'classifier'."
                 )
         # PEFT writes duplicates ("classifier", "score", "classifier", "score"); keep order, drop repeats.
@@ -362,11 +373,11 @@ class PromptTuningConfig:
         }
         if "peft_type" in data and data["peft_type"] != PEFT_TYPE:
             raise ValueError(
-                f"{source}: peft_type is {data['peft_type']!r}, but softprompt only loads "
-                f"{PEFT_TYPE!r} adapters."
+                f"{source}: peft_type is {_show(data['peft_type'])}, but softprompt only loads "
+                f"{_show(PEFT_TYPE)} adapters."
             )
         for key, value in unknown.items():
-            _check_json_data(f"{source}: key {key!r}", value, strict=False)
+            _check_json_data(f"{source}: key {_show(key)}", value, strict=False)
         if unknown:
             logger.warning(
                 "%s: ignoring unknown keys %s (written by a newer PEFT?); they are kept when saving.",
