@@ -316,10 +316,9 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
                      f"(one adapter at a time) | | ours / PEFT = **{s['ours_over_peft']:.2f}** | >= 3 |")
     m = results.get("memory")
     if m:
-        def mib(v: Any) -> float:
-            return v["peak_rss_mib"] if isinstance(v, dict) else v
-        lines.append(f"| peak RSS while running (forward + generate + train step; loading excluded) | {mib(m['softprompt']):.0f} MiB | "
-                     f"{mib(m['peft_prompt_tuning']):.0f} MiB | bare (forward + generate): {mib(m['bare']):.0f} MiB | | |")
+        peak = {k: v["peak_rss_mib"] for k, v in m.items()}
+        lines.append(f"| peak RSS while running (forward + generate + train step; loading excluded) | {peak['softprompt']:.0f} MiB | "
+                     f"{peak['peft_prompt_tuning']:.0f} MiB | bare (forward + generate): {peak['bare']:.0f} MiB | | |")
     a = results.get("adapter_bytes")
     if a:
         lines.append(f"| adapter files (N={results['meta']['num_virtual_tokens']}) | {a['softprompt']} B | {a['peft_prompt_tuning']} B | | | |")

@@ -131,9 +131,9 @@ def test_attention_switch_is_undone_on_error_and_chosen_for_bf16_cpu_only():
         with attention_implementation(base, "eager"):
             raise RuntimeError("boom")
     assert base.config._attn_implementation == "sdpa"
-    assert training_attention(base, True, torch.device("cpu")) == "eager"
-    assert training_attention(base, False, torch.device("cpu")) is None
-    assert training_attention(base, True, torch.device("cuda")) is None
+    assert training_attention(base, True, torch.device("cpu"), 64) == "eager"
+    assert training_attention(base, False, torch.device("cpu"), 64) is None
+    assert training_attention(base, True, torch.device("cuda"), 64) is None
 
 
 def test_bf16_default_follows_the_hardware(tmp_path, model_dir):

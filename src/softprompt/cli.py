@@ -255,10 +255,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         indices = None
     import torch
 
-    from ._compat import native_bf16
+    from ._compat import resolve_bf16
 
     device = model.base_model.get_input_embeddings().weight.device
-    bf16 = native_bf16(device) if args.bf16 is None else args.bf16
+    bf16 = resolve_bf16(args.bf16, device)
     rows = []
     targets = ([("bare model (zero-shot)", None)] if args.zero_shot else []) + [(n, n) for n, _ in adapters]
     for label, name in targets:

@@ -88,7 +88,7 @@ class PromptKV:
     @staticmethod
     def _key(prompt: torch.Tensor, dtype: torch.dtype, base: nn.Module) -> tuple:
         autocast = torch.is_autocast_enabled("cpu") if prompt.device.type == "cpu" else torch.is_autocast_enabled()
-        return (prompt.data_ptr(), prompt._version, dtype, prompt.device, base.training, autocast,
+        return (dtype, prompt.device, base.training, autocast,
                 torch.get_autocast_dtype(prompt.device.type) if autocast else None)
 
     def get(self, model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState:
@@ -98,7 +98,7 @@ class PromptKV:
         key = self._key(prompt, dtype, model.base_model)
         cached = self._store.get(adapter)
         if (not grad and cached is not None and cached.key == key and (cached.last_logits is not None or not with_logits)
-                and torch.equal(cached.values, prompt.detach())):  # also catches writes through `.data`
+                and torch.equal(cached.values, prompt.detach())):  # any change, `.data` writes included
             return cached
         state = self._compute(model, adapter, dtype, with_logits)
         if grad:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._compat import native_bf16
+from ._compat import resolve_bf16
 from ._io import atomic_write_text
 from .config import PromptTuningConfig, PromptTuningInit
 from .model import SoftPromptModel
@@ -242,7 +242,7 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     model = SoftPromptModel(base, prompt_config(config, train_obj), tokenizer=tokenizer)
     info = {
         "config": config.to_dict(),
-        "resolved": {"bf16": native_bf16(model.base_model.get_input_embeddings().weight.device) if config.bf16 is None else config.bf16,
+        "resolved": {"bf16": resolve_bf16(config.bf16, model.base_model.get_input_embeddings().weight.device),
                      "task": spec.task, "template": spec.template, "label_words": spec.label_words,
                      "prompt": model.peft_config["default"].to_dict(),
                      "train_examples": len(train_obj), "dev_examples": len(dev_obj) if dev_obj else 0,

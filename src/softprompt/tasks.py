@@ -12,6 +12,7 @@ model's output object with:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,20 +51,23 @@ class Call:
 
 
 def token_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None,
-    reduction: str = "mean",
+    pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], num_items_in_batch: int | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean (or sum / num_items_in_batch, or sum) cross-entropy over targets that are not -100."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    targets = targets.reshape(-1).to(logits.device)
-    if reduction == "sum":
-        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, targets, ignore_index=-100)
-    total = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    """Mean (or sum / num_items_in_batch) cross-entropy over targets that are not -100.
+
+    `pieces` are `(logits, targets)` pairs counted as one set of tokens, so logits that
+    come in parts are never concatenated (a copy of a `(B, L, vocab)` tensor).
+    """
+    total, count = None, None
+    for logits, targets in pieces:
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        targets = targets.reshape(-1).to(logits.device)
+        part = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        valid = (targets != -100).sum()
+        total, count = (part, valid) if total is None else (total + part, count + valid)
+    if num_items_in_batch is not None:
+        count = num_items_in_batch.to(total.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+    return total / count
 
 
 def _trim(call: Call, out: Any, names: tuple[str, ...]) -> Any:
@@ -132,19 +136,13 @@ class CausalLM(TaskSpec):
             logits = out.logits
             if call.prompt_logits is not None and logits.shape[1] == call.layout.user_len:
                 # Cached prompt: the last virtual token's logits (which predict the first
-                # user token) come from the prompt pass. Two sums, not a concatenation: no
-                # copy of the (B, L, vocab) logits.
+                # user token) come from the prompt pass.
                 targets = targets[:, -logits.shape[1] - 1 :]
-                total = token_cross_entropy(call.prompt_logits.to(logits.dtype), targets[:, 0], reduction="sum")
-                total = total + token_cross_entropy(logits, targets[:, 1:], reduction="sum")
-                count = call.num_items_in_batch
-                if count is None:
-                    count = (targets != -100).sum()
-                out["loss"] = total / (count.to(total.device) if isinstance(count, torch.Tensor) else count)
+                pieces = [(call.prompt_logits, targets[:, 0]), (logits, targets[:, 1:])]
             else:
                 # The logits cover the last columns (all of them, or `logits_to_keep`).
-                targets = targets[:, targets.shape[1] - logits.shape[1] :]
-                out["loss"] = token_cross_entropy(logits, targets, call.num_items_in_batch)
+                pieces = [(logits, targets[:, targets.shape[1] - logits.shape[1] :])]
+            out["loss"] = token_cross_entropy(pieces, call.num_items_in_batch)
         return _trim(call, out, ("logits",))
 
 
@@ -208,7 +206,7 @@ class TokenClassification(TaskSpec):
         if call.labels is not None:
             logits = out.logits if not call.full_sequence else call.layout.user_part(out.logits)
             targets = call.labels.to(logits.device).masked_fill(call.layout.user_mask.to(logits.device) == 0, -100)
-            out["loss"] = token_cross_entropy(logits, targets, call.num_items_in_batch)
+            out["loss"] = token_cross_entropy([(logits, targets)], call.num_items_in_batch)
         return out
 
 

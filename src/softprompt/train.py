@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._compat import EAGER_MAX_TOKENS, attention_implementation, training_attention
+from ._compat import attention_implementation, training_attention
 from ._io import atomic_write_text
 from .checkpoint import load_weights_into
 from .config import PromptTuningInit
@@ -251,14 +251,14 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     device = model.base_model.get_input_embeddings().weight.device
     bf16 = run.info["resolved"]["bf16"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    attention = training_attention(model.base_model, bf16, device)
+    lengths = objective.lengths
     notify("start", {"total_steps": total_steps, "step": position.step, "train_examples": len(objective)})
     model.train()
     window_loss, window_n, window_examples, window_start = 0.0, 0, 0, time.time()
     stop_reason = "max_steps"
     with _StopOnSignal() as stop:
         while position.step < total_steps:
-            batches = length_grouped_batches(objective.lengths, config.batch_size, config.seed, position.epoch)
+            batches = length_grouped_batches(lengths, config.batch_size, config.seed, position.epoch)
             while position.batch < len(batches) and position.step < total_steps:
                 if stop.requested:  # Ctrl-C: only ever between two optimizer steps
                     folder = checkpoint()
@@ -267,8 +267,8 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 group = batches[position.batch : position.batch + config.grad_accum]
                 step_loss = 0.0
                 for indices in group:
-                    longest = max(objective.lengths[i] for i in indices) + config.num_virtual_tokens
-                    with attention_implementation(model.base_model, attention if longest <= EAGER_MAX_TOKENS else None):
+                    positions = max(lengths[i] for i in indices) + config.num_virtual_tokens
+                    with attention_implementation(model.base_model, training_attention(model.base_model, bf16, device, positions)):
                         with autocast:
                             loss = objective.loss(model, indices) / len(group)
                         if not torch.isfinite(loss):
