@@ -83,6 +83,43 @@ def test_training_loss_and_prompt_gradient_match(arch):
         torch.testing.assert_close(g_cached, g_plain, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_grouped_query_attention_attends_on_the_key_value_heads(arch, monkeypatch):
+    """With a cached prompt on CPU, grouped-query models attend with `enable_gqa` (no copy of
+    the keys/values per query head), match the plain path, and keep their own attention setting."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def spy(query, key, value, **kw):
+        calls.append((query.shape[2], key.shape[1] < query.shape[1], kw.get("enable_gqa", False)))
+        return sdpa(query, key, value, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    cached, plain = _pair("CAUSAL_LM", arch)
+    assert cached.base_model.config._attn_implementation == "sdpa"
+    ids, mask = _batch()
+    losses, grads = [], []
+    for model in (cached, plain):
+        calls.clear()
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids, adapter_names=["a", "b", "a"]).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([model.prompts[n].embedding.grad.clone() for n in ("a", "b")])
+        # (query length, fewer key heads than query heads, enable_gqa) of the batch's passes
+        # (the longest queries; the cached prompt passes are shorter)
+        users = [c for c in calls if c[0] == max(q for q, _, _ in calls)]
+        assert users and users[0][0] == ids.shape[1] + (0 if model is cached else 5)
+        if model is cached:
+            assert all(fewer and gqa for _, fewer, gqa in users), "the user's pass must attend on the KV heads"
+        else:
+            assert not any(gqa for _, _, gqa in users)  # the plain path, masked: transformers copies the heads
+    assert cached.base_model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for g_cached, g_plain in zip(*grads):
+        torch.testing.assert_close(g_cached, g_plain, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"])
 def test_other_decoder_tasks_match(task):
     cached, plain = _pair(task, "llama")

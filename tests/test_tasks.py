@@ -95,3 +95,29 @@ def test_prompt_changes_the_output(task, arch):
         b = model(input_ids=ids, adapter_names=["b"], **_extra(task, 1))
     ta, tb = (_per_token(task, a), _per_token(task, b)) if _per_token(task, a) is not None else (_pooled(task, a), _pooled(task, b))
     assert (ta - tb).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_summed_cross_entropy_equals_torch(dtype, monkeypatch):
+    """The loss's own cross-entropy (blockwise, no full log-probability tensor) gives
+    PyTorch's value and gradient, ignored targets included."""
+    from softprompt.tasks import SummedCrossEntropy
+
+    monkeypatch.setattr(SummedCrossEntropy, "BLOCK_BYTES", 4 * 37 * 3)  # 3 rows a block: 4 blocks, the last partial
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(11, 37, generator=g) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 37, (11,), generator=g)
+    targets[[0, 4, 10]] = -100
+    ours = SummedCrossEntropy.apply(logits, targets)
+    (grad_ours,) = torch.autograd.grad(ours * 0.7, logits)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    want = torch.nn.functional.cross_entropy(logits.to(work), targets, ignore_index=-100, reduction="sum")
+    (grad_want,) = torch.autograd.grad(want * 0.7, logits)
+    assert ours.dtype == work and grad_ours.dtype == dtype
+    torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_ours, grad_want, rtol=1e-5, atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
+    assert grad_ours[[0, 4, 10]].abs().sum() == 0
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: SummedCrossEntropy.apply(x, targets), (logits.detach().requires_grad_(),))
+    none = torch.full((11,), -100)  # every target ignored: zero loss and gradient, no NaN
+    assert SummedCrossEntropy.apply(logits, none).item() == 0

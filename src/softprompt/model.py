@@ -452,7 +452,10 @@ class SoftPromptModel(nn.Module):
                 inputs[cache_key] = cache
         inputs.update(kwargs)
         call = Call(self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch, prompt_logits)
-        with routed(list(self.heads.values()), routing):
+        attention = None
+        if layout.prompt_cached:
+            attention = _compat.prefix_attention(self.base_model, embeds.device)
+        with routed(list(self.heads.values()), routing), _compat.attention_implementation(self.base_model, attention):
             return self.spec.forward(call)
 
     # ------------------------------------------------------------------ prompt KV cache

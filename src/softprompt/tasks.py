@@ -50,6 +50,50 @@ class Call:
     prompt_logits: torch.Tensor | None = None
 
 
+class SummedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `(N, V)` logits against `(N,)` targets (-100: ignored),
+    computed in float32 (float64 for float64 logits).
+
+    Same value and gradient as `F.cross_entropy(logits.float(), targets, reduction="sum")`,
+    but it never allocates a full `(N, V)` tensor besides the gradient itself: the forward
+    keeps one log-normaliser per row and the logits (which the caller returns anyway), the
+    backward writes `softmax - one_hot` block by block. PyTorch's version allocates three
+    more `(N, V)` tensors (log-probabilities, a zero-filled gradient, its product), which for
+    a 49k-token vocabulary is most of the loss's time and memory.
+    """
+
+    BLOCK_BYTES = 8 << 20  # small enough for the allocator to reuse the blocks' memory
+
+    @staticmethod
+    def _blocks(logits: torch.Tensor) -> list[slice]:
+        rows = max(1, SummedCrossEntropy.BLOCK_BYTES // (4 * max(1, logits.shape[1])))
+        return [slice(i, i + rows) for i in range(0, logits.shape[0], rows)]
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        work = torch.promote_types(logits.dtype, torch.float32)
+        lse = logits.new_empty(logits.shape[0], dtype=work)
+        for rows in SummedCrossEntropy._blocks(logits):
+            lse[rows] = torch.logsumexp(logits[rows].to(work), dim=-1)
+        valid = targets != -100
+        safe = torch.where(valid, targets, 0)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).to(work)
+        ctx.save_for_backward(logits, lse, safe, valid)
+        return ((lse - picked) * valid).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, lse, safe, valid = ctx.saved_tensors
+        scale = grad.to(lse.dtype) * valid  # per row; 0 where the target is ignored
+        out = torch.empty_like(logits)
+        for rows in SummedCrossEntropy._blocks(logits):
+            block = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_().mul_(scale[rows, None])
+            index = torch.arange(block.shape[0], device=block.device)
+            block[index, safe[rows]] -= scale[rows]
+            out[rows] = block
+        return out, None
+
+
 def token_cross_entropy(
     pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], num_items_in_batch: int | torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -60,9 +104,9 @@ def token_cross_entropy(
     """
     total, count = None, None
     for logits, targets in pieces:
-        logits = logits.reshape(-1, logits.shape[-1]).float()
+        logits = logits.reshape(-1, logits.shape[-1])
         targets = targets.reshape(-1).to(logits.device)
-        part = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        part = SummedCrossEntropy.apply(logits, targets)
         valid = (targets != -100).sum()
         total, count = (part, valid) if total is None else (total + part, count + valid)
     if num_items_in_batch is not None:
