@@ -90,13 +90,14 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def alternate(systems: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per system, systems interleaved within every repeat."""
+    """Median seconds per system, systems interleaved within every repeat (in reverse order
+    on every other repeat, so that running first or last favours no system)."""
     for _ in range(warmup):
         for fn in systems.values():
             fn()
     runs: dict[str, list[float]] = {k: [] for k in systems}
-    for _ in range(repeats):
-        for name, fn in systems.items():
+    for r in range(repeats):
+        for name, fn in (list(systems.items()) if r % 2 == 0 else list(systems.items())[::-1]):
             runs[name].append(timed(fn))
     return {k: statistics.median(v) for k, v in runs.items()}
 

@@ -127,3 +127,37 @@ def test_saved_adapter_resumes_training(tmp_path):
     assert not torch.equal(resumed.get_prompt(), before)
     frozen = SoftPromptModel.from_pretrained(build_model("SEQ_CLS", "llama"), tmp_path)
     assert frozen.trainable_parameters() == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_weight_copies_change_nothing_but_the_casts(arch):
+    """Under bf16 autocast, training with bfloat16 copies of the frozen linear weights gives
+    bit-identical losses and prompt gradients, and the model gets its own parameters back."""
+    from softprompt._compat import bf16_weight_copies
+
+    torch.manual_seed(0)
+    base = build_model("CAUSAL_LM", arch)
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    model = wrap(base, PromptTuningConfig(num_virtual_tokens=3))
+    before = {n: (p, p.detach().clone()) for n, p in base.named_parameters()}
+    ids = torch.randint(4, VOCAB, (2, 6))
+    results = []
+    for copies in (False, True):
+        model.prompts["default"].embedding.grad = None
+        with bf16_weight_copies(base, copies), torch.autocast("cpu", dtype=torch.bfloat16):
+            if copies:
+                linear = [m for m in base.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+                assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+                assert base.get_input_embeddings().weight.dtype == torch.float32  # lookups stay exact
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), model.prompts["default"].embedding.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    after = dict(base.named_parameters())
+    for name, (param, value) in before.items():
+        assert after[name] is param and torch.equal(param, value)
+    with pytest.raises(RuntimeError), bf16_weight_copies(base, True):
+        raise RuntimeError("a failed step")
+    assert all(p.dtype == torch.float32 for p in base.parameters())

@@ -208,3 +208,42 @@ def prefix_attention(model: nn.Module, device: torch.device) -> str | None:
     if not heads or not kv_heads or kv_heads == heads:
         return None
     return PREFIX_ATTENTION if _register_prefix_attention() else None
+
+
+# ---------------------------------------------------------------------- bf16 weight copies
+BF16_COPY_MAX_BYTES = 2 << 30
+
+
+@contextmanager
+def bf16_weight_copies(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Give the frozen float32 linear layers bfloat16 copies of their weights for the block.
+
+    Under bfloat16 autocast every linear layer casts its float32 weight to bfloat16 on every
+    call: autocast keeps its cast only for weights that require grad, and the base model's
+    are frozen. A training step therefore re-reads and re-writes every weight of the model
+    once or twice. With copies made once, autocast finds bfloat16 weights and casts nothing;
+    the results are identical (the same rounding), the copies cost half the linear weights'
+    memory while the block runs (skipped above `BF16_COPY_MAX_BYTES`), and the model's own
+    parameters are put back untouched afterwards, however the block ends. Only use it with
+    every forward of the block under bfloat16 autocast.
+    """
+    swaps: list[tuple[nn.Module, nn.Parameter]] = []
+    if enabled:
+        layers = [m for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+        weights = [m.weight for m in layers if isinstance(getattr(m, "weight", None), nn.Parameter)]
+        usable = all(w.dtype == torch.float32 and w.device.type != "meta" for w in weights)
+        size = sum(w.numel() * 2 for w in weights if not w.requires_grad)
+        if usable and size <= BF16_COPY_MAX_BYTES and not any(hasattr(m, "_hf_hook") for m in layers):
+            copies: dict[int, nn.Parameter] = {}  # a weight shared by several layers is copied once
+            for m in layers:
+                w = m.weight
+                if not w.requires_grad:
+                    if id(w) not in copies:
+                        copies[id(w)] = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+                    swaps.append((m, w))
+                    m.weight = copies[id(w)]
+    try:
+        yield
+    finally:
+        for m, w in swaps:
+            m.weight = w

@@ -87,10 +87,13 @@ class SummedCrossEntropy(torch.autograd.Function):
         scale = grad.to(lse.dtype) * valid  # per row; 0 where the target is ignored
         out = torch.empty_like(logits)
         for rows in SummedCrossEntropy._blocks(logits):
-            block = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_().mul_(scale[rows, None])
-            index = torch.arange(block.shape[0], device=block.device)
-            block[index, safe[rows]] -= scale[rows]
-            out[rows] = block
+            # softmax * scale - one_hot * scale, written straight into the gradient when the
+            # logits are in the working dtype, else through a float32 block
+            block = out[rows] if out.dtype == lse.dtype else None
+            block = torch.sub(logits[rows].to(lse.dtype), lse[rows, None], out=block).exp_().mul_(scale[rows, None])
+            block[torch.arange(block.shape[0], device=block.device), safe[rows]] -= scale[rows]
+            if out.dtype != lse.dtype:
+                out[rows] = block
         return out, None
 
 

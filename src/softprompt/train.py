@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._compat import attention_implementation, training_attention
+from ._compat import attention_implementation, bf16_weight_copies, training_attention
 from ._io import atomic_write_text
 from .checkpoint import load_weights_into
 from .config import PromptTuningInit
@@ -256,7 +256,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     model.train()
     window_loss, window_n, window_examples, window_start = 0.0, 0, 0, time.time()
     stop_reason = "max_steps"
-    with _StopOnSignal() as stop:
+    with _StopOnSignal() as stop, bf16_weight_copies(model.base_model, bf16):
         while position.step < total_steps:
             batches = length_grouped_batches(lengths, config.batch_size, config.seed, position.epoch)
             while position.batch < len(batches) and position.step < total_steps:
