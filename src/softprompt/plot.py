@@ -11,6 +11,8 @@ from ._io import atomic_path
 
 logger = logging.getLogger(__name__)
 
+MIN_METRIC_SPAN = 0.05  # the dev metric's axis covers at least 5 points
+
 
 def plot_metrics(records: Sequence[dict[str, Any]], path: Path, metric: str = "accuracy") -> Path | None:
     """Draw training loss and the dev metric against the step into a PNG.
@@ -37,6 +39,10 @@ def plot_metrics(records: Sequence[dict[str, Any]], path: Path, metric: str = "a
         ax2 = ax.twinx()
         ax2.plot(*zip(*dev), color="tab:orange", marker="o", label=f"dev {metric}")
         ax2.set_ylabel(f"dev {metric}", color="tab:orange")
+        low, high = min(v for _, v in dev), max(v for _, v in dev)
+        if 0 <= low and high <= 1 and high - low < MIN_METRIC_SPAN:  # don't magnify noise
+            middle = min(max((low + high) / 2, MIN_METRIC_SPAN / 2), 1 - MIN_METRIC_SPAN / 2)
+            ax2.set_ylim(middle - MIN_METRIC_SPAN / 2, middle + MIN_METRIC_SPAN / 2)
     ax.set_title("softprompt training")
     fig.tight_layout()
     with atomic_path(path) as tmp:
