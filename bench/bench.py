@@ -96,8 +96,9 @@ def alternate(systems: dict[str, Callable[[], Any]], repeats: int, warmup: int =
         for fn in systems.values():
             fn()
     runs: dict[str, list[float]] = {k: [] for k in systems}
+    order = list(systems.items())
     for r in range(repeats):
-        for name, fn in (list(systems.items()) if r % 2 == 0 else list(systems.items())[::-1]):
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
             runs[name].append(timed(fn))
     return {k: statistics.median(v) for k, v in runs.items()}
 

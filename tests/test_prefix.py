@@ -66,17 +66,19 @@ def test_supported_decoders_use_the_cache_and_match_the_plain_path(arch):
     torch.testing.assert_close(got.loss, want.loss, atol=ATOL, rtol=0)
 
 
+def _train_step(model, ids, mask, names):
+    """One training forward and backward: the loss and the prompt gradients of "a" and "b"."""
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids, adapter_names=names).loss
+    loss.backward()
+    return loss.detach(), [model.prompts[n].embedding.grad.clone() for n in ("a", "b")]
+
+
 @pytest.mark.parametrize("arch", DECODERS)
 def test_training_loss_and_prompt_gradient_match(arch):
     cached, plain = _pair("CAUSAL_LM", arch)
     ids, mask = _batch()
-    grads, losses = [], []
-    for model in (cached, plain):
-        model.train()
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids, adapter_names=["a", "a", "b"]).loss
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append([model.prompts[n].embedding.grad.clone() for n in ("a", "b")])
+    losses, grads = zip(*(_train_step(model, ids, mask, ["a", "a", "b"]) for model in (cached, plain)))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
     for g_cached, g_plain in zip(*grads):
         assert g_plain.abs().sum() > 0
@@ -101,11 +103,9 @@ def test_grouped_query_attention_attends_on_the_key_value_heads(arch, monkeypatc
     losses, grads = [], []
     for model in (cached, plain):
         calls.clear()
-        model.train()
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids, adapter_names=["a", "b", "a"]).loss
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append([model.prompts[n].embedding.grad.clone() for n in ("a", "b")])
+        loss, grad = _train_step(model, ids, mask, ["a", "b", "a"])
+        losses.append(loss)
+        grads.append(grad)
         # (query length, fewer key heads than query heads, enable_gqa) of the batch's passes
         # (the longest queries; the cached prompt passes are shorter)
         users = [c for c in calls if c[0] == max(q for q, _, _ in calls)]

@@ -133,7 +133,7 @@ def test_saved_adapter_resumes_training(tmp_path):
 def test_bf16_weight_copies_change_nothing_but_the_casts(arch):
     """Under bf16 autocast, training with bfloat16 copies of the frozen linear weights gives
     bit-identical losses and prompt gradients, and the model gets its own parameters back."""
-    from softprompt._compat import bf16_weight_copies
+    from softprompt._compat import bf16_weight_copies, linear_layers
 
     torch.manual_seed(0)
     base = build_model("CAUSAL_LM", arch)
@@ -147,7 +147,7 @@ def test_bf16_weight_copies_change_nothing_but_the_casts(arch):
         model.prompts["default"].embedding.grad = None
         with bf16_weight_copies(base, copies), torch.autocast("cpu", dtype=torch.bfloat16):
             if copies:
-                linear = [m for m in base.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+                linear = linear_layers(base)
                 assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
                 assert base.get_input_embeddings().weight.dtype == torch.float32  # lookups stay exact
             loss = model(input_ids=ids, labels=ids).loss

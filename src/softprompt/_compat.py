@@ -214,6 +214,11 @@ def prefix_attention(model: nn.Module, device: torch.device) -> str | None:
 BF16_COPY_MAX_BYTES = 2 << 30
 
 
+def linear_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose weight autocast casts: `nn.Linear` and GPT-2's `Conv1D`."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+
+
 @contextmanager
 def bf16_weight_copies(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Give the frozen float32 linear layers bfloat16 copies of their weights for the block.
@@ -229,8 +234,8 @@ def bf16_weight_copies(model: nn.Module, enabled: bool) -> Iterator[None]:
     """
     swaps: list[tuple[nn.Module, nn.Parameter]] = []
     if enabled:
-        layers = [m for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
-        weights = [m.weight for m in layers if isinstance(getattr(m, "weight", None), nn.Parameter)]
+        layers = linear_layers(model)
+        weights = [m.weight for m in layers]
         usable = all(w.dtype == torch.float32 and w.device.type != "meta" for w in weights)
         size = sum(w.numel() * 2 for w in weights if not w.requires_grad)
         if usable and size <= BF16_COPY_MAX_BYTES and not any(hasattr(m, "_hf_hook") for m in layers):

@@ -452,9 +452,7 @@ class SoftPromptModel(nn.Module):
                 inputs[cache_key] = cache
         inputs.update(kwargs)
         call = Call(self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch, prompt_logits)
-        attention = None
-        if layout.prompt_cached:
-            attention = _compat.prefix_attention(self.base_model, embeds.device)
+        attention = _compat.prefix_attention(self.base_model, embeds.device) if layout.prompt_cached else None
         with routed(list(self.heads.values()), routing), _compat.attention_implementation(self.base_model, attention):
             return self.spec.forward(call)
 

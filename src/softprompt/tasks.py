@@ -86,13 +86,13 @@ class SummedCrossEntropy(torch.autograd.Function):
         logits, lse, safe, valid = ctx.saved_tensors
         scale = grad.to(lse.dtype) * valid  # per row; 0 where the target is ignored
         out = torch.empty_like(logits)
+        in_place = out.dtype == lse.dtype  # else each block goes through the working dtype
         for rows in SummedCrossEntropy._blocks(logits):
-            # softmax * scale - one_hot * scale, written straight into the gradient when the
-            # logits are in the working dtype, else through a float32 block
-            block = out[rows] if out.dtype == lse.dtype else None
-            block = torch.sub(logits[rows].to(lse.dtype), lse[rows, None], out=block).exp_().mul_(scale[rows, None])
+            # softmax * scale - one_hot * scale
+            block = torch.sub(logits[rows].to(lse.dtype), lse[rows, None], out=out[rows] if in_place else None)
+            block.exp_().mul_(scale[rows, None])
             block[torch.arange(block.shape[0], device=block.device), safe[rows]] -= scale[rows]
-            if out.dtype != lse.dtype:
+            if not in_place:
                 out[rows] = block
         return out, None
 
