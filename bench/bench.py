@@ -26,8 +26,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -72,7 +73,9 @@ def peft_prompt(base, n: int, seed: int = 0):
     import peft
 
     torch.manual_seed(seed)
-    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="SAMPLE_VOCAB")
+    cfg = peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="SAMPLE_VOCAB"
+    )
     return peft.get_peft_model(copy.deepcopy(base), cfg)
 
 
@@ -98,7 +101,7 @@ def alternate(systems: dict[str, Callable[[], Any]], repeats: int, warmup: int =
     runs: dict[str, list[float]] = {k: [] for k in systems}
     order = list(systems.items())
     for r in range(repeats):
-        for name, fn in (order if r % 2 == 0 else order[::-1]):
+        for name, fn in order if r % 2 == 0 else order[::-1]:
             runs[name].append(timed(fn))
     return {k: statistics.median(v) for k, v in runs.items()}
 
@@ -111,6 +114,7 @@ def train_step_fn(model, ids, mask, optimizer):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -119,6 +123,7 @@ def forward_fn(model, ids, mask):
         model.eval()
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
+
     return fwd
 
 
@@ -126,8 +131,15 @@ def generate_fn(model, ids, mask, new_tokens, **kw):
     def gen():
         model.eval()
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, **kw)
+            return model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                **kw,
+            )
+
     return gen
 
 
@@ -138,8 +150,10 @@ def optimizer_for(model):
 def bench_train(base, pool, n, length, batch, repeats, lora: bool = True) -> dict[str, float]:
     ids, mask = random_batch(pool, batch, length, seed=1)
     mine, theirs = ours(base, n), peft_prompt(base, n)
-    systems = {"softprompt": train_step_fn(mine, ids, mask, optimizer_for(mine)),
-               "peft_prompt_tuning": train_step_fn(theirs, ids, mask, optimizer_for(theirs))}
+    systems = {
+        "softprompt": train_step_fn(mine, ids, mask, optimizer_for(mine)),
+        "peft_prompt_tuning": train_step_fn(theirs, ids, mask, optimizer_for(theirs)),
+    }
     if lora:
         lora_model = peft_lora(base)
         systems["peft_lora_r8"] = train_step_fn(lora_model, ids, mask, optimizer_for(lora_model))
@@ -151,8 +165,14 @@ def bench_train(base, pool, n, length, batch, repeats, lora: bool = True) -> dic
 def bench_forward(base, pool, n, length, batch, repeats) -> dict[str, float]:
     ids, mask = random_batch(pool, batch, length, seed=2)
     mine, theirs = ours(base, n), peft_prompt(base, n)
-    times = alternate({"softprompt": forward_fn(mine, ids, mask), "peft_prompt_tuning": forward_fn(theirs, ids, mask),
-                       "bare": forward_fn(base, ids, mask)}, repeats)
+    times = alternate(
+        {
+            "softprompt": forward_fn(mine, ids, mask),
+            "peft_prompt_tuning": forward_fn(theirs, ids, mask),
+            "bare": forward_fn(base, ids, mask),
+        },
+        repeats,
+    )
     mine.unload()
     return times
 
@@ -162,8 +182,11 @@ def bench_generate(base, pool, n, length, batch, new_tokens, repeats) -> dict[st
     mine, theirs = ours(base, n), peft_prompt(base, n)
     with torch.no_grad():  # the same prompt in both libraries
         theirs.prompt_encoder["default"].embedding.weight.copy_(mine.prompts["default"].embedding)
-    fns = {"softprompt": generate_fn(mine, ids, mask, new_tokens), "peft_prompt_tuning": generate_fn(theirs, ids, mask, new_tokens),
-           "bare": generate_fn(base, ids, mask, new_tokens)}
+    fns = {
+        "softprompt": generate_fn(mine, ids, mask, new_tokens),
+        "peft_prompt_tuning": generate_fn(theirs, ids, mask, new_tokens),
+        "bare": generate_fn(base, ids, mask, new_tokens),
+    }
     times = alternate(fns, repeats)
     # Correctness next to speed: the reference is our model without the KV cache, step by step.
     reference = ids.clone()
@@ -201,23 +224,36 @@ def bench_serving(base, pool, n, length, adapters, new_tokens, repeats) -> dict[
         for i, name in enumerate(names):
             mine.save_pretrained(Path(tmp) / name, selected_adapters=[name])
             if i == 0:
-                theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), Path(tmp) / name, adapter_name=name)
+                theirs = peft.PeftModel.from_pretrained(
+                    copy.deepcopy(base), Path(tmp) / name, adapter_name=name
+                )
             else:
                 theirs.load_adapter(Path(tmp) / name, adapter_name=name)
 
     def ours_all():
         mine.eval()
         with torch.no_grad():
-            mine.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False)
+            mine.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                adapter_names=names,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            )
 
     def peft_all():
         theirs.eval()
         with torch.no_grad():
             for i, name in enumerate(names):
                 theirs.set_adapter(name)
-                theirs.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False)
+                theirs.generate(
+                    input_ids=ids[i : i + 1],
+                    attention_mask=mask[i : i + 1],
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                )
 
     times = alternate({"softprompt_mixed_batch": ours_all, "peft_one_adapter_at_a_time": peft_all}, repeats)
     mine.unload()
@@ -231,7 +267,9 @@ def adapter_sizes(base, n: int) -> dict[str, int]:
         mine.save_pretrained(Path(tmp) / "ours")
         mine.unload()
         peft_prompt(base, n).save_pretrained(Path(tmp) / "peft")
-        size = lambda folder: sum(f.stat().st_size for f in (Path(tmp) / folder).iterdir() if f.suffix in (".json", ".safetensors"))
+        size = lambda folder: sum(
+            f.stat().st_size for f in (Path(tmp) / folder).iterdir() if f.suffix in (".json", ".safetensors")
+        )
         return {"softprompt": size("ours"), "peft_prompt_tuning": size("peft")}
 
 
@@ -241,8 +279,11 @@ def memory_child(args: argparse.Namespace) -> None:
     base, tokenizer = load_base(args.model)
     pool = ordinary_ids(tokenizer, base.config.vocab_size)
     ids, mask = random_batch(pool, args.batch, args.length, seed=5)
-    system = {"softprompt": lambda: ours(base, args.num_virtual_tokens), "bare": lambda: base,
-              "peft_prompt_tuning": lambda: peft_prompt(base, args.num_virtual_tokens)}[args.memory_child]()
+    system = {
+        "softprompt": lambda: ours(base, args.num_virtual_tokens),
+        "bare": lambda: base,
+        "peft_prompt_tuning": lambda: peft_prompt(base, args.num_virtual_tokens),
+    }[args.memory_child]()
     loaded = _status_mib("VmRSS")
     # Loading the model peaks higher than running it; reset the peak (Linux: clear_refs 5)
     # so the figure is the workload's own peak, model weights included.
@@ -272,8 +313,20 @@ def _status_mib(field: str) -> float:
 def bench_memory(args: argparse.Namespace) -> dict[str, float]:
     out = {}
     for system in ("bare", "softprompt", "peft_prompt_tuning"):
-        cmd = [sys.executable, __file__, "--memory-child", system, "--threads", str(args.threads),
-               "--batch", str(args.batch), "--length", str(args.length), "--num-virtual-tokens", str(args.num_virtual_tokens)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            system,
+            "--threads",
+            str(args.threads),
+            "--batch",
+            str(args.batch),
+            "--length",
+            str(args.length),
+            "--num-virtual-tokens",
+            str(args.num_virtual_tokens),
+        ]
         if args.model:
             cmd += ["--model", args.model]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -285,57 +338,87 @@ def bench_memory(args: argparse.Namespace) -> dict[str, float]:
 def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"# softprompt benchmark: {results['meta']['model']}", "",
-             f"{results['meta']['machine']}, {results['meta']['threads']} threads, torch {results['meta']['torch']}, "
-             f"transformers {results['meta']['transformers']}, peft {results['meta']['peft']}; median of "
-             f"{results['meta']['repeats']} runs after a warm-up, systems alternated. N = virtual tokens, L = input "
-             "tokens, B = batch."]
+    lines = [
+        f"# softprompt benchmark: {results['meta']['model']}",
+        "",
+        f"{results['meta']['machine']}, {results['meta']['threads']} threads, torch {results['meta']['torch']}, "
+        f"transformers {results['meta']['transformers']}, peft {results['meta']['peft']}; median of "
+        f"{results['meta']['repeats']} runs after a warm-up, systems alternated. N = virtual tokens, L = input "
+        "tokens, B = batch.",
+    ]
     for u in results["meta"].get("updates", []):
-        lines.append(f"Re-measured {u['date']} (median of {u.get('repeats', '?')}): {', '.join(u['sections'])}.")
-    lines += ["", "| measurement | softprompt | PEFT prompt tuning | other | ratio | target |",
-             "|---|---|---|---|---|---|"]
+        lines.append(
+            f"Re-measured {u['date']} (median of {u.get('repeats', '?')}): {', '.join(u['sections'])}."
+        )
+    lines += [
+        "",
+        "| measurement | softprompt | PEFT prompt tuning | other | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
     t = results.get("train")
     if t:
-        lines.append(f"| train step (N={t['n']}, L={t['length']}, B={t['batch']}) | {t['seconds']['softprompt']:.2f} s | "
-                     f"{t['seconds']['peft_prompt_tuning']:.2f} s | LoRA r=8: {t['seconds'].get('peft_lora_r8', float('nan')):.2f} s | "
-                     f"PEFT / ours = **{t['peft_over_ours']:.2f}** | >= 1.25 |")
+        lines.append(
+            f"| train step (N={t['n']}, L={t['length']}, B={t['batch']}) | {t['seconds']['softprompt']:.2f} s | "
+            f"{t['seconds']['peft_prompt_tuning']:.2f} s | LoRA r=8: {t['seconds'].get('peft_lora_r8', float('nan')):.2f} s | "
+            f"PEFT / ours = **{t['peft_over_ours']:.2f}** | >= 1.25 |"
+        )
     f = results.get("forward")
     if f:
-        lines.append(f"| forward, no grad (N={f['n']}, L={f['length']}, B={f['batch']}) | {f['seconds']['softprompt']:.3f} s | "
-                     f"{f['seconds']['peft_prompt_tuning']:.3f} s | bare: {f['seconds']['bare']:.3f} s | "
-                     f"ours / bare = **{f['ours_over_bare']:.3f}**, PEFT / bare = {f['peft_over_bare']:.3f} | <= 1.05 |")
+        lines.append(
+            f"| forward, no grad (N={f['n']}, L={f['length']}, B={f['batch']}) | {f['seconds']['softprompt']:.3f} s | "
+            f"{f['seconds']['peft_prompt_tuning']:.3f} s | bare: {f['seconds']['bare']:.3f} s | "
+            f"ours / bare = **{f['ours_over_bare']:.3f}**, PEFT / bare = {f['peft_over_bare']:.3f} | <= 1.05 |"
+        )
     g = results.get("generate")
     if g:
         tps = g["tokens_per_s"]
-        lines.append(f"| greedy generate ({g['new_tokens']} new, B={g['batch']}, L={g['length']}) | {tps['softprompt']:.1f} tok/s | "
-                     f"{tps['peft_prompt_tuning']:.1f} tok/s | bare: {tps['bare']:.1f} tok/s | ours / bare = "
-                     f"**{g['ours_over_bare']:.3f}**, PEFT / bare = {g['peft_over_bare']:.3f} | >= 0.95 |")
+        lines.append(
+            f"| greedy generate ({g['new_tokens']} new, B={g['batch']}, L={g['length']}) | {tps['softprompt']:.1f} tok/s | "
+            f"{tps['peft_prompt_tuning']:.1f} tok/s | bare: {tps['bare']:.1f} tok/s | ours / bare = "
+            f"**{g['ours_over_bare']:.3f}**, PEFT / bare = {g['peft_over_bare']:.3f} | >= 0.95 |"
+        )
     s = results.get("serving")
     if s:
         tps = s["tokens_per_s"]
-        lines.append(f"| serving {s['adapters']} adapters, 1 request each ({s['new_tokens']} new) | "
-                     f"{tps['softprompt_mixed_batch']:.1f} tok/s (one mixed batch) | {tps['peft_one_adapter_at_a_time']:.1f} tok/s "
-                     f"(one adapter at a time) | | ours / PEFT = **{s['ours_over_peft']:.2f}** | >= 3 |")
+        lines.append(
+            f"| serving {s['adapters']} adapters, 1 request each ({s['new_tokens']} new) | "
+            f"{tps['softprompt_mixed_batch']:.1f} tok/s (one mixed batch) | {tps['peft_one_adapter_at_a_time']:.1f} tok/s "
+            f"(one adapter at a time) | | ours / PEFT = **{s['ours_over_peft']:.2f}** | >= 3 |"
+        )
     m = results.get("memory")
     if m:
         peak = {k: v["peak_rss_mib"] for k, v in m.items()}
-        lines.append(f"| peak RSS while running (forward + generate + train step; loading excluded) | {peak['softprompt']:.0f} MiB | "
-                     f"{peak['peft_prompt_tuning']:.0f} MiB | bare (forward + generate): {peak['bare']:.0f} MiB | | |")
+        lines.append(
+            f"| peak RSS while running (forward + generate + train step; loading excluded) | {peak['softprompt']:.0f} MiB | "
+            f"{peak['peft_prompt_tuning']:.0f} MiB | bare (forward + generate): {peak['bare']:.0f} MiB | | |"
+        )
     a = results.get("adapter_bytes")
     if a:
-        lines.append(f"| adapter files (N={results['meta']['num_virtual_tokens']}) | {a['softprompt']} B | {a['peft_prompt_tuning']} B | | | |")
+        lines.append(
+            f"| adapter files (N={results['meta']['num_virtual_tokens']}) | {a['softprompt']} B | {a['peft_prompt_tuning']} B | | | |"
+        )
     if g:
         c = g["correctness"]
-        lines += ["", f"Generation check against a no-cache step-by-step reference: softprompt "
-                  f"{'matches' if c['softprompt_equals_reference'] else 'DIFFERS'}, PEFT "
-                  f"{'matches' if c['peft_equals_reference'] else 'differs'}."]
+        lines += [
+            "",
+            f"Generation check against a no-cache step-by-step reference: softprompt "
+            f"{'matches' if c['softprompt_equals_reference'] else 'DIFFERS'}, PEFT "
+            f"{'matches' if c['peft_equals_reference'] else 'differs'}.",
+        ]
     sc = results.get("scaling")
     if sc:
-        lines += ["", f"## Scaling (B={sc['batch']})", "", "| N | L | train: PEFT / ours | forward: ours / bare | forward: PEFT / bare |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Scaling (B={sc['batch']})",
+            "",
+            "| N | L | train: PEFT / ours | forward: ours / bare | forward: PEFT / bare |",
+            "|---|---|---|---|---|",
+        ]
         for row in sc["rows"]:
-            lines.append(f"| {row['n']} | {row['length']} | {row['train_peft_over_ours']:.2f} | {row['forward_ours_over_bare']:.3f} | "
-                         f"{row['forward_peft_over_bare']:.3f} |")
+            lines.append(
+                f"| {row['n']} | {row['length']} | {row['train_peft_over_ours']:.2f} | {row['forward_ours_over_bare']:.3f} | "
+                f"{row['forward_peft_over_bare']:.3f} |"
+            )
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(results, out_dir / f"{name}.png")
 
@@ -366,8 +449,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
     if "scaling" in results:
         for n in sorted({r["n"] for r in results["scaling"]["rows"]}):
             rows = [r for r in results["scaling"]["rows"] if r["n"] == n]
-            ax.plot([r["length"] for r in rows], [r["train_peft_over_ours"] for r in rows], marker="o", label=f"train, N={n}")
-            ax.plot([r["length"] for r in rows], [1 / r["forward_ours_over_bare"] for r in rows], marker="x", linestyle="--", label=f"forward bare/ours, N={n}")
+            ax.plot(
+                [r["length"] for r in rows],
+                [r["train_peft_over_ours"] for r in rows],
+                marker="o",
+                label=f"train, N={n}",
+            )
+            ax.plot(
+                [r["length"] for r in rows],
+                [1 / r["forward_ours_over_bare"] for r in rows],
+                marker="x",
+                linestyle="--",
+                label=f"forward bare/ours, N={n}",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("input length L")
         ax.set_ylabel("ratio")
@@ -381,7 +475,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="Model id or folder (default: the packaged SmolLM2-135M-Instruct).")
+    parser.add_argument(
+        "--model", default=None, help="Model id or folder (default: the packaged SmolLM2-135M-Instruct)."
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num-virtual-tokens", type=int, default=20)
@@ -395,7 +491,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats, no scaling, no memory.")
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--name", default=None)
-    parser.add_argument("--update", action="store_true", help="Merge into an existing result file (re-measure --sections only).")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="Merge into an existing result file (re-measure --sections only).",
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -414,11 +514,19 @@ def main() -> None:
         p.requires_grad_(False)
     pool = ordinary_ids(tokenizer, base.config.vocab_size)
     n, length, batch = args.num_virtual_tokens, args.length, args.batch
-    results: dict[str, Any] = {"meta": {
-        "model": args.model or "SmolLM2-135M-Instruct", "threads": args.threads, "repeats": args.repeats,
-        "num_virtual_tokens": n, "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cpus)".strip(),
-        "date": time.strftime("%Y-%m-%d %H:%M")}}
+    results: dict[str, Any] = {
+        "meta": {
+            "model": args.model or "SmolLM2-135M-Instruct",
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "num_virtual_tokens": n,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cpus)".strip(),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+    }
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -426,28 +534,53 @@ def main() -> None:
     if "train" in sections:
         log("train step ...")
         secs = bench_train(base, pool, n, length, batch, args.repeats)
-        results["train"] = {"n": n, "length": length, "batch": batch, "seconds": secs,
-                            "peft_over_ours": secs["peft_prompt_tuning"] / secs["softprompt"]}
+        results["train"] = {
+            "n": n,
+            "length": length,
+            "batch": batch,
+            "seconds": secs,
+            "peft_over_ours": secs["peft_prompt_tuning"] / secs["softprompt"],
+        }
         log(json.dumps(results["train"]))
     if "forward" in sections:
         log("forward ...")
         secs = bench_forward(base, pool, n, length, batch, args.repeats)
-        results["forward"] = {"n": n, "length": length, "batch": batch, "seconds": secs,
-                              "ours_over_bare": secs["softprompt"] / secs["bare"], "peft_over_bare": secs["peft_prompt_tuning"] / secs["bare"]}
+        results["forward"] = {
+            "n": n,
+            "length": length,
+            "batch": batch,
+            "seconds": secs,
+            "ours_over_bare": secs["softprompt"] / secs["bare"],
+            "peft_over_bare": secs["peft_prompt_tuning"] / secs["bare"],
+        }
         log(json.dumps(results["forward"]))
     if "generate" in sections:
         log("generate ...")
         g = bench_generate(base, pool, n, length, args.gen_batch, args.new_tokens, args.repeats)
-        g.update({"n": n, "length": length, "batch": args.gen_batch, "new_tokens": args.new_tokens,
-                  "ours_over_bare": g["tokens_per_s"]["softprompt"] / g["tokens_per_s"]["bare"],
-                  "peft_over_bare": g["tokens_per_s"]["peft_prompt_tuning"] / g["tokens_per_s"]["bare"]})
+        g.update(
+            {
+                "n": n,
+                "length": length,
+                "batch": args.gen_batch,
+                "new_tokens": args.new_tokens,
+                "ours_over_bare": g["tokens_per_s"]["softprompt"] / g["tokens_per_s"]["bare"],
+                "peft_over_bare": g["tokens_per_s"]["peft_prompt_tuning"] / g["tokens_per_s"]["bare"],
+            }
+        )
         results["generate"] = g
         log(json.dumps(g))
     if "serving" in sections:
         log("serving ...")
         s = bench_serving(base, pool, n, length, args.adapters, args.new_tokens, args.repeats)
-        s.update({"adapters": args.adapters, "new_tokens": args.new_tokens, "length": length,
-                  "ours_over_peft": s["tokens_per_s"]["softprompt_mixed_batch"] / s["tokens_per_s"]["peft_one_adapter_at_a_time"]})
+        s.update(
+            {
+                "adapters": args.adapters,
+                "new_tokens": args.new_tokens,
+                "length": length,
+                "ours_over_peft": s["tokens_per_s"]["softprompt_mixed_batch"]
+                / s["tokens_per_s"]["peft_one_adapter_at_a_time"],
+            }
+        )
         results["serving"] = s
         log(json.dumps(s))
     results["adapter_bytes"] = adapter_sizes(base, n)
@@ -460,12 +593,21 @@ def main() -> None:
         for n_s in (1, 20, 100):
             for l_s in (32, 128, 512):
                 log(f"scaling N={n_s} L={l_s} ...")
-                tr = bench_train(base, pool, n_s, l_s, args.scaling_batch, max(3, args.repeats - 2), lora=False)
+                tr = bench_train(
+                    base, pool, n_s, l_s, args.scaling_batch, max(3, args.repeats - 2), lora=False
+                )
                 fw = bench_forward(base, pool, n_s, l_s, args.scaling_batch, max(3, args.repeats - 2))
-                rows.append({"n": n_s, "length": l_s, "train_seconds": tr, "forward_seconds": fw,
-                             "train_peft_over_ours": tr["peft_prompt_tuning"] / tr["softprompt"],
-                             "forward_ours_over_bare": fw["softprompt"] / fw["bare"],
-                             "forward_peft_over_bare": fw["peft_prompt_tuning"] / fw["bare"]})
+                rows.append(
+                    {
+                        "n": n_s,
+                        "length": l_s,
+                        "train_seconds": tr,
+                        "forward_seconds": fw,
+                        "train_peft_over_ours": tr["peft_prompt_tuning"] / tr["softprompt"],
+                        "forward_ours_over_bare": fw["softprompt"] / fw["bare"],
+                        "forward_peft_over_bare": fw["peft_prompt_tuning"] / fw["bare"],
+                    }
+                )
         results["scaling"] = {"batch": args.scaling_batch, "rows": rows}
     name = args.name or f"bench-{Path(results['meta']['model']).name}"
     previous = Path(args.out) / f"{name}.json"
@@ -473,7 +615,8 @@ def main() -> None:
         merged = json.loads(previous.read_text())
         remeasured = sorted(k for k in results if k != "meta")
         merged.setdefault("meta", {}).setdefault("updates", []).append(
-            {"date": results["meta"]["date"], "sections": remeasured, "repeats": results["meta"]["repeats"]})
+            {"date": results["meta"]["date"], "sections": remeasured, "repeats": results["meta"]["repeats"]}
+        )
         merged.update({k: v for k, v in results.items() if k != "meta"})
         results = merged
     write_report(results, Path(args.out), name)

@@ -22,9 +22,17 @@ from softprompt import PromptTuningConfig, SoftPromptModel, wrap
 
 def tiny_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-                         initializer_range=0.5)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.5,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -37,11 +45,13 @@ class Sequences(torch.utils.data.Dataset):
             start, length = 5 + i % 20, 4 + i % 5
             ids = list(range(start, start + length))
             pad = 8 - length
-            self.rows.append({
-                "input_ids": torch.tensor([0] * pad + ids),
-                "attention_mask": torch.tensor([0] * pad + [1] * length),
-                "labels": torch.tensor([-100] * pad + ids),
-            })
+            self.rows.append(
+                {
+                    "input_ids": torch.tensor([0] * pad + ids),
+                    "attention_mask": torch.tensor([0] * pad + [1] * length),
+                    "labels": torch.tensor([-100] * pad + ids),
+                }
+            )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -73,7 +83,12 @@ def main(out_dir: str) -> dict[str, object]:
     print(f"Trainer losses: {[round(x, 3) for x in losses]}")
     reloaded = SoftPromptModel.from_pretrained(tiny_model(), f"{out_dir}/prompt")
     assert torch.equal(reloaded.get_prompt(), model.get_prompt())
-    return {"first_loss": losses[0], "last_loss": losses[-1], "train_loss": result.training_loss, "model": model}
+    return {
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "train_loss": result.training_loss,
+        "model": model,
+    }
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from softprompt import PromptTuningConfig, SoftPromptModel, wrap
 
-
 STEPS = 60
 
 
@@ -22,9 +21,17 @@ def tiny_model() -> LlamaForCausalLM:
     # A large init range: with the default 0.02 a random model's logits are near uniform
     # and no prompt can steer it. A pretrained model needs no such thing.
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-                         initializer_range=0.5)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.5,
+    )
     return LlamaForCausalLM(config)
 
 

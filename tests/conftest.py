@@ -14,9 +14,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*bos_token_id must be.*")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import settings
 
-from tests.tiny import WORDS, build_model, make_tokenizer  # noqa: E402
+from tests.tiny import WORDS, build_model, make_tokenizer
 
 # Property tests draw the same examples on every run, so CI never fails by chance;
 # HYPOTHESIS_PROFILE=explore draws new ones (run it when changing a parser or a strategy).

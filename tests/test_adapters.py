@@ -72,7 +72,9 @@ def test_adapters_saved_and_loaded_into_another_model(tmp_path):
     ids = torch.randint(4, VOCAB, (2, 4))
     with torch.no_grad():
         expected = model(input_ids=ids, adapter_names="b").logits
-        torch.testing.assert_close(other(input_ids=ids, adapter_names=["b", "b2"]).logits, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            other(input_ids=ids, adapter_names=["b", "b2"]).logits, expected, atol=1e-6, rtol=0
+        )
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -32,7 +32,9 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert set(tensors) == {"prompt_embeddings", "base_model.score.weight"}
     loaded = SoftPromptModel.from_pretrained(build_model("SEQ_CLS", "llama"), folder)
     assert torch.equal(loaded.get_prompt(), model.get_prompt())
-    assert torch.equal(loaded.head_modules("default")["score"].weight, model.head_modules("default")["score"].weight)
+    assert torch.equal(
+        loaded.head_modules("default")["score"].weight, model.head_modules("default")["score"].weight
+    )
     again = tmp_path / "again"
     loaded.save_pretrained(again)
     assert (again / WEIGHTS_NAME).read_bytes() == (folder / WEIGHTS_NAME).read_bytes()
@@ -58,7 +60,10 @@ def test_save_refuses_to_overwrite_a_different_adapter(tmp_path):
         model.save_pretrained(folder)
     assert (folder / WEIGHTS_NAME).read_bytes() == original
     model.save_pretrained(folder, overwrite=True)
-    assert torch.equal(SoftPromptModel.from_pretrained(build_model("SEQ_CLS", "llama"), folder).get_prompt(), model.get_prompt())
+    assert torch.equal(
+        SoftPromptModel.from_pretrained(build_model("SEQ_CLS", "llama"), folder).get_prompt(),
+        model.get_prompt(),
+    )
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
 
 
@@ -142,7 +147,10 @@ def test_other_hidden_size_names_both_shapes_and_leaves_the_model_alone(tmp_path
     with pytest.raises(AdapterFileError, match=r"shape \(4, 32\).*needs \(4, 64\)"):
         SoftPromptModel.from_pretrained(big, folder)
     assert all(p.requires_grad for p in big.parameters()), "the base model must not be touched"
-    model = wrap(build_model("CAUSAL_LM", "llama", hidden_size=64, intermediate_size=64), PromptTuningConfig(num_virtual_tokens=2))
+    model = wrap(
+        build_model("CAUSAL_LM", "llama", hidden_size=64, intermediate_size=64),
+        PromptTuningConfig(num_virtual_tokens=2),
+    )
     with pytest.raises(AdapterFileError, match="different model"):
         model.load_adapter(folder, "x")
     assert model.adapter_names == ["default"]
@@ -195,7 +203,15 @@ def test_malicious_pickle_is_refused(tmp_path):
         ({"modules_to_save": ["../score"]}, "not a module name"),
         ({"num_virtual_tokens": 2.5}, "must be an integer"),
         ({"token_dim": -4}, "between 1 and"),
-        ({"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "x", "tokenizer_name_or_path": "t", "tokenizer_kwargs": {"trust_remote_code": True}}, "trust_remote_code"),
+        (
+            {
+                "prompt_tuning_init": "TEXT",
+                "prompt_tuning_init_text": "x",
+                "tokenizer_name_or_path": "t",
+                "tokenizer_kwargs": {"trust_remote_code": True},
+            },
+            "trust_remote_code",
+        ),
     ],
 )
 def test_hostile_config_values(tmp_path, patch, match):

@@ -20,13 +20,20 @@ def test_defaults_follow_the_seed():
 
 @pytest.mark.parametrize("value", ["TEXT", "text", PromptTuningInit.TEXT])
 def test_init_accepts_string_values(value):
-    cfg = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init=value, prompt_tuning_init_text="hi", tokenizer_name_or_path="tok")
+    cfg = PromptTuningConfig(
+        num_virtual_tokens=4,
+        prompt_tuning_init=value,
+        prompt_tuning_init_text="hi",
+        tokenizer_name_or_path="tok",
+    )
     assert cfg.prompt_tuning_init is PromptTuningInit.TEXT
 
 
 def test_unknown_init_string_is_refused_with_the_valid_ones():
     # PEFT silently falls back to RANDOM here.
-    with pytest.raises(ValueError, match="Unknown prompt_tuning_init 'TEXTT'.*TEXT, CLASS_LABELS, SAMPLE_VOCAB, RANDOM"):
+    with pytest.raises(
+        ValueError, match="Unknown prompt_tuning_init 'TEXTT'.*TEXT, CLASS_LABELS, SAMPLE_VOCAB, RANDOM"
+    ):
         PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXTT")
 
 
@@ -64,38 +71,87 @@ def test_text_init_needs_tokenizer_and_text():
 def test_empty_init_text_refused(text):
     # PEFT crashes with ZeroDivisionError here.
     with pytest.raises(ValueError, match="empty"):
-        PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path="tok")
+        PromptTuningConfig(
+            num_virtual_tokens=4,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=text,
+            tokenizer_name_or_path="tok",
+        )
 
 
 def test_tokenizer_kwargs_only_with_text_like_inits():
     with pytest.raises(ValueError, match="tokenizer_kwargs only applies"):
         PromptTuningConfig(num_virtual_tokens=4, tokenizer_kwargs={"use_fast": True})
-    cfg = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi", tokenizer_name_or_path="t", tokenizer_kwargs={"use_fast": True})
+    cfg = PromptTuningConfig(
+        num_virtual_tokens=4,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="hi",
+        tokenizer_name_or_path="t",
+        tokenizer_kwargs={"use_fast": True},
+    )
     assert cfg.tokenizer_kwargs == {"use_fast": True}
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"trust_remote_code": True}, {"Trust_Remote_Code": False}, {"nested": {"trust_remote_code": True}}, {"x": [{"trust_remote_code": 1}]}],
+    [
+        {"trust_remote_code": True},
+        {"Trust_Remote_Code": False},
+        {"nested": {"trust_remote_code": True}},
+        {"x": [{"trust_remote_code": 1}]},
+    ],
 )
 def test_trust_remote_code_anywhere_in_tokenizer_kwargs_refused(kwargs):
     with pytest.raises(ValueError, match="trust_remote_code"):
-        PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi", tokenizer_name_or_path="t", tokenizer_kwargs=kwargs)
+        PromptTuningConfig(
+            num_virtual_tokens=4,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text="hi",
+            tokenizer_name_or_path="t",
+            tokenizer_kwargs=kwargs,
+        )
 
 
 def test_class_labels_needs_a_list_that_fits():
-    cfg = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="CLASS_LABELS", prompt_tuning_init_text=("positive", "negative"), tokenizer_name_or_path="t")
+    cfg = PromptTuningConfig(
+        num_virtual_tokens=4,
+        prompt_tuning_init="CLASS_LABELS",
+        prompt_tuning_init_text=("positive", "negative"),
+        tokenizer_name_or_path="t",
+    )
     assert cfg.prompt_tuning_init_text == ["positive", "negative"]
     with pytest.raises(ValueError, match="list of label words"):
-        PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="CLASS_LABELS", prompt_tuning_init_text="positive", tokenizer_name_or_path="t")
+        PromptTuningConfig(
+            num_virtual_tokens=4,
+            prompt_tuning_init="CLASS_LABELS",
+            prompt_tuning_init_text="positive",
+            tokenizer_name_or_path="t",
+        )
     with pytest.raises(ValueError, match="do not fit"):
-        PromptTuningConfig(num_virtual_tokens=1, prompt_tuning_init="CLASS_LABELS", prompt_tuning_init_text=["a", "b"], tokenizer_name_or_path="t")
+        PromptTuningConfig(
+            num_virtual_tokens=1,
+            prompt_tuning_init="CLASS_LABELS",
+            prompt_tuning_init_text=["a", "b"],
+            tokenizer_name_or_path="t",
+        )
     with pytest.raises(ValueError, match="empty or non-string"):
-        PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="CLASS_LABELS", prompt_tuning_init_text=["a", ""], tokenizer_name_or_path="t")
+        PromptTuningConfig(
+            num_virtual_tokens=4,
+            prompt_tuning_init="CLASS_LABELS",
+            prompt_tuning_init_text=["a", ""],
+            tokenizer_name_or_path="t",
+        )
 
 
 def test_json_round_trip_uses_peft_keys():
-    cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=12, prompt_tuning_init="TEXT", prompt_tuning_init_text="Classify:", tokenizer_name_or_path="tok", tokenizer_kwargs={"use_fast": True})
+    cfg = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=12,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="Classify:",
+        tokenizer_name_or_path="tok",
+        tokenizer_kwargs={"use_fast": True},
+    )
     data = json.loads(cfg.to_json_string())
     assert data["peft_type"] == "PROMPT_TUNING"
     assert data["task_type"] == "CAUSAL_LM" and data["prompt_tuning_init"] == "TEXT"
@@ -136,4 +192,6 @@ def test_wrong_token_dim_names_both_sizes():
 
 def test_task_of_the_wrong_kind_of_model():
     with pytest.raises(ValueError, match="SEQ_2_SEQ_LM"):
-        wrap(build_model("SEQ_2_SEQ_LM", "t5"), PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+        wrap(
+            build_model("SEQ_2_SEQ_LM", "t5"), PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
+        )

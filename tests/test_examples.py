@@ -30,4 +30,6 @@ def test_hugging_face_trainer_trains_only_the_prompt(tmp_path):
     assert (tmp_path / "prompt" / "adapter_model.safetensors").exists()
     trained_base = result["model"].base_model.state_dict()
     fresh = module.tiny_model().state_dict()
-    assert all(torch.equal(trained_base[k], v) for k, v in fresh.items()), "the Trainer must not touch the base model"
+    assert all(torch.equal(trained_base[k], v) for k, v in fresh.items()), (
+        "the Trainer must not touch the base model"
+    )

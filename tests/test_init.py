@@ -17,7 +17,12 @@ def _table(model):
 
 
 def test_text_init_repeats_the_text_tokens(tokenizer, tokenizer_dir):
-    cfg = PromptTuningConfig(num_virtual_tokens=7, prompt_tuning_init="TEXT", prompt_tuning_init_text="classify the review", tokenizer_name_or_path=tokenizer_dir)
+    cfg = PromptTuningConfig(
+        num_virtual_tokens=7,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="classify the review",
+        tokenizer_name_or_path=tokenizer_dir,
+    )
     model = wrap(build_model("CAUSAL_LM", "llama"), cfg)  # tokenizer loaded from the folder
     ids = tokenizer("classify the review", add_special_tokens=False)["input_ids"]
     expected = _table(model)[torch.tensor((ids * 3)[:7])]
@@ -25,7 +30,12 @@ def test_text_init_repeats_the_text_tokens(tokenizer, tokenizer_dir):
 
 
 def test_text_init_truncates(tokenizer):
-    cfg = PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="good bad great", tokenizer_name_or_path="unused")
+    cfg = PromptTuningConfig(
+        num_virtual_tokens=2,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="good bad great",
+        tokenizer_name_or_path="unused",
+    )
     model = wrap(build_model("CAUSAL_LM", "gpt2"), cfg, tokenizer=tokenizer)
     ids = tokenizer("good bad", add_special_tokens=False)["input_ids"]
     assert torch.equal(model.get_prompt(), _table(model)[torch.tensor(ids)])
@@ -38,7 +48,11 @@ def test_text_that_tokenizes_to_nothing_is_a_clear_error(tokenizer):
 
 
 def test_sample_vocab_never_draws_special_or_padding_tokens(tokenizer):
-    model = wrap(build_model("CAUSAL_LM", "llama"), PromptTuningConfig(num_virtual_tokens=30, prompt_tuning_init="SAMPLE_VOCAB"), tokenizer=tokenizer)
+    model = wrap(
+        build_model("CAUSAL_LM", "llama"),
+        PromptTuningConfig(num_virtual_tokens=30, prompt_tuning_init="SAMPLE_VOCAB"),
+        tokenizer=tokenizer,
+    )
     table = _table(model)
     prompt = model.get_prompt()
     # Each row is exactly one row of the table; find which.
@@ -51,14 +65,19 @@ def test_sample_vocab_never_draws_special_or_padding_tokens(tokenizer):
 def test_sample_vocab_without_tokenizer_skips_config_special_ids():
     # Without a tokenizer only the ids named in the model config are known to be special.
     for _ in range(5):
-        model = wrap(build_model("CAUSAL_LM", "llama"), PromptTuningConfig(num_virtual_tokens=90, prompt_tuning_init="SAMPLE_VOCAB"))
+        model = wrap(
+            build_model("CAUSAL_LM", "llama"),
+            PromptTuningConfig(num_virtual_tokens=90, prompt_tuning_init="SAMPLE_VOCAB"),
+        )
         table = _table(model)
         drawn = {int((table == row).all(dim=1).nonzero()[0]) for row in model.get_prompt()}
         assert not drawn & {PAD, BOS, EOS}
 
 
 def test_sample_vocab_loads_the_named_tokenizer(tokenizer_dir):
-    cfg = PromptTuningConfig(num_virtual_tokens=30, prompt_tuning_init="SAMPLE_VOCAB", tokenizer_name_or_path=tokenizer_dir)
+    cfg = PromptTuningConfig(
+        num_virtual_tokens=30, prompt_tuning_init="SAMPLE_VOCAB", tokenizer_name_or_path=tokenizer_dir
+    )
     model = wrap(build_model("CAUSAL_LM", "llama"), cfg)
     table = _table(model)
     drawn = {int((table == row).all(dim=1).nonzero()[0]) for row in model.get_prompt()}
@@ -77,7 +96,12 @@ def test_random_init_matches_the_embedding_scale():
 
 def test_class_labels_init(tokenizer):
     labels = ["positive", "not fun"]  # the second is two tokens: averaged
-    cfg = PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="CLASS_LABELS", prompt_tuning_init_text=labels, tokenizer_name_or_path="unused")
+    cfg = PromptTuningConfig(
+        num_virtual_tokens=5,
+        prompt_tuning_init="CLASS_LABELS",
+        prompt_tuning_init_text=labels,
+        tokenizer_name_or_path="unused",
+    )
     model = wrap(build_model("CAUSAL_LM", "llama"), cfg, tokenizer=tokenizer)
     table, prompt = _table(model), model.get_prompt()
     pos = tokenizer("positive", add_special_tokens=False)["input_ids"]

@@ -148,7 +148,8 @@ DAMAGE = {
     "foreign file": (lambda c: (c / "pytorch_model.bin").write_bytes(b"x"), "unexpected"),
     "foreign folder": (lambda c: (c / "sub").mkdir(), "unexpected"),
     "escaping manifest entry": (
-        lambda c: _edit_manifest(c, files={"../x": {"size": 1, "sha256": "0"}}), "unexpected"
+        lambda c: _edit_manifest(c, files={"../x": {"size": 1, "sha256": "0"}}),
+        "unexpected",
     ),
 }
 
@@ -282,8 +283,10 @@ _CHILD = textwrap.dedent(
 def test_two_processes_converting_at_once(fake_gguf, cache, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)]))
     args = [sys.executable, "-c", _CHILD, str(fake_gguf), str(cache), str(tmp_path / "ready")]
-    children = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for _ in range(2)]
+    children = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     logs = []
     for child in children:
         out, err = child.communicate(timeout=300)
@@ -358,8 +361,11 @@ def test_local_folder_sequence_classification(tiny_dir):
 
 @pytest.mark.parametrize(
     "task, cls",
-    [("TOKEN_CLS", T.LlamaForTokenClassification), ("QUESTION_ANS", T.LlamaForQuestionAnswering),
-     ("feature-extraction", T.LlamaModel)],
+    [
+        ("TOKEN_CLS", T.LlamaForTokenClassification),
+        ("QUESTION_ANS", T.LlamaForQuestionAnswering),
+        ("feature-extraction", T.LlamaModel),
+    ],
 )
 def test_local_folder_other_tasks(tiny_dir, task, cls):
     model, _ = load_model(str(tiny_dir), task_type=task)
@@ -374,15 +380,15 @@ def test_seq2seq_folder(tmp_path):
 
 
 def test_pad_token_set_from_eos_when_missing(tmp_path):
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers import models as tok_models
-    from tokenizers import pre_tokenizers
 
     vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, "good": 3, "bad": 4}
     backend = Tokenizer(tok_models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    no_pad = T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]",
-                                       eos_token="[EOS]")
+    no_pad = T.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
     assert no_pad.pad_token is None
     no_pad.save_pretrained(tmp_path)
     config = config_for("llama", pad_token_id=None, vocab_size=5, eos_token_id=2)
@@ -435,10 +441,17 @@ def test_hub_failure_says_hub_may_be_unavailable(monkeypatch):
 
 def test_remote_code_is_never_run(tmp_path):
     marker = tmp_path / "code-ran"
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "softprompt-custom",
-        "auto_map": {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"},
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "softprompt-custom",
+                "auto_map": {
+                    "AutoConfig": "custom.CustomConfig",
+                    "AutoModelForCausalLM": "custom.CustomModel",
+                },
+            }
+        )
+    )
     (tmp_path / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     with pytest.raises(ModelLoadError, match="trust_remote_code|softprompt-custom"):
         load_model(str(tmp_path))
@@ -489,7 +502,7 @@ def test_real_default_model(tmp_path):
     ids = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids.input_ids.shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, ids.input_ids.shape[1] :])
 
     start = time.monotonic()
     again, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=cache)

@@ -9,8 +9,8 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from softprompt import PromptTuningConfig, SoftPromptModel, wrap  # noqa: E402
-from tests.tiny import VOCAB, build_model  # noqa: E402
+from softprompt import PromptTuningConfig, SoftPromptModel, wrap
+from tests.tiny import VOCAB, build_model
 
 ATOL = 1e-5
 N = 5
@@ -76,7 +76,10 @@ def test_peft_adapter_loads_with_same_outputs(task, arch, tmp_path):
 
 @pytest.mark.parametrize("task,arch", CASES)
 def test_our_adapter_loads_in_peft_with_same_outputs(task, arch, tmp_path):
-    ours = wrap(build_model(task, arch), PromptTuningConfig(task_type=task, num_virtual_tokens=N, prompt_tuning_init="SAMPLE_VOCAB"))
+    ours = wrap(
+        build_model(task, arch),
+        PromptTuningConfig(task_type=task, num_virtual_tokens=N, prompt_tuning_init="SAMPLE_VOCAB"),
+    )
     if task == "SEQ_CLS":
         with torch.no_grad():
             for p in ours.trainable_parameters():
@@ -101,7 +104,9 @@ def test_peft_causal_lm_with_full_sequence_matches_peft_layout(tmp_path):
     batch = _inputs("CAUSAL_LM")
     with torch.no_grad():
         expected = pm(**batch).logits
-        got = SoftPromptModel.from_pretrained(build_model("CAUSAL_LM", "llama"), tmp_path)(**batch, full_sequence=True).logits
+        got = SoftPromptModel.from_pretrained(build_model("CAUSAL_LM", "llama"), tmp_path)(
+            **batch, full_sequence=True
+        ).logits
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 

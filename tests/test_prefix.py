@@ -111,9 +111,13 @@ def test_grouped_query_attention_attends_on_the_key_value_heads(arch, monkeypatc
         users = [c for c in calls if c[0] == max(q for q, _, _ in calls)]
         assert users and users[0][0] == ids.shape[1] + (0 if model is cached else 5)
         if model is cached:
-            assert all(fewer and gqa for _, fewer, gqa in users), "the user's pass must attend on the KV heads"
+            assert all(fewer and gqa for _, fewer, gqa in users), (
+                "the user's pass must attend on the KV heads"
+            )
         else:
-            assert not any(gqa for _, _, gqa in users)  # the plain path, masked: transformers copies the heads
+            assert not any(
+                gqa for _, _, gqa in users
+            )  # the plain path, masked: transformers copies the heads
     assert cached.base_model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     for g_cached, g_plain in zip(*grads):
@@ -124,9 +128,15 @@ def test_grouped_query_attention_attends_on_the_key_value_heads(arch, monkeypatc
 def test_other_decoder_tasks_match(task):
     cached, plain = _pair(task, "llama")
     ids, mask = _batch()
-    extra = {"SEQ_CLS": {"labels": torch.tensor([0, 1, 2])}, "TOKEN_CLS": {"labels": torch.randint(0, 3, ids.shape)},
-             "QUESTION_ANS": {"start_positions": torch.tensor([3, 1, 0]), "end_positions": torch.tensor([5, 2, 4])},
-             "FEATURE_EXTRACTION": {}}[task]
+    extra = {
+        "SEQ_CLS": {"labels": torch.tensor([0, 1, 2])},
+        "TOKEN_CLS": {"labels": torch.randint(0, 3, ids.shape)},
+        "QUESTION_ANS": {
+            "start_positions": torch.tensor([3, 1, 0]),
+            "end_positions": torch.tensor([5, 2, 4]),
+        },
+        "FEATURE_EXTRACTION": {},
+    }[task]
     with torch.no_grad():
         got = cached(input_ids=ids, attention_mask=mask, adapter_names=["a", "b", "a"], **extra)
         want = plain(input_ids=ids, attention_mask=mask, adapter_names=["a", "b", "a"], **extra)
@@ -143,7 +153,9 @@ def test_generate_greedy_and_sampled_match(arch):
     cached, plain = _pair("CAUSAL_LM", arch)
     ids, mask = _batch()
     ids, mask = ids[:2], mask[:2]  # decoder generation wants left padding
-    kw = dict(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=5, min_new_tokens=5)
+    kw = dict(
+        input_ids=ids, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=5, min_new_tokens=5
+    )
     assert torch.equal(cached.generate(**kw, do_sample=False), plain.generate(**kw, do_sample=False))
     outs = []
     for model in (cached, plain):
@@ -183,9 +195,16 @@ def test_prompt_changed_through_data_is_not_served_stale():
 
 
 def test_fallbacks():
-    for task, arch in [("SEQ_2_SEQ_LM", "t5"), ("SEQ_2_SEQ_LM", "bart"), ("SEQ_CLS", "bert"), ("FEATURE_EXTRACTION", "roberta")]:
+    for task, arch in [
+        ("SEQ_2_SEQ_LM", "t5"),
+        ("SEQ_2_SEQ_LM", "bart"),
+        ("SEQ_CLS", "bert"),
+        ("FEATURE_EXTRACTION", "roberta"),
+    ]:
         assert not supports_prefix_cache(build_model(task, arch)), (task, arch)
-    sliding = build_model("CAUSAL_LM", "qwen2", use_sliding_window=True, sliding_window=4, layer_types=["sliding_attention"] * 2)
+    sliding = build_model(
+        "CAUSAL_LM", "qwen2", use_sliding_window=True, sliding_window=4, layer_types=["sliding_attention"] * 2
+    )
     assert not supports_prefix_cache(sliding)
     # gradient checkpointing during training: the plain path, same gradients (see test_training)
     model = wrap(build_model("CAUSAL_LM", "llama"), PromptTuningConfig(num_virtual_tokens=3))

@@ -693,7 +693,7 @@ def _check_read(folder: Path, saved: Saved, *, config_changed: bool, weights_cha
         else:
             assert str(config_path) in message or str(weights_path) in message, message
         return
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise AssertionError(
             f"read_adapter raised {type(err).__name__}, not AdapterFileError: {err}"
         ) from err
@@ -810,7 +810,7 @@ def test_prompt_of_any_dtype_and_size_loads_finite_or_is_refused(
             event("AdapterFileError")
             assert str(folder / WEIGHTS_NAME) in str(err)
             assert not fine, f"a finite {dtype} prompt of the right shape was refused: {err}"
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise AssertionError(f"read_adapter raised {type(err).__name__}: {err}") from err
         else:
             event("loaded")

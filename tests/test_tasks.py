@@ -17,7 +17,9 @@ ADAPTERS = ["a", "b", "a"]  # "a" has 4 virtual tokens, "b" 2
 def _model(task: str, arch: str):
     base = build_model(task, arch)
     model = wrap(base, PromptTuningConfig(task_type=task, num_virtual_tokens=4), adapter_name="a")
-    model.add_adapter("b", PromptTuningConfig(task_type=task, num_virtual_tokens=2, prompt_tuning_init="SAMPLE_VOCAB"))
+    model.add_adapter(
+        "b", PromptTuningConfig(task_type=task, num_virtual_tokens=2, prompt_tuning_init="SAMPLE_VOCAB")
+    )
     model.eval()
     return model
 
@@ -72,7 +74,8 @@ def test_padded_mixed_batch_equals_single_rows(task, arch, side):
     with torch.no_grad():
         batch = model(input_ids=ids, attention_mask=mask, adapter_names=ADAPTERS, **_extra(task, len(rows)))
         singles = [
-            model(input_ids=r.unsqueeze(0), adapter_names=[a], **_extra(task, 1)) for r, a in zip(rows, ADAPTERS)
+            model(input_ids=r.unsqueeze(0), adapter_names=[a], **_extra(task, 1))
+            for r, a in zip(rows, ADAPTERS)
         ]
     width = ids.shape[1]
     for i, (r, single) in enumerate(zip(rows, singles)):
@@ -93,7 +96,11 @@ def test_prompt_changes_the_output(task, arch):
     with torch.no_grad():
         a = model(input_ids=ids, adapter_names=["a"], **_extra(task, 1))
         b = model(input_ids=ids, adapter_names=["b"], **_extra(task, 1))
-    ta, tb = (_per_token(task, a), _per_token(task, b)) if _per_token(task, a) is not None else (_pooled(task, a), _pooled(task, b))
+    ta, tb = (
+        (_per_token(task, a), _per_token(task, b))
+        if _per_token(task, a) is not None
+        else (_pooled(task, a), _pooled(task, b))
+    )
     assert (ta - tb).abs().max() > 1e-4
 
 
@@ -103,7 +110,9 @@ def test_summed_cross_entropy_equals_torch(dtype, monkeypatch):
     PyTorch's value and gradient, ignored targets included."""
     from softprompt.tasks import SummedCrossEntropy
 
-    monkeypatch.setattr(SummedCrossEntropy, "BLOCK_BYTES", 4 * 37 * 3)  # 3 rows a block: 4 blocks, the last partial
+    monkeypatch.setattr(
+        SummedCrossEntropy, "BLOCK_BYTES", 4 * 37 * 3
+    )  # 3 rows a block: 4 blocks, the last partial
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(11, 37, generator=g) * 4).to(dtype).requires_grad_()
     targets = torch.randint(0, 37, (11,), generator=g)
@@ -115,9 +124,13 @@ def test_summed_cross_entropy_equals_torch(dtype, monkeypatch):
     (grad_want,) = torch.autograd.grad(want * 0.7, logits)
     assert ours.dtype == work and grad_ours.dtype == dtype
     torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad_ours, grad_want, rtol=1e-5, atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
+    torch.testing.assert_close(
+        grad_ours, grad_want, rtol=1e-5, atol=1e-6 if dtype != torch.bfloat16 else 1e-2
+    )
     assert grad_ours[[0, 4, 10]].abs().sum() == 0
     if dtype == torch.float64:
-        assert torch.autograd.gradcheck(lambda x: SummedCrossEntropy.apply(x, targets), (logits.detach().requires_grad_(),))
+        assert torch.autograd.gradcheck(
+            lambda x: SummedCrossEntropy.apply(x, targets), (logits.detach().requires_grad_(),)
+        )
     none = torch.full((11,), -100)  # every target ignored: zero loss and gradient, no NaN
     assert SummedCrossEntropy.apply(logits, none).item() == 0

@@ -22,8 +22,18 @@ def model_dir(tmp_path_factory):
 
 
 def _config(tmp_path, model_dir, **kw):
-    base = dict(output_dir=str(tmp_path / "run"), model=model_dir, data=_rows(48, 1), dev_data=_rows(12, 2),
-                max_steps=4, batch_size=8, eval_every=2, eval_samples=None, num_virtual_tokens=3, zero_shot=False)
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        model=model_dir,
+        data=_rows(48, 1),
+        dev_data=_rows(12, 2),
+        max_steps=4,
+        batch_size=8,
+        eval_every=2,
+        eval_samples=None,
+        num_virtual_tokens=3,
+        zero_shot=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -35,19 +45,36 @@ def test_records_and_examples_as_data(tmp_path, model_dir):
     assert saved["config"]["data"] == "<list of 48 records>"
     assert saved["resolved"]["label_words"] == {"negative": " negative", "positive": " positive"}
     examples = [Example(r["text"], label=r["label"]) for r in _rows(24, 3)]
-    result = train(_config(tmp_path, model_dir, output_dir=str(tmp_path / "ex"), data=examples, dev_data=None, max_steps=2))
+    result = train(
+        _config(
+            tmp_path, model_dir, output_dir=str(tmp_path / "ex"), data=examples, dev_data=None, max_steps=2
+        )
+    )
     assert result.steps == 2
 
 
 def test_generation_data(tmp_path, model_dir):
     rows = [{"text": f"{w} movie", "target": w} for w in ["good", "bad", "fun", "boring"] * 6]
-    result = train(_config(tmp_path, model_dir, data=rows, dev_data=rows[:4], max_steps=3, eval_every=3, max_new_tokens=2))
+    result = train(
+        _config(
+            tmp_path, model_dir, data=rows, dev_data=rows[:4], max_steps=3, eval_every=3, max_new_tokens=2
+        )
+    )
     assert set(result.metrics["tuned"]) >= {"exact_match", "f1"}
 
 
 def test_early_stopping(tmp_path, model_dir):
-    result = train(_config(tmp_path, model_dir, lr=1e-9, max_steps=40, eval_every=1, early_stopping_patience=2,
-                           checkpoint_every=100))
+    result = train(
+        _config(
+            tmp_path,
+            model_dir,
+            lr=1e-9,
+            max_steps=40,
+            eval_every=1,
+            early_stopping_patience=2,
+            checkpoint_every=100,
+        )
+    )
     assert result.steps == 3 and result.metrics["stop_reason"].startswith("early stopping")
 
 
@@ -58,13 +85,21 @@ def test_gradient_accumulation_equals_one_big_batch(model_dir):
 
     tokenizer = make_tokenizer()
     rows = _rows(8, 4)
-    objective = ClassificationObjective.build(tokenizer, [r["text"] for r in rows], [r["label"] for r in rows],
-                                              "{text}", {"negative": " negative", "positive": " positive"}, 64)
-    model = wrap(build_model("CAUSAL_LM", "llama", initializer_range=0.5), PromptTuningConfig(num_virtual_tokens=3))
+    objective = ClassificationObjective.build(
+        tokenizer,
+        [r["text"] for r in rows],
+        [r["label"] for r in rows],
+        "{text}",
+        {"negative": " negative", "positive": " positive"},
+        64,
+    )
+    model = wrap(
+        build_model("CAUSAL_LM", "llama", initializer_range=0.5), PromptTuningConfig(num_virtual_tokens=3)
+    )
     objective.loss(model, list(range(8))).backward()
     whole = model.prompts["default"].embedding.grad.clone()
     model.prompts["default"].embedding.grad = None
-    for half in (range(0, 4), range(4, 8)):
+    for half in (range(4), range(4, 8)):
         (objective.loss(model, list(half)) / 2).backward()
     torch.testing.assert_close(model.prompts["default"].embedding.grad, whole, atol=1e-6, rtol=1e-5)
 
@@ -82,8 +117,17 @@ def test_schedules():
         assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(last, abs=1e-9)
 
 
-@pytest.mark.parametrize("bad", [dict(lr=-1), dict(batch_size=0), dict(optimizer="sgd"), dict(schedule="step"),
-                                 dict(init="FANCY"), dict(output_dir="")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(lr=-1),
+        dict(batch_size=0),
+        dict(optimizer="sgd"),
+        dict(schedule="step"),
+        dict(init="FANCY"),
+        dict(output_dir=""),
+    ],
+)
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError):
         TrainConfig(**{"output_dir": "x", **bad})
@@ -105,11 +149,19 @@ def test_eager_attention_gives_the_same_loss_and_gradient_as_sdpa(arch):
     tokenizer = make_tokenizer()
     rows = _rows(8, 5)
     texts = [" ".join([r["text"]] * (1 + i % 3)) for i, r in enumerate(rows)]  # 3 lengths: padded batch
-    objective = ClassificationObjective.build(tokenizer, texts, [r["label"] for r in rows],
-                                              "{text}", {"negative": " negative", "positive": " positive"}, 64)
+    objective = ClassificationObjective.build(
+        tokenizer,
+        texts,
+        [r["label"] for r in rows],
+        "{text}",
+        {"negative": " negative", "positive": " positive"},
+        64,
+    )
     assert len(set(objective.lengths)) == 3
-    model = wrap(build_model("CAUSAL_LM", arch, initializer_range=0.5, attn_implementation="sdpa"),
-                 PromptTuningConfig(num_virtual_tokens=4))
+    model = wrap(
+        build_model("CAUSAL_LM", arch, initializer_range=0.5, attn_implementation="sdpa"),
+        PromptTuningConfig(num_virtual_tokens=4),
+    )
     results = {}
     for name in ("sdpa", "eager"):
         with attention_implementation(model.base_model, name):
@@ -127,9 +179,8 @@ def test_attention_switch_is_undone_on_error_and_chosen_for_bf16_cpu_only():
     from softprompt._compat import attention_implementation, training_attention
 
     base = build_model("CAUSAL_LM", "llama", attn_implementation="sdpa")
-    with pytest.raises(RuntimeError, match="boom"):
-        with attention_implementation(base, "eager"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), attention_implementation(base, "eager"):
+        raise RuntimeError("boom")
     assert base.config._attn_implementation == "sdpa"
     assert training_attention(base, True, torch.device("cpu"), 64) == "eager"
     assert training_attention(base, False, torch.device("cpu"), 64) is None
@@ -144,5 +195,7 @@ def test_bf16_default_follows_the_hardware(tmp_path, model_dir):
     assert saved["config"]["bf16"] is None
     assert saved["resolved"]["bf16"] is native_bf16(torch.device("cpu"))
     assert result.steps == 2
-    train(_config(tmp_path, model_dir, output_dir=str(tmp_path / "off"), max_steps=2, eval_every=0, bf16=False))
+    train(
+        _config(tmp_path, model_dir, output_dir=str(tmp_path / "off"), max_steps=2, eval_every=0, bf16=False)
+    )
     assert json.loads((tmp_path / "off" / "run_config.json").read_text())["resolved"]["bf16"] is False

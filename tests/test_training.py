@@ -61,7 +61,9 @@ def test_only_prompt_and_heads_train_and_base_is_bit_identical(task, arch):
 
 
 def test_head_can_be_frozen():
-    model = wrap(build_model("SEQ_CLS", "llama"), PromptTuningConfig(num_virtual_tokens=3, modules_to_save=[]))
+    model = wrap(
+        build_model("SEQ_CLS", "llama"), PromptTuningConfig(num_virtual_tokens=3, modules_to_save=[])
+    )
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompts.default.embedding"]
     assert model.peft_config["default"].modules_to_save == []
 

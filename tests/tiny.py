@@ -39,23 +39,110 @@ def _common(**kw):
 
 def config_for(arch: str, **extra) -> T.PretrainedConfig:
     if arch == "gpt2":
-        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **_common())
+        cfg = T.GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **_common(),
+        )
     elif arch == "llama":
-        cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **_common())
+        cfg = T.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **_common(),
+        )
     elif arch == "qwen2":
-        cfg = T.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **_common())
+        cfg = T.Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **_common(),
+        )
     elif arch == "opt":
-        cfg = T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0, **_common())
+        cfg = T.OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+            dropout=0.0,
+            attention_dropout=0.0,
+            **_common(),
+        )
     elif arch == "gpt_neox":
-        cfg = T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, **_common())
+        cfg = T.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **_common(),
+        )
     elif arch == "t5":
-        cfg = T.T5Config(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, dropout_rate=0.0, decoder_start_token_id=PAD, **_common())
+        cfg = T.T5Config(
+            d_model=32,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            d_kv=8,
+            dropout_rate=0.0,
+            decoder_start_token_id=PAD,
+            **_common(),
+        )
     elif arch == "bart":
-        cfg = T.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0, decoder_start_token_id=EOS, forced_eos_token_id=None, **_common())
+        cfg = T.BartConfig(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            dropout=0.0,
+            attention_dropout=0.0,
+            decoder_start_token_id=EOS,
+            forced_eos_token_id=None,
+            **_common(),
+        )
     elif arch == "bert":
-        cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **_common())
+        cfg = T.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **_common(),
+        )
     elif arch == "roberta":
-        cfg = T.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=130, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, vocab_size=VOCAB, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        cfg = T.RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=130,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            vocab_size=VOCAB,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        )
     else:
         raise KeyError(arch)
     for k, v in extra.items():

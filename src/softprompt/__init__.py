@@ -47,6 +47,6 @@ __all__ = [
     "PromptTuningInit",
     "SoftPromptModel",
     "TaskType",
-    "wrap",
     "__version__",
+    "wrap",
 ]

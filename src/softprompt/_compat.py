@@ -56,7 +56,9 @@ def infer_task_type(model: nn.Module) -> TaskType | None:
     config = getattr(model, "config", None)
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return TaskType.CAUSAL_LM
-    if name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) and getattr(config, "is_encoder_decoder", False):
+    if name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) and getattr(
+        config, "is_encoder_decoder", False
+    ):
         return TaskType.SEQ_2_SEQ_LM
     if name.endswith("ForSequenceClassification"):
         return TaskType.SEQ_CLS
@@ -157,7 +159,9 @@ def training_attention(model: nn.Module, bf16: bool, device: torch.device, posit
     """
     if not bf16 or device.type != "cpu" or positions > EAGER_MAX_TOKENS:
         return None
-    return "eager" if getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa" else None
+    return (
+        "eager" if getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa" else None
+    )
 
 
 # ---------------------------------------------------------------------- prefix attention
@@ -167,20 +171,39 @@ _GQA_IN_SDPA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[
 _SPECIAL_ATTENTION = ("softcap", "position_bias", "s_aux", "sinks", "output_attentions", "head_mask")
 
 
-def _prefix_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
+def _prefix_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, except that grouped-query attention with a mask on CPU
     runs on the key/value heads as they are (`enable_gqa`) instead of copying them to every
     query head: a cached prompt always brings a mask (its queries and keys differ in
     length), and the copies and their backward cost about a quarter of the attention time."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    plain = not any(kwargs.get(name) is not None and kwargs.get(name) is not False for name in _SPECIAL_ATTENTION)
-    if (plain and attention_mask is not None and query.device.type == "cpu" and query.shape[2] > 1
-            and key.shape[1] != query.shape[1]):
+    plain = not any(
+        kwargs.get(name) is not None and kwargs.get(name) is not False for name in _SPECIAL_ATTENTION
+    )
+    if (
+        plain
+        and attention_mask is not None
+        and query.device.type == "cpu"
+        and query.shape[2] > 1
+        and key.shape[1] != query.shape[1]
+    ):
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=float(kwargs.get("dropout", 0.0) or 0.0),
-            scale=kwargs.get("scaling"), enable_gqa=True)
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=float(kwargs.get("dropout", 0.0) or 0.0),
+            scale=kwargs.get("scaling"),
+            enable_gqa=True,
+        )
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -204,7 +227,10 @@ def prefix_attention(model: nn.Module, device: torch.device) -> str | None:
     config = getattr(model, "config", None)
     if device.type != "cpu" or not _GQA_IN_SDPA or getattr(config, "_attn_implementation", None) != "sdpa":
         return None
-    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    heads, kv_heads = (
+        getattr(config, "num_attention_heads", None),
+        getattr(config, "num_key_value_heads", None),
+    )
     if not heads or not kv_heads or kv_heads == heads:
         return None
     return PREFIX_ATTENTION if _register_prefix_attention() else None

@@ -74,7 +74,11 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[key] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         chunks.append(data)
         offset += len(data)
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
@@ -156,7 +160,9 @@ def _read_config_text(path: Path) -> str:
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise AdapterFileError(f"{path} is {size} bytes; an adapter config is a few hundred. Refusing to read it.")
+            raise AdapterFileError(
+                f"{path} is {size} bytes; an adapter config is a few hundred. Refusing to read it."
+            )
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise AdapterFileError(f"{path} is not UTF-8 text ({err}).") from None
@@ -191,7 +197,9 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             meta = dict(fh.metadata() or {})
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise AdapterFileError(f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupted.") from None
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupted."
+        ) from None
     return tensors, meta
 
 
@@ -203,7 +211,9 @@ def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
             f"{path} could not be loaded as plain tensors ({type(err).__name__}: {str(err)[:300]}). "
             "Only weights are read from .bin files (weights_only=True); a pickle that carries code is refused."
         ) from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
         raise AdapterFileError(f"{path} does not hold a dict of named tensors.")
     return data
 
@@ -264,10 +274,16 @@ def _check_tensors(config: PromptTuningConfig, tensors: dict[str, torch.Tensor],
         raise AdapterFileError(f"{file} has no tensor {PROMPT_KEY!r}; keys found: {sorted(tensors)[:10]}.")
     prompt = tensors[PROMPT_KEY]
     if not prompt.is_floating_point():
-        raise AdapterFileError(f"{file}: {PROMPT_KEY} has dtype {prompt.dtype}; a floating-point tensor is expected.")
-    submodules = config.num_transformer_submodules or (2 if prompt.dim() == 2 and prompt.shape[0] == 2 * config.num_virtual_tokens else 1)
+        raise AdapterFileError(
+            f"{file}: {PROMPT_KEY} has dtype {prompt.dtype}; a floating-point tensor is expected."
+        )
+    submodules = config.num_transformer_submodules or (
+        2 if prompt.dim() == 2 and prompt.shape[0] == 2 * config.num_virtual_tokens else 1
+    )
     rows = config.num_virtual_tokens * submodules
-    expected = (rows, config.token_dim) if config.token_dim else (rows, prompt.shape[-1] if prompt.dim() else -1)
+    expected = (
+        (rows, config.token_dim) if config.token_dim else (rows, prompt.shape[-1] if prompt.dim() else -1)
+    )
     if prompt.dim() != 2 or tuple(prompt.shape) != expected:
         raise AdapterFileError(
             f"{file}: {PROMPT_KEY} has shape {tuple(prompt.shape)}, but {CONFIG_NAME} describes "
@@ -286,11 +302,17 @@ def _check_tensors(config: PromptTuningConfig, tensors: dict[str, torch.Tensor],
             f"modules_to_save ({config.modules_to_save}) belong in a prompt-tuning adapter."
         )
     for key, value in tensors.items():
-        if key != PROMPT_KEY and value.is_floating_point() and not torch.isfinite(value.to(torch.float32)).all():
+        if (
+            key != PROMPT_KEY
+            and value.is_floating_point()
+            and not torch.isfinite(value.to(torch.float32)).all()
+        ):
             raise AdapterFileError(f"{file}: {key} contains NaN or infinite values.")
 
 
-def fit_to_model(config: PromptTuningConfig, tensors: dict[str, torch.Tensor], base: Any, path: Any) -> PromptTuningConfig:
+def fit_to_model(
+    config: PromptTuningConfig, tensors: dict[str, torch.Tensor], base: Any, path: Any
+) -> PromptTuningConfig:
     """Check that the adapter was made for a model of this hidden size; return its config
     with `modules_to_save` cut to heads this model has.
 
@@ -344,12 +366,17 @@ def match_head_tensors(
         plan[key] = (owner, pname)
     missing = [h for h in heads if not any(o == h for o, _ in plan.values())]
     if missing:
-        logger.warning("%s: no saved weights for head(s) %s; they keep the base model's values.", path, missing)
+        logger.warning(
+            "%s: no saved weights for head(s) %s; they keep the base model's values.", path, missing
+        )
     return plan
 
 
 def apply_head_tensors(
-    model: SoftPromptModel, adapter_name: str, tensors: dict[str, torch.Tensor], plan: dict[str, tuple[str, str]]
+    model: SoftPromptModel,
+    adapter_name: str,
+    tensors: dict[str, torch.Tensor],
+    plan: dict[str, tuple[str, str]],
 ) -> None:
     """Copy checked head weights (see `match_head_tensors`) into the adapter's head copies."""
     heads = model.head_modules(adapter_name)
@@ -359,7 +386,9 @@ def apply_head_tensors(
             target.copy_(tensors[key].to(target.dtype))
 
 
-def load_adapter(model: SoftPromptModel, path: str | os.PathLike, adapter_name: str, *, trainable: bool = False) -> None:
+def load_adapter(
+    model: SoftPromptModel, path: str | os.PathLike, adapter_name: str, *, trainable: bool = False
+) -> None:
     """Read an adapter folder and attach it to `model` under `adapter_name` (all or nothing)."""
     if adapter_name in model.prompts:
         raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pick another name.")

@@ -31,13 +31,17 @@ def parse_label_words(value: str) -> dict[str, str]:
             data = json.loads(value)
         except json.JSONDecodeError as err:
             raise argparse.ArgumentTypeError(f"label words are not valid JSON: {err}") from None
-        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
             raise argparse.ArgumentTypeError("label words must map label names to words (strings).")
         return data
     out = {}
     for part in value.split(","):
         if "=" not in part:
-            raise argparse.ArgumentTypeError(f"label words: {part!r} is not label=word (or give a JSON object).")
+            raise argparse.ArgumentTypeError(
+                f"label words: {part!r} is not label=word (or give a JSON object)."
+            )
         label, word = part.split("=", 1)
         out[label.strip()] = word
     return out
@@ -80,7 +84,14 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tupl
             conv = _optional(base) if optional else base
         else:
             conv = str
-        parser.add_argument(flag, type=conv, default=default, help=f"{help_text} (default: {str(default).replace('%', '%%')!r})" if default is not None else f"{help_text}")
+        parser.add_argument(
+            flag,
+            type=conv,
+            default=default,
+            help=f"{help_text} (default: {str(default).replace('%', '%%')!r})"
+            if default is not None
+            else f"{help_text}",
+        )
 
 
 # ---------------------------------------------------------------------- progress
@@ -113,9 +124,15 @@ class Progress:
         elif event == "progress":
             self.done += info["n"]
             if self.tty and self.total:
-                self._live(f"  {self.done}/{self.total} examples, {self.done / max(now - self.phase_start, 1e-9):.1f}/s")
+                self._live(
+                    f"  {self.done}/{self.total} examples, {self.done / max(now - self.phase_start, 1e-9):.1f}/s"
+                )
         elif event == "eval":
-            metric = next(k for k in info if k.startswith("dev_") and k != "dev_examples" and not k.startswith("dev_recall"))
+            metric = next(
+                k
+                for k in info
+                if k.startswith("dev_") and k != "dev_examples" and not k.startswith("dev_recall")
+            )
             mark = " (best so far, saved)" if info.get("improved") else ""
             self._line(f"step {info['step']}: {metric} = {info[metric]:.4f}{mark}")
         self.last = time.time()
@@ -123,8 +140,10 @@ class Progress:
     def _step(self, info: dict[str, Any]) -> None:
         step, total = info["step"], info["total_steps"]
         per_step = self.train_time / max(self.steps_timed, 1)
-        text = (f"step {step}/{total} | loss {info['loss']:.4f} | lr {info['lr']:.2e} | "
-                f"{self.examples / max(self.train_time, 1e-9):.1f} ex/s | ETA {_clock(per_step * (total - step))}")
+        text = (
+            f"step {step}/{total} | loss {info['loss']:.4f} | lr {info['lr']:.2e} | "
+            f"{self.examples / max(self.train_time, 1e-9):.1f} ex/s | ETA {_clock(per_step * (total - step))}"
+        )
         if self.tty:
             bar = int(20 * step / max(total, 1))
             self._live(f"[{'#' * bar}{'.' * (20 - bar)}] {text}")
@@ -142,7 +161,11 @@ class Progress:
 
 def _clock(seconds: float) -> str:
     seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str], stream: Any = None) -> None:
@@ -173,13 +196,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     rows = []
     for label in ("zero_shot", "tuned"):
         if label in metrics:
-            rows.append({"model": "bare model (zero-shot)" if label == "zero_shot" else "tuned prompt (best)", **metrics[label]})
+            rows.append(
+                {
+                    "model": "bare model (zero-shot)" if label == "zero_shot" else "tuned prompt (best)",
+                    **metrics[label],
+                }
+            )
     if rows:
         print(f"\n{metrics.get('final_split', 'test')} results ({rows[0].get('examples')} examples):")
         columns = ["model"] + [k for k in rows[0] if k not in ("model", "examples")]
         print_table(rows, columns)
-    print(f"\nsteps: {result.steps} ({metrics.get('stop_reason')}), best dev at step {result.best_step}, "
-          f"{result.seconds / 60:.1f} min")
+    print(
+        f"\nsteps: {result.steps} ({metrics.get('stop_reason')}), best dev at step {result.best_step}, "
+        f"{result.seconds / 60:.1f} min"
+    )
     print(f"adapter:  {out / 'best'}  (last: {out / 'last'})")
     print(f"metrics:  {out / 'metrics.jsonl'}  results: {out / 'results.json'}")
     print(f"plot:     {out / 'plot.png'}")
@@ -228,7 +258,9 @@ def _load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]]
         for name, path in adapters[1:]:
             model.load_adapter(path, name)
     else:  # the bare model only: a placeholder prompt that is never used
-        model = SoftPromptModel(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1), "unused", trainable=False)
+        model = SoftPromptModel(
+            base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1), "unused", trainable=False
+        )
     return model.eval(), tokenizer
 
 
@@ -241,14 +273,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: give --adapter PATH (one or more) and/or --zero-shot.")
     settings = _run_settings(adapters)
     model_name = args.model or settings.get("model")
-    config = TrainConfig(output_dir=".", model=model_name, data=args.data, task=args.task,
-                         template=args.template or settings.get("template"),
-                         label_words=args.label_words or settings.get("label_words"),
-                         text_field=args.text_field, label_field=args.label_field, target_field=args.target_field,
-                         max_length=args.max_length, max_new_tokens=args.max_new_tokens, skip_invalid=args.skip_invalid)
+    config = TrainConfig(
+        output_dir=".",
+        model=model_name,
+        data=args.data,
+        task=args.task,
+        template=args.template or settings.get("template"),
+        label_words=args.label_words or settings.get("label_words"),
+        text_field=args.text_field,
+        label_field=args.label_field,
+        target_field=args.target_field,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        skip_invalid=args.skip_invalid,
+    )
     examples, spec = _eval_examples(config, args.split)
     model, tokenizer = _load_with_adapters(model_name, adapters)
-    objective = build_objective(DataSpec(spec.task, examples, None, None, spec.template, spec.label_words), examples, tokenizer, config)
+    objective = build_objective(
+        DataSpec(spec.task, examples, None, None, spec.template, spec.label_words),
+        examples,
+        tokenizer,
+        config,
+    )
     if args.limit:
         indices = list(range(min(args.limit, len(objective))))
     else:
@@ -265,8 +311,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress = Progress()
         progress("phase", {"message": f"scoring {label}", "total": len(indices or objective.lengths)})
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            scores = objective.evaluate(model, indices, adapter=name, batch_size=args.batch_size,
-                                        progress=lambda n: progress("progress", {"n": n}))
+            scores = objective.evaluate(
+                model,
+                indices,
+                adapter=name,
+                batch_size=args.batch_size,
+                progress=lambda n: progress("progress", {"n": n}),
+            )
         rows.append({"model": label, **scores})
     sys.stderr.write("\n")
     columns = ["model"] + [k for k in rows[0] if k != "model"]
@@ -274,7 +325,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         from ._io import atomic_write_text
 
-        atomic_write_text(args.output, json.dumps({"data": args.data, "split": args.split, "results": rows}, indent=2) + "\n")
+        atomic_write_text(
+            args.output,
+            json.dumps({"data": args.data, "split": args.split, "results": rows}, indent=2) + "\n",
+        )
         print(f"saved {args.output}")
     return 0
 
@@ -287,8 +341,14 @@ def _eval_examples(config: Any, split: str):
         spec = load_data(config)
         return load_builtin(config.data, split), spec
     spec = load_data(dataclasses.replace(config, dev_data=config.data))
-    examples, _ = read_examples(config.data, task=spec.task, text_field=config.text_field, label_field=config.label_field,
-                                target_field=config.target_field, skip_invalid=config.skip_invalid)
+    examples, _ = read_examples(
+        config.data,
+        task=spec.task,
+        text_field=config.text_field,
+        label_field=config.label_field,
+        target_field=config.target_field,
+        skip_invalid=config.skip_invalid,
+    )
     return examples, spec
 
 
@@ -313,11 +373,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     results = []
     for name in names:
         torch.manual_seed(args.seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=name or "__base__",
-                             max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                             pad_token_id=pad)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=name or "__base__",
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            pad_token_id=pad,
+        )
         for i, text in enumerate(texts):
-            completion = tokenizer.decode(out[i, ids.shape[1]:], skip_special_tokens=True)
+            completion = tokenizer.decode(out[i, ids.shape[1] :], skip_special_tokens=True)
             results.append({"adapter": name or "(bare model)", "input": text, "output": completion})
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
@@ -333,21 +399,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     adapters = _adapter_specs([args.adapter] + ([args.compare] if args.compare else []))
     settings = _run_settings(adapters)
     model, tokenizer = _load_with_adapters(args.model or settings.get("model"), adapters)
-    report: dict[str, Any] = {"adapter": str(adapters[0][1]),
-                              "tokens": nearest_tokens(model, tokenizer, adapters[0][0], top_k=args.top_k)}
+    report: dict[str, Any] = {
+        "adapter": str(adapters[0][1]),
+        "tokens": nearest_tokens(model, tokenizer, adapters[0][0], top_k=args.top_k),
+    }
     if args.compare:
         report["comparison"] = compare_adapters(model, adapters[0][0], adapters[1][0])
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0
     print(f"{adapters[0][1]}: {len(report['tokens'])} virtual tokens")
-    rows = [{"#": t["position"], "norm": t["norm"], "nearest tokens (cosine)": ", ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in t["nearest"])}
-            for t in report["tokens"]]
+    rows = [
+        {
+            "#": t["position"],
+            "norm": t["norm"],
+            "nearest tokens (cosine)": ", ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in t["nearest"]),
+        }
+        for t in report["tokens"]
+    ]
     print_table(rows, ["#", "norm", "nearest tokens (cosine)"])
     if args.compare:
         c = report["comparison"]
-        print(f"\nvs {adapters[1][1]}: mean cosine of aligned positions {c['mean_position_cosine']:.4f}, "
-              f"of whole prompts {c['prompt_cosine']:.4f}, best-match mean {c['mean_best_match_cosine']:.4f}")
+        print(
+            f"\nvs {adapters[1][1]}: mean cosine of aligned positions {c['mean_position_cosine']:.4f}, "
+            f"of whole prompts {c['prompt_cosine']:.4f}, best-match mean {c['mean_best_match_cosine']:.4f}"
+        )
     return 0
 
 
@@ -361,19 +437,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="Train a soft prompt.", description=TrainConfig.__doc__)
     add_dataclass_options(p, TrainConfig, skip=("output_dir",))
-    p.add_argument("--output", "--output-dir", dest="output_dir", required=True, help=TrainConfig.__dataclass_fields__["output_dir"].metadata["help"])
+    p.add_argument(
+        "--output",
+        "--output-dir",
+        dest="output_dir",
+        required=True,
+        help=TrainConfig.__dataclass_fields__["output_dir"].metadata["help"],
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="Score adapters (and the bare model) on labelled data.")
     p.add_argument("--adapter", action="append", help="Adapter folder, or name=folder; repeat for several.")
-    p.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=True, help="Also score the bare model.")
+    p.add_argument(
+        "--zero-shot", action=argparse.BooleanOptionalAction, default=True, help="Also score the bare model."
+    )
     p.add_argument("--data", default="movie-reviews", help="Built-in set or a JSONL/CSV/TSV file.")
     p.add_argument("--split", default="test", help="Split of a built-in set: train, dev or test.")
     _shared_data_options(p)
     p.add_argument("--batch-size", type=int, default=64, help="Examples per forward pass.")
     p.add_argument("--limit", type=int, default=None, help="Score only the first N examples.")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (default: on where the hardware computes bfloat16 natively).")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast (default: on where the hardware computes bfloat16 natively).",
+    )
     p.add_argument("--output", default=None, help="Write the results as JSON here.")
     p.set_defaults(func=cmd_eval)
 
@@ -381,8 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*", help="Input texts (default: one per line on standard input).")
     p.add_argument("--adapter", action="append", help="Adapter folder, or name=folder; repeat for several.")
     p.add_argument("--zero-shot", action="store_true", help="Also answer with the bare model.")
-    p.add_argument("--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2).")
-    p.add_argument("--template", type=_unescape, default=None, help="Input template with {text} (default: the adapter's run).")
+    p.add_argument(
+        "--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2)."
+    )
+    p.add_argument(
+        "--template",
+        type=_unescape,
+        default=None,
+        help="Input template with {text} (default: the adapter's run).",
+    )
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
@@ -394,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="What a prompt learned: nearest tokens, norms, similarity.")
     p.add_argument("adapter", help="Adapter folder.")
     p.add_argument("--compare", default=None, help="A second adapter folder to compare with.")
-    p.add_argument("--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2).")
+    p.add_argument(
+        "--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2)."
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_inspect)
@@ -402,9 +499,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _shared_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2).")
+    p.add_argument(
+        "--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2)."
+    )
     p.add_argument("--task", default=None, choices=["classification", "generation"])
-    p.add_argument("--template", type=_unescape, default=None, help="Input template with {text} (default: the adapter's run).")
+    p.add_argument(
+        "--template",
+        type=_unescape,
+        default=None,
+        help="Input template with {text} (default: the adapter's run).",
+    )
     p.add_argument("--label-words", type=parse_label_words, default=None, help="label=word,... or JSON.")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
@@ -416,7 +520,9 @@ def _shared_data_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
     logging.getLogger("softprompt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -449,4 +555,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "parse_label_words"]
+__all__ = ["build_parser", "main", "parse_label_words"]

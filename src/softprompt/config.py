@@ -110,9 +110,7 @@ _PEFT_BOOKKEEPING_KEYS = {"peft_type", "peft_version", "auto_mapping"}
 def _check_int(name: str, value: Any, *, low: int, high: int, required: bool) -> int | None:
     if value is None:
         if required:
-            raise ValueError(
-                f"{name} is required: pass a positive integer, for example {name}=20."
-            )
+            raise ValueError(f"{name} is required: pass a positive integer, for example {name}=20.")
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer() and math.isfinite(value):
@@ -128,7 +126,9 @@ def _check_str(name: str, value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string or None; got {_show(value)} of type {type(value).__name__}.")
+        raise TypeError(
+            f"{name} must be a string or None; got {_show(value)} of type {type(value).__name__}."
+        )
     if "\x00" in value:
         raise ValueError(f"{name} must not contain NUL characters; got {_show(value)}.")
     return value
@@ -163,7 +163,9 @@ def _check_json_data(name: str, value: Any, *, strict: bool = True) -> None:
     while stack:
         item, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"{name} is nested more than {MAX_JSON_DEPTH} levels deep; a configuration value never is.")
+            raise ValueError(
+                f"{name} is nested more than {MAX_JSON_DEPTH} levels deep; a configuration value never is."
+            )
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, (list, tuple)):
@@ -280,9 +282,12 @@ class PromptTuningConfig:
                 )
             self.prompt_tuning_init_text = list(text)
         elif text is not None and (
-            not isinstance(text, (str, list)) or (isinstance(text, list) and not all(isinstance(w, str) for w in text))
+            not isinstance(text, (str, list))
+            or (isinstance(text, list) and not all(isinstance(w, str) for w in text))
         ):
-            raise TypeError(f"prompt_tuning_init_text must be a string, a list of strings or None; got {_show(text)}.")
+            raise TypeError(
+                f"prompt_tuning_init_text must be a string, a list of strings or None; got {_show(text)}."
+            )
         if needs_tokenizer and not self.tokenizer_name_or_path:
             raise ValueError(
                 f"prompt_tuning_init={_show(init.value)} needs tokenizer_name_or_path, the tokenizer of the base "
@@ -368,9 +373,7 @@ class PromptTuningConfig:
             raise TypeError(f"{source} must be a JSON object; got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        unknown = {
-            k: v for k, v in data.items() if k not in known and k not in _PEFT_BOOKKEEPING_KEYS
-        }
+        unknown = {k: v for k, v in data.items() if k not in known and k not in _PEFT_BOOKKEEPING_KEYS}
         if "peft_type" in data and data["peft_type"] != PEFT_TYPE:
             raise ValueError(
                 f"{source}: peft_type is {_show(data['peft_type'])}, but softprompt only loads "

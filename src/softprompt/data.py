@@ -140,11 +140,14 @@ def _options(
     allowed = None
     if labels is not None:
         if isinstance(labels, str) or not all(isinstance(x, str) and x.strip() for x in labels):
-            raise TypeError("labels must be a list of non-empty label names such as ['negative', "
-                            f"'positive']; got {labels!r}.")
+            raise TypeError(
+                "labels must be a list of non-empty label names such as ['negative', "
+                f"'positive']; got {labels!r}."
+            )
         if task != "classification":
-            raise ValueError(f"labels only applies to task='classification'; got task={task!r}. "
-                             "Remove labels.")
+            raise ValueError(
+                f"labels only applies to task='classification'; got task={task!r}. Remove labels."
+            )
         allowed = frozenset(x.strip() for x in labels)
     return _Options(task, text_field, label_field, target_field, allowed, bool(skip_invalid), max_chars)
 
@@ -153,21 +156,31 @@ def _required(row: Mapping[str, Any], name: str, keyword: str) -> Any:
     value = row.get(name)
     if value is None:
         fields = sorted(str(k) for k in row.keys())
-        raise _RowError(f"missing field {name!r}", f"missing (the row has fields {fields}); if it is stored "
-                        f"under another name, pass {keyword}='...'", name)
+        raise _RowError(
+            f"missing field {name!r}",
+            f"missing (the row has fields {fields}); if it is stored "
+            f"under another name, pass {keyword}='...'",
+            name,
+        )
     return value
 
 
 def _string(row: Mapping[str, Any], name: str, keyword: str, what: str, max_chars: int) -> str:
     value = _required(row, name, keyword)
     if not isinstance(value, str):
-        raise _RowError(f"wrong type for field {name!r}",
-                        f"must be a string; got {type(value).__name__} {value!r:.80}", name)
+        raise _RowError(
+            f"wrong type for field {name!r}",
+            f"must be a string; got {type(value).__name__} {value!r:.80}",
+            name,
+        )
     if not value.strip():
         raise _RowError(f"empty {what}", f"{what} is empty or only whitespace ({value!r})", name)
     if len(value) > max_chars:
-        raise _RowError(f"{what} longer than max_chars", f"{what} of {len(value)} characters exceeds "
-                        f"max_chars={max_chars}; shorten it or raise max_chars", name)
+        raise _RowError(
+            f"{what} longer than max_chars",
+            f"{what} of {len(value)} characters exceeds max_chars={max_chars}; shorten it or raise max_chars",
+            name,
+        )
     return value
 
 
@@ -180,14 +193,21 @@ def _convert(row: Mapping[str, Any], opts: _Options, source: str) -> Example:
     value = _required(row, name, "label_field")
     if isinstance(value, float) or not isinstance(value, (str, int)):  # bool is an int
         found = f"{type(value).__name__} {value!r:.80}"
-        raise _RowError(f"wrong type for field {name!r}",
-                        f"a label must be a string, integer or boolean; got {found}", name)
+        raise _RowError(
+            f"wrong type for field {name!r}",
+            f"a label must be a string, integer or boolean; got {found}",
+            name,
+        )
     label = str(value).strip()
     if not label:
         raise _RowError("empty label", f"label is empty or only whitespace ({value!r})", name)
     if opts.labels is not None and label not in opts.labels:
-        raise _RowError("label not in labels", f"label {label!r} is not one of the allowed labels "
-                        f"{sorted(opts.labels)}; fix the row or add the label to labels", name)
+        raise _RowError(
+            "label not in labels",
+            f"label {label!r} is not one of the allowed labels "
+            f"{sorted(opts.labels)}; fix the row or add the label to labels",
+            name,
+        )
     return Example(text=text, label=label, source=source)
 
 
@@ -213,8 +233,11 @@ def _collect(
     if seen == 0:
         raise DataError(f"{name} has no rows: it holds no examples.", path=name)
     if not examples:
-        raise DataError(f"no usable rows in {name}: {report.summary()}. Fix the rows or check the field "
-                        f"names (text_field={opts.text_field!r}).", path=name)
+        raise DataError(
+            f"no usable rows in {name}: {report.summary()}. Fix the rows or check the field "
+            f"names (text_field={opts.text_field!r}).",
+            path=name,
+        )
     if report.total():
         logger.warning("%s: %s; %d examples kept.", name, report.summary(), len(examples))
     return examples, report
@@ -225,8 +248,9 @@ def _decode(path: Path, name: str) -> str:
     if not path.exists():
         raise DataError(f"data file {name} does not exist; check the path.", path=name)
     if path.is_dir():
-        raise DataError(f"data file {name} is a folder; give the path of a .jsonl, .csv or .tsv file.",
-                        path=name)
+        raise DataError(
+            f"data file {name} is a folder; give the path of a .jsonl, .csv or .tsv file.", path=name
+        )
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -241,10 +265,12 @@ def _decode(path: Path, name: str) -> str:
         # The line holding the bad bytes: count the newlines before them.
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(
-            f"{name}, line {line}: invalid UTF-8 (bytes {data[err.start:err.end + 3]!r}); data files must be "
-            "UTF-8. Convert it, for example with `iconv -f latin1 -t utf-8`.", path=name, line=line
+            f"{name}, line {line}: invalid UTF-8 (bytes {data[err.start : err.end + 3]!r}); data files must be "
+            "UTF-8. Convert it, for example with `iconv -f latin1 -t utf-8`.",
+            path=name,
+            line=line,
         ) from None
-    return text[1:] if text.startswith("\ufeff") else text
+    return text.removeprefix("\ufeff")
 
 
 def _jsonl_rows(text: str) -> Iterator[tuple[int, _Row]]:
@@ -266,8 +292,14 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, _Row]]:
             yield number, _RowError("malformed JSON", f"malformed JSON ({err})")
             continue
         if not isinstance(value, dict):
-            yield number, _RowError("not a JSON object", "expected a JSON object such as {\"text\": ...}; "
-                                    f"got a {type(value).__name__} (the file must hold one object per line)")
+            yield (
+                number,
+                _RowError(
+                    "not a JSON object",
+                    'expected a JSON object such as {"text": ...}; '
+                    f"got a {type(value).__name__} (the file must hold one object per line)",
+                ),
+            )
             continue
         yield number, value
 
@@ -285,26 +317,43 @@ def _csv_rows(text: str, name: str, delimiter: str, required: list[str]) -> Iter
                 header = [column.strip() for column in record]
                 _check_header(header, required, name, start)
             elif len(record) != len(header):
-                yield start, _RowError("wrong number of columns", f"{len(record)} columns, but the header "
-                                       f"has {len(header)} {header}; quote values that contain {delimiter!r}")
+                yield (
+                    start,
+                    _RowError(
+                        "wrong number of columns",
+                        f"{len(record)} columns, but the header "
+                        f"has {len(header)} {header}; quote values that contain {delimiter!r}",
+                    ),
+                )
             else:
                 yield start, dict(zip(header, record))
     except csv.Error as err:
         line = reader.line_num
         kind = "TSV" if delimiter == "\t" else "CSV"
-        raise DataError(f"{name}, line {line}: cannot parse as {kind}: {err}.", path=name,
-                        line=line) from None
+        raise DataError(
+            f"{name}, line {line}: cannot parse as {kind}: {err}.", path=name, line=line
+        ) from None
 
 
 def _check_header(header: list[str], required: list[str], name: str, line: int) -> None:
     for column in required:
         if column not in header:
-            raise DataError(f"{name}: column {column!r} is missing from the header (line {line}); the header "
-                            f"has columns {header}. Rename the column or pass the matching "
-                            "text_field/label_field/target_field.", path=name, line=line, field=column)
+            raise DataError(
+                f"{name}: column {column!r} is missing from the header (line {line}); the header "
+                f"has columns {header}. Rename the column or pass the matching "
+                "text_field/label_field/target_field.",
+                path=name,
+                line=line,
+                field=column,
+            )
         if header.count(column) > 1:
-            raise DataError(f"{name}: column {column!r} appears {header.count(column)} times in the header "
-                            f"{header}; rename the duplicates.", path=name, line=line, field=column)
+            raise DataError(
+                f"{name}: column {column!r} appears {header.count(column)} times in the header "
+                f"{header}; rename the duplicates.",
+                path=name,
+                line=line,
+                field=column,
+            )
 
 
 def read_examples(
@@ -350,8 +399,11 @@ def read_examples(
     if fmt is None:
         fmt = _EXTENSIONS.get(path.suffix.lower())
         if fmt is None:
-            raise DataError(f"cannot tell the format of {name} from its extension {path.suffix!r}; use "
-                            ".jsonl, .json, .csv or .tsv, or pass format='jsonl', 'csv' or 'tsv'.", path=name)
+            raise DataError(
+                f"cannot tell the format of {name} from its extension {path.suffix!r}; use "
+                ".jsonl, .json, .csv or .tsv, or pass format='jsonl', 'csv' or 'tsv'.",
+                path=name,
+            )
     elif fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r} for {name}; valid formats are {list(FORMATS)}.", path=name)
     text = _decode(path, name)
@@ -390,9 +442,11 @@ def examples_from_records(
         The examples in order, and the report of skipped rows.
     """
     if isinstance(records, (str, bytes, Mapping)):
-        raise TypeError(f"records must be an iterable of rows (dicts), such as a list of dicts or a "
-                        f"datasets.Dataset; got a {type(records).__name__}. For a dict of columns, pass "
-                        "datasets.Dataset.from_dict(columns) or a list of row dicts.")
+        raise TypeError(
+            f"records must be an iterable of rows (dicts), such as a list of dicts or a "
+            f"datasets.Dataset; got a {type(records).__name__}. For a dict of columns, pass "
+            "datasets.Dataset.from_dict(columns) or a list of row dicts."
+        )
     opts = _options(task, text_field, label_field, target_field, labels, skip_invalid, max_chars)
 
     def rows() -> Iterator[tuple[int, _Row]]:
@@ -401,8 +455,10 @@ def examples_from_records(
                 yield index + 1, record
             else:
                 found = f"{type(record).__name__} {record!r:.80}"
-                yield index + 1, _RowError("not a mapping", f"expected a mapping of field names to values; "
-                                           f"got {found}")
+                yield (
+                    index + 1,
+                    _RowError("not a mapping", f"expected a mapping of field names to values; got {found}"),
+                )
 
     return _collect(rows(), source_name, opts, unit="row")
 
@@ -413,7 +469,7 @@ def label_set(examples: Iterable[Example]) -> list[str]:
 
 
 # Re-exported at the end: softprompt.datasets builds on Example and DataError above.
-from .datasets import BUILTIN, SPLIT_FRACTIONS, SPLIT_SEED, BuiltinDataset, load_builtin  # noqa: E402
+from .datasets import BUILTIN, SPLIT_FRACTIONS, SPLIT_SEED, BuiltinDataset, load_builtin
 
 __all__ = [
     "BUILTIN",

@@ -98,15 +98,28 @@ class BuiltinDataset:
 BUILTIN: dict[str, BuiltinDataset] = {
     spec.name: spec
     for spec in (
-        BuiltinDataset("movie-reviews", "movieReviewSnippets_GroundTruth.txt",
-                       "Rotten Tomatoes review sentences (10,605), human-rated sentiment."),
-        BuiltinDataset("amazon-reviews", "amazonReviewSnippets_GroundTruth.txt",
-                       "Amazon product review sentences (3,708), human-rated sentiment."),
-        BuiltinDataset("tweets", "tweets_GroundTruth.txt", "Tweets (4,200), human-rated sentiment.",
-                       template="Tweet: {text}\nSentiment:"),
-        BuiltinDataset("nyt-editorials", "nytEditorialSnippets_GroundTruth.txt",
-                       "New York Times editorial sentences (5,190), human-rated sentiment.",
-                       template="Text: {text}\nSentiment:"),
+        BuiltinDataset(
+            "movie-reviews",
+            "movieReviewSnippets_GroundTruth.txt",
+            "Rotten Tomatoes review sentences (10,605), human-rated sentiment.",
+        ),
+        BuiltinDataset(
+            "amazon-reviews",
+            "amazonReviewSnippets_GroundTruth.txt",
+            "Amazon product review sentences (3,708), human-rated sentiment.",
+        ),
+        BuiltinDataset(
+            "tweets",
+            "tweets_GroundTruth.txt",
+            "Tweets (4,200), human-rated sentiment.",
+            template="Tweet: {text}\nSentiment:",
+        ),
+        BuiltinDataset(
+            "nyt-editorials",
+            "nytEditorialSnippets_GroundTruth.txt",
+            "New York Times editorial sentences (5,190), human-rated sentiment.",
+            template="Text: {text}\nSentiment:",
+        ),
     )
 }
 
@@ -164,8 +177,11 @@ def _sha256_file(path: Path) -> str:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as err:
-        raise DataError(f"cannot read the vaderSentiment sdist {path}: {err}. Give the path of "
-                        f"{SDIST_NAME} (sdist= or ${SDIST_ENV}).", path=str(path)) from None
+        raise DataError(
+            f"cannot read the vaderSentiment sdist {path}: {err}. Give the path of "
+            f"{SDIST_NAME} (sdist= or ${SDIST_ENV}).",
+            path=str(path),
+        ) from None
 
 
 def _verified_cache(folder: Path, spec: BuiltinDataset, sdist_sha: str | None) -> dict[str, bytes] | None:
@@ -201,8 +217,13 @@ def _verified_cache(folder: Path, spec: BuiltinDataset, sdist_sha: str | None) -
 
 
 def _manifest_problem(manifest: Any, spec: BuiltinDataset) -> str | None:
-    expected = {"format": _CACHE_FORMAT, "dataset": spec.name, "file": spec.file,
-                "split_seed": SPLIT_SEED, "split_fractions": list(SPLIT_FRACTIONS)}
+    expected = {
+        "format": _CACHE_FORMAT,
+        "dataset": spec.name,
+        "file": spec.file,
+        "split_seed": SPLIT_SEED,
+        "split_fractions": list(SPLIT_FRACTIONS),
+    }
     if not isinstance(manifest, dict):
         return "the manifest is not a JSON object"
     for key, value in expected.items():
@@ -219,8 +240,11 @@ def _build_cache(spec: BuiltinDataset, archive: Path, sdist_sha: str, folder: Pa
     examples, total = _parse_ground_truth(raw, f"{archive}:{INNER_FOLDER}/{spec.file}", spec.name)
     random.Random(SPLIT_SEED).shuffle(examples)
     n_train, n_dev, _ = split_sizes(len(examples))
-    parts = {"train": examples[:n_train], "dev": examples[n_train:n_train + n_dev],
-             "test": examples[n_train + n_dev:]}
+    parts = {
+        "train": examples[:n_train],
+        "dev": examples[n_train : n_train + n_dev],
+        "test": examples[n_train + n_dev :],
+    }
     # A stale manifest must never vouch for the files about to be replaced.
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
     files, entries = {}, {}
@@ -233,13 +257,25 @@ def _build_cache(spec: BuiltinDataset, archive: Path, sdist_sha: str, folder: Pa
         files[split] = data
         digest = hashlib.sha256(data).hexdigest()
         entries[split] = {"file": f"{split}.jsonl", "count": len(rows), "sha256": digest}
-    manifest = {"format": _CACHE_FORMAT, "dataset": spec.name, "file": spec.file, "split_seed": SPLIT_SEED,
-                "split_fractions": list(SPLIT_FRACTIONS), "rows_in_file": total,
-                "rows_rated_zero": total - len(examples),
-                "source": {"package": "vaderSentiment==3.3.2", "sdist_sha256": sdist_sha}, "splits": entries}
+    manifest = {
+        "format": _CACHE_FORMAT,
+        "dataset": spec.name,
+        "file": spec.file,
+        "split_seed": SPLIT_SEED,
+        "split_fractions": list(SPLIT_FRACTIONS),
+        "rows_in_file": total,
+        "rows_rated_zero": total - len(examples),
+        "source": {"package": "vaderSentiment==3.3.2", "sdist_sha256": sdist_sha},
+        "splits": entries,
+    }
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    logger.info("Prepared %s: %d rows, %d rated 0 dropped; train/dev/test = %d/%d/%d.", spec.name, total,
-                total - len(examples), *(len(parts[s]) for s in SPLITS))
+    logger.info(
+        "Prepared %s: %d rows, %d rated 0 dropped; train/dev/test = %d/%d/%d.",
+        spec.name,
+        total,
+        total - len(examples),
+        *(len(parts[s]) for s in SPLITS),
+    )
     return files
 
 
@@ -261,8 +297,10 @@ def _read_member(archive: Path, file: str) -> bytes:
         except KeyError:
             handle = None
         if handle is None:
-            raise DataError(f"{where} has no file {name}; is it the vaderSentiment 3.3.2 sdist "
-                            f"({SDIST_NAME})?", path=str(archive))
+            raise DataError(
+                f"{where} has no file {name}; is it the vaderSentiment 3.3.2 sdist ({SDIST_NAME})?",
+                path=str(archive),
+            )
         with handle:
             return handle.read()
 
@@ -272,8 +310,11 @@ def _read_member(archive: Path, file: str) -> bytes:
         with tarfile.open(fileobj=io.BytesIO(inner), mode="r:gz") as tar:
             return member(tar, f"{INNER_FOLDER}/{file}", f"{archive}:{INNER_ARCHIVE}")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise DataError(f"cannot read {archive} as the vaderSentiment 3.3.2 sdist (a .tar.gz): {err}. Give "
-                        f"the path of {SDIST_NAME} (sdist= or ${SDIST_ENV}).", path=str(archive)) from None
+        raise DataError(
+            f"cannot read {archive} as the vaderSentiment 3.3.2 sdist (a .tar.gz): {err}. Give "
+            f"the path of {SDIST_NAME} (sdist= or ${SDIST_ENV}).",
+            path=str(archive),
+        ) from None
 
 
 def _parse_ground_truth(raw: bytes, where: str, name: str) -> tuple[list[Example], int]:
@@ -294,8 +335,12 @@ def _parse_ground_truth(raw: bytes, where: str, name: str) -> tuple[list[Example
         parts = line.split("\t", 2)
         rating = _float(parts[1]) if len(parts) == 3 else None
         if rating is None or not parts[2].strip():
-            raise DataError(f"{where}, line {number}: expected id<TAB>rating<TAB>text with a numeric rating; "
-                            f"got {line[:80]!r}.", path=where, line=number)
+            raise DataError(
+                f"{where}, line {number}: expected id<TAB>rating<TAB>text with a numeric rating; "
+                f"got {line[:80]!r}.",
+                path=where,
+                line=number,
+            )
         if rating != 0:
             label = "positive" if rating > 0 else "negative"
             examples.append(Example(text=parts[2], label=label, source=f"{name}:{parts[0]}"))
@@ -324,23 +369,41 @@ def _download_sdist(downloads: Path) -> Path:
     try:
         requirements = workdir / "requirements.txt"
         requirements.write_text(f"vadersentiment==3.3.2 --hash=sha256:{SDIST_SHA256}\n", encoding="utf-8")
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--require-hashes", "--disable-pip-version-check",
-                   "-r", str(requirements), "-d", str(workdir)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--require-hashes",
+            "--disable-pip-version-check",
+            "-r",
+            str(requirements),
+            "-d",
+            str(workdir),
+        ]
         shown = "python -m pip download --no-deps --no-binary :all: vadersentiment==3.3.2"
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-            failure = None if done.returncode == 0 else f"exit status {done.returncode}: " + " | ".join(
-                (done.stderr or done.stdout).strip().splitlines()[-3:])
+            failure = (
+                None
+                if done.returncode == 0
+                else f"exit status {done.returncode}: "
+                + " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            )
         except (OSError, subprocess.TimeoutExpired) as err:
             failure = str(err)
         fetched = workdir / SDIST_NAME
         if failure is None and not fetched.exists():
             failure = f"pip reported success but {SDIST_NAME} is not in {workdir}"
         if failure is not None:
-            raise DataError(f"could not download the vaderSentiment 3.3.2 sdist with `{shown}` ({failure}). "
-                            f"Without network access, fetch {SDIST_NAME} elsewhere with that command and set "
-                            f"{SDIST_ENV}=/path/to/{SDIST_NAME} (or pass sdist=).")
+            raise DataError(
+                f"could not download the vaderSentiment 3.3.2 sdist with `{shown}` ({failure}). "
+                f"Without network access, fetch {SDIST_NAME} elsewhere with that command and set "
+                f"{SDIST_ENV}=/path/to/{SDIST_NAME} (or pass sdist=)."
+            )
         os.replace(fetched, target)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -87,7 +87,9 @@ def encode(tokenizer: Any, texts: Sequence[str], template: str, max_length: int)
     return out
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(B, max_len)` ids and mask, padded on the left so every row ends in the last column."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -118,7 +120,9 @@ def class_logits(
     device = model.base_model.get_input_embeddings().weight.device
     if verbalizer.single_token:
         ids, mask = left_pad(rows, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, adapter_names=adapter_names, logits_to_keep=1).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, adapter_names=adapter_names, logits_to_keep=1
+        ).logits
         logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
         label_ids = torch.tensor([t[0] for t in verbalizer.token_ids], device=logprobs.device)
         return logprobs.index_select(1, label_ids)

@@ -66,21 +66,28 @@ def generate(
         if model._use_prefix(adapter_names, batch_size):
             # Start from the prompts' cached KV: the prefill then runs on the user's tokens only
             # (generate skips the columns the cache already holds).
-            gen[_compat.cache_kwarg(base)] = _prompt_cache(model, adapter_names, batch_size, embeds.dtype, kwargs)
+            gen[_compat.cache_kwarg(base)] = _prompt_cache(
+                model, adapter_names, batch_size, embeds.dtype, kwargs
+            )
     return base.generate(**gen, **kwargs)
 
 
-def _prompt_cache(model: SoftPromptModel, adapter_names: Any, batch_size: int, dtype: torch.dtype,
-                  kwargs: dict[str, Any]) -> Any:
+def _prompt_cache(
+    model: SoftPromptModel, adapter_names: Any, batch_size: int, dtype: torch.dtype, kwargs: dict[str, Any]
+) -> Any:
     """A cache with every row's prompt KV, repeated for beams / multiple return sequences."""
     from .prefix import batch_cache
 
     config = kwargs.get("generation_config") or model.base_model.generation_config
-    expand = max(int(kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1),
-                 int(kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1))
+    expand = max(
+        int(kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1),
+        int(kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1),
+    )
     names = model._rows(adapter_names, batch_size)
     with torch.no_grad():
-        states = {n: model._prompt_kv.get(model, n, dtype, with_logits=False) for n in dict.fromkeys(names) if n}
+        states = {
+            n: model._prompt_kv.get(model, n, dtype, with_logits=False) for n in dict.fromkeys(names) if n
+        }
     rows = [n for n in names for _ in range(expand)]
     cache, _ = batch_cache(model, states, rows, model._width(names))
     return cache

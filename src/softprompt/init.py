@@ -57,7 +57,13 @@ def special_token_ids(tokenizer: Any | None, model_config: Any | None = None) ->
             if getattr(tok, "special", False):
                 ids.add(int(idx))
     if model_config is not None:
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "decoder_start_token_id"):
+        for name in (
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+            "unk_token_id",
+            "decoder_start_token_id",
+        ):
             value = getattr(model_config, name, None)
             if isinstance(value, int):
                 ids.add(value)

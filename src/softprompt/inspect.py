@@ -24,7 +24,9 @@ def _token_table(model: SoftPromptModel, tokenizer: Any) -> torch.Tensor:
         return torch.cat([embed(chunk) for chunk in ids.split(8192)]).float().cpu()
 
 
-def nearest_tokens(model: SoftPromptModel, tokenizer: Any, adapter: str, top_k: int = 5) -> list[dict[str, Any]]:
+def nearest_tokens(
+    model: SoftPromptModel, tokenizer: Any, adapter: str, top_k: int = 5
+) -> list[dict[str, Any]]:
     """For each virtual token: its norm and the `top_k` vocabulary tokens closest by cosine.
 
     Returns:

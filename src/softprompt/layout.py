@@ -94,7 +94,7 @@ class Layout:
     def batch_size(self) -> int:
         return int(self.attention_mask.shape[0])
 
-    def extend(self, x: torch.Tensor, fill: float | int) -> torch.Tensor:
+    def extend(self, x: torch.Tensor, fill: float) -> torch.Tensor:
         """User-aligned `(B, L, ...)` to model columns `(B, T, ...)`, prompt columns = `fill`."""
         pad = x.new_full((x.shape[0], self.prompt_width) + tuple(x.shape[2:]), fill)
         full = torch.cat([pad, x], dim=1)

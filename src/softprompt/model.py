@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 #: An `adapter_names` entry meaning "no prompt for this row" (the bare model).
 BASE = "__base__"
-AdapterNames = Union[list[Union[str, None]], str, None]
+AdapterNames = Union[list[str | None], str, None]
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -227,9 +227,7 @@ class SoftPromptModel(nn.Module):
 
     def _require(self, adapter_name: str) -> None:
         if adapter_name not in self.prompts:
-            raise KeyError(
-                f"no adapter named {adapter_name!r}; loaded adapters: {self.adapter_names}."
-            )
+            raise KeyError(f"no adapter named {adapter_name!r}; loaded adapters: {self.adapter_names}.")
 
     def get_prompt(self, adapter_name: str | None = None) -> torch.Tensor:
         """The virtual tokens of an adapter, `(num_virtual_tokens, hidden)` float32."""
@@ -266,7 +264,9 @@ class SoftPromptModel(nn.Module):
         return self.base_model
 
     # ------------------------------------------------------------------ batching
-    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor | None:
+    def _embed(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor | None:
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("pass either input_ids or inputs_embeds, not both.")
         if inputs_embeds is not None:
@@ -336,7 +336,11 @@ class SoftPromptModel(nn.Module):
         width = self._width(names)
         table = []
         for u in unique:
-            p = self.prompts[u](dtype).to(device) if u is not None else torch.zeros(0, hidden, dtype=dtype, device=device)
+            p = (
+                self.prompts[u](dtype).to(device)
+                if u is not None
+                else torch.zeros(0, hidden, dtype=dtype, device=device)
+            )
             table.append(torch.cat([p.new_zeros(width - p.shape[0], hidden), p]))
         which = torch.tensor([unique.index(n) for n in names], device=device)
         prompts = torch.stack(table).index_select(0, which)  # (B, P, H)
@@ -426,8 +430,15 @@ class SoftPromptModel(nn.Module):
         if past:
             return self._continue(embeds, attention_mask, adapter_names, cache, cache_key, labels, kwargs)
 
-        if cache is None and encoder_outputs is None and not full_sequence and self._use_prefix(adapter_names, batch_size):
-            layout, routing, cache, prompt_logits = self._prefix_layout(embeds, attention_mask, adapter_names, labels)
+        if (
+            cache is None
+            and encoder_outputs is None
+            and not full_sequence
+            and self._use_prefix(adapter_names, batch_size)
+        ):
+            layout, routing, cache, prompt_logits = self._prefix_layout(
+                embeds, attention_mask, adapter_names, labels
+            )
             inputs: dict[str, Any] = {
                 "inputs_embeds": embeds,
                 "attention_mask": layout.attention_mask,
@@ -451,9 +462,14 @@ class SoftPromptModel(nn.Module):
             if cache is not None:
                 inputs[cache_key] = cache
         inputs.update(kwargs)
-        call = Call(self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch, prompt_logits)
+        call = Call(
+            self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch, prompt_logits
+        )
         attention = _compat.prefix_attention(self.base_model, embeds.device) if layout.prompt_cached else None
-        with routed(list(self.heads.values()), routing), _compat.attention_implementation(self.base_model, attention):
+        with (
+            routed(list(self.heads.values()), routing),
+            _compat.attention_implementation(self.base_model, attention),
+        ):
             return self.spec.forward(call)
 
     # ------------------------------------------------------------------ prompt KV cache
@@ -461,7 +477,9 @@ class SoftPromptModel(nn.Module):
         """Whether this call can start from the prompts' cached KV (see `softprompt.prefix`)."""
         if not self.prefix_cache or not self._prefix_supported:
             return False
-        if self.training and any(getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules()):
+        if self.training and any(
+            getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules()
+        ):
             return False  # transformers returns no cache while checkpointing activations
         return self._width(self._rows(adapter_names, batch_size)) > 0
 
@@ -480,7 +498,9 @@ class SoftPromptModel(nn.Module):
         layout, routing = self.layout(None, attention_mask, names, batch_size, length)
         layout.prompt_cached = True
         with_logits = labels is not None and self.spec.prompt_logits
-        states = {n: self._prompt_kv.get(self, n, embeds.dtype, with_logits) for n in dict.fromkeys(names) if n}
+        states = {
+            n: self._prompt_kv.get(self, n, embeds.dtype, with_logits) for n in dict.fromkeys(names) if n
+        }
         cache, prompt_logits = batch_cache(self, states, names, layout.prompt_width)
         return layout, routing, cache, prompt_logits
 
@@ -520,7 +540,11 @@ class SoftPromptModel(nn.Module):
                 "tokens so far (without the prompt), as for the bare model."
             )
         layout, _ = self.layout(None, attention_mask, adapter_names, batch_size, user_len)
-        inputs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": layout.attention_mask, cache_key: cache}
+        inputs: dict[str, Any] = {
+            "inputs_embeds": embeds,
+            "attention_mask": layout.attention_mask,
+            cache_key: cache,
+        }
         if layout.position_ids is not None:
             inputs["position_ids"] = layout.position_ids[:, -new:]
         return self.base_model(**inputs, **kwargs)

@@ -29,7 +29,6 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -178,8 +177,12 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             logger.debug("Using the cached %s at %s.", DEFAULT_MODEL, target)
             return target
         if problem != "missing":
-            logger.warning("The cached %s at %s is not usable (%s); deleting and rebuilding it.",
-                           DEFAULT_MODEL, target, problem)
+            logger.warning(
+                "The cached %s at %s is not usable (%s); deleting and rebuilding it.",
+                DEFAULT_MODEL,
+                target,
+                problem,
+            )
             _discard(target)
         if gguf is None or source is None:
             gguf = _locate_gguf()  # raises, naming the install command
@@ -477,7 +480,7 @@ def _remove_stale_temps(target: Path) -> None:
     except OSError:
         return
     for entry in entries:
-        host, _, pid_text = entry.name[len(prefix):].rpartition("-")[0].rpartition("-")
+        host, _, pid_text = entry.name[len(prefix) :].rpartition("-")[0].rpartition("-")
         try:
             age = time.time() - entry.lstat().st_mtime
         except FileNotFoundError:

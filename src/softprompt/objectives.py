@@ -40,8 +40,15 @@ class ClassificationObjective:
     primary_metric: str = "accuracy"
 
     @classmethod
-    def build(cls, tokenizer: Any, texts: Sequence[str], labels: Sequence[str], template: str,
-              label_words: dict[str, str], max_length: int) -> ClassificationObjective:
+    def build(
+        cls,
+        tokenizer: Any,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        template: str,
+        label_words: dict[str, str],
+        max_length: int,
+    ) -> ClassificationObjective:
         verbalizer = Verbalizer.build(tokenizer, label_words)
         rows = encode(tokenizer, texts, template, max_length)
         gold = [verbalizer.index(label) for label in labels]
@@ -59,14 +66,30 @@ class ClassificationObjective:
         gold = torch.tensor([self.gold[i] for i in indices], device=scores.device)
         return F.cross_entropy(scores, gold)
 
-    def evaluate(self, model: SoftPromptModel, indices: Sequence[int] | None = None, adapter: str | None = None,
-                 batch_size: int = 64, progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: SoftPromptModel,
+        indices: Sequence[int] | None = None,
+        adapter: str | None = None,
+        batch_size: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, float]:
         idx = list(range(len(self.rows))) if indices is None else list(indices)
-        scores = classify(model, [self.rows[i] for i in idx], self.verbalizer, self.pad_id,
-                          adapter=adapter, batch_size=batch_size, progress=progress)
+        scores = classify(
+            model,
+            [self.rows[i] for i in idx],
+            self.verbalizer,
+            self.pad_id,
+            adapter=adapter,
+            batch_size=batch_size,
+            progress=progress,
+        )
         gold = torch.tensor([self.gold[i] for i in idx])
         pred = scores.argmax(dim=1)
-        out = {"accuracy": float((pred == gold).float().mean()) if idx else float("nan"), "examples": len(idx)}
+        out = {
+            "accuracy": float((pred == gold).float().mean()) if idx else float("nan"),
+            "examples": len(idx),
+        }
         for c, label in enumerate(self.verbalizer.labels):  # per-class recall shows a collapsed classifier
             mask = gold == c
             if mask.any():
@@ -94,8 +117,15 @@ class GenerationObjective:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, tokenizer: Any, texts: Sequence[str], targets: Sequence[str], template: str,
-              max_length: int, max_new_tokens: int = 32) -> GenerationObjective:
+    def build(
+        cls,
+        tokenizer: Any,
+        texts: Sequence[str],
+        targets: Sequence[str],
+        template: str,
+        max_length: int,
+        max_new_tokens: int = 32,
+    ) -> GenerationObjective:
         prompts = encode(tokenizer, texts, template, max_length)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         target_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) + eos for t in targets]
@@ -119,16 +149,28 @@ class GenerationObjective:
         longest = max(len(self.targets[i]) for i in indices)
         return model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=longest + 1).loss
 
-    def evaluate(self, model: SoftPromptModel, indices: Sequence[int] | None = None, adapter: str | None = None,
-                 batch_size: int = 16, progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: SoftPromptModel,
+        indices: Sequence[int] | None = None,
+        adapter: str | None = None,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, float]:
         idx = list(range(len(self.prompts))) if indices is None else list(indices)
         predictions = self.generate(model, [self.prompts[i] for i in idx], adapter, batch_size, progress)
         out = generation_metrics(predictions, [self.target_texts[i] for i in idx])
         out["examples"] = len(idx)
         return out
 
-    def generate(self, model: SoftPromptModel, prompts: Sequence[Sequence[int]], adapter: str | None,
-                 batch_size: int, progress: Callable[[int], None] | None = None) -> list[str]:
+    def generate(
+        self,
+        model: SoftPromptModel,
+        prompts: Sequence[Sequence[int]],
+        adapter: str | None,
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         texts: list[str] = [""] * len(prompts)
         device = model.base_model.get_input_embeddings().weight.device
@@ -139,11 +181,18 @@ class GenerationObjective:
                 idx = order[start : start + batch_size]
                 ids, mask = left_pad([prompts[i] for i in idx], self.pad_id, device)
                 with torch.no_grad():
-                    out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapter or BASE,
-                                         max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         pad_token_id=self.pad_id)
+                    out = model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        adapter_names=adapter or BASE,
+                        max_new_tokens=self.max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=self.pad_id,
+                    )
                 for row, i in enumerate(idx):
-                    texts[i] = self.tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
+                    texts[i] = self.tokenizer.decode(
+                        out[row, ids.shape[1] :], skip_special_tokens=True
+                    ).strip()
                 if progress:
                     progress(len(idx))
         finally:
@@ -161,8 +210,9 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                           group: int = 50) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group: int = 50
+) -> list[list[int]]:
     """A deterministic epoch of batches: shuffled, then sorted by length within groups of
     `group` batches so each batch pads little, then the batch order shuffled again.
 

@@ -87,9 +87,16 @@ class PromptKV:
 
     @staticmethod
     def _key(prompt: torch.Tensor, dtype: torch.dtype, base: nn.Module) -> tuple:
-        autocast = torch.is_autocast_enabled("cpu") if prompt.device.type == "cpu" else torch.is_autocast_enabled()
-        return (dtype, prompt.device, base.training, autocast,
-                torch.get_autocast_dtype(prompt.device.type) if autocast else None)
+        autocast = (
+            torch.is_autocast_enabled("cpu") if prompt.device.type == "cpu" else torch.is_autocast_enabled()
+        )
+        return (
+            dtype,
+            prompt.device,
+            base.training,
+            autocast,
+            torch.get_autocast_dtype(prompt.device.type) if autocast else None,
+        )
 
     def get(self, model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState:
         """The prompt state of `adapter`; recomputed when gradients are needed or it changed."""
@@ -97,8 +104,13 @@ class PromptKV:
         grad = torch.is_grad_enabled() and prompt.requires_grad
         key = self._key(prompt, dtype, model.base_model)
         cached = self._store.get(adapter)
-        if (not grad and cached is not None and cached.key == key and (cached.last_logits is not None or not with_logits)
-                and torch.equal(cached.values, prompt.detach())):  # any change, `.data` writes included
+        if (
+            not grad
+            and cached is not None
+            and cached.key == key
+            and (cached.last_logits is not None or not with_logits)
+            and torch.equal(cached.values, prompt.detach())
+        ):  # any change, `.data` writes included
             return cached
         state = self._compute(model, adapter, dtype, with_logits)
         if grad:
@@ -116,7 +128,12 @@ class PromptKV:
         style = model.position_style
         positions = torch.arange(n, device=embeds.device).unsqueeze(0) + style.offset
         mask = torch.ones(1, n, dtype=torch.long, device=embeds.device)
-        inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+        inputs = {
+            "inputs_embeds": embeds,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+        }
         if with_logits:
             out = base(**inputs, logits_to_keep=1)
             logits = out.logits[:, -1]
@@ -160,6 +177,8 @@ def batch_cache(
         tensors.append((parts[0], parts[1]))
     logits = None
     if some.last_logits is not None:
-        rows = [states[u].last_logits if u is not None else torch.zeros_like(some.last_logits) for u in unique]
+        rows = [
+            states[u].last_logits if u is not None else torch.zeros_like(some.last_logits) for u in unique
+        ]
         logits = torch.cat(rows).index_select(0, which)
     return make_cache(base, tensors), logits

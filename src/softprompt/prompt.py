@@ -35,9 +35,7 @@ class SoftPrompt(nn.Module):
         if init is None:
             init = torch.zeros(rows, token_dim)
         if tuple(init.shape) != (rows, token_dim):
-            raise ValueError(
-                f"initial prompt has shape {tuple(init.shape)}, expected ({rows}, {token_dim})"
-            )
+            raise ValueError(f"initial prompt has shape {tuple(init.shape)}, expected ({rows}, {token_dim})")
         self.embedding = nn.Parameter(init.detach().to(torch.float32).clone())
 
     @property

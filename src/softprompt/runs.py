@@ -72,22 +72,30 @@ def check_output_dir(config: TrainConfig) -> None:
             previous = None
         if config.resume:
             if previous is None:
-                raise _error(f"{saved} is unreadable, so the run cannot be resumed safely; use another output_dir.")
+                raise _error(
+                    f"{saved} is unreadable, so the run cannot be resumed safely; use another output_dir."
+                )
             mine = config.to_dict()
             diff = [k for k in _RUN_IDENTITY if previous.get(k) != mine.get(k)]
             if diff:
                 details = ", ".join(f"{k}: {previous.get(k)!r} -> {mine.get(k)!r}" for k in diff)
-                raise _error(f"--resume with different settings than the run in {out} ({details}). "
-                             "Resume with the same settings, or start a new run in another folder.")
+                raise _error(
+                    f"--resume with different settings than the run in {out} ({details}). "
+                    "Resume with the same settings, or start a new run in another folder."
+                )
             return
         if not config.overwrite:
-            raise _error(f"{out} already holds a training run. Pass --resume to continue it, --overwrite to "
-                         "replace it, or choose another --output folder.")
+            raise _error(
+                f"{out} already holds a training run. Pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --output folder."
+            )
     elif not config.overwrite:
         clash = [name for name in RUN_FILES if (out / name).exists()]
         if clash:
-            raise _error(f"{out} already contains {clash} that softprompt did not write as a run; choose another "
-                         "--output folder (or --overwrite to replace them).")
+            raise _error(
+                f"{out} already contains {clash} that softprompt did not write as a run; choose another "
+                "--output folder (or --overwrite to replace them)."
+            )
     if config.overwrite and not config.resume:
         for name in RUN_FILES:
             target = out / name
@@ -103,8 +111,14 @@ def _sniff_task(path: str, config: TrainConfig) -> str:
 
     for task in ("classification", "generation"):
         try:
-            read_examples(path, task=task, text_field=config.text_field, label_field=config.label_field,
-                          target_field=config.target_field, skip_invalid=True)
+            read_examples(
+                path,
+                task=task,
+                text_field=config.text_field,
+                label_field=config.label_field,
+                target_field=config.target_field,
+                skip_invalid=True,
+            )
             return task
         except DataError:
             continue
@@ -122,21 +136,36 @@ def load_data(config: TrainConfig) -> DataSpec:
         spec = BUILTIN[config.data]
         if config.task == "generation":
             raise _error(f"{config.data} is a classification data set; task must be classification.")
-        opts = dict(task="classification", text_field=config.text_field, label_field=config.label_field,
-                    skip_invalid=config.skip_invalid)
+        opts = dict(
+            task="classification",
+            text_field=config.text_field,
+            label_field=config.label_field,
+            skip_invalid=config.skip_invalid,
+        )
         return DataSpec(
             task="classification",
             train=load_builtin(config.data, "train"),
-            dev=read_examples(config.dev_data, **opts)[0] if config.dev_data else load_builtin(config.data, "dev"),
-            test=read_examples(config.test_data, **opts)[0] if config.test_data else load_builtin(config.data, "test"),
+            dev=read_examples(config.dev_data, **opts)[0]
+            if config.dev_data
+            else load_builtin(config.data, "dev"),
+            test=read_examples(config.test_data, **opts)[0]
+            if config.test_data
+            else load_builtin(config.data, "test"),
             template=config.template or spec.template,
             label_words=config.label_words or dict(spec.label_words),
         )
     if not Path(config.data).exists():
-        raise _error(f"data {config.data!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing file.")
+        raise _error(
+            f"data {config.data!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing file."
+        )
     task = config.task or _sniff_task(config.data, config)
-    opts = dict(task=task, text_field=config.text_field, label_field=config.label_field,
-                target_field=config.target_field, skip_invalid=config.skip_invalid)
+    opts = dict(
+        task=task,
+        text_field=config.text_field,
+        label_field=config.label_field,
+        target_field=config.target_field,
+        skip_invalid=config.skip_invalid,
+    )
     train, report = read_examples(config.data, **opts)
     skipped = dict(report.skipped)
     if config.dev_data:
@@ -156,7 +185,9 @@ def load_data(config: TrainConfig) -> DataSpec:
         label_words = config.label_words or {label: f" {label}" for label in labels}
         missing = [label for label in labels if label not in label_words]
         if missing:
-            raise _error(f"labels {missing} of {config.data} have no label word in label_words {label_words}.")
+            raise _error(
+                f"labels {missing} of {config.data} have no label word in label_words {label_words}."
+            )
     return DataSpec(task, train, dev, test, config.template or "{text}", label_words, skipped)
 
 
@@ -171,9 +202,15 @@ def _from_records(config: TrainConfig) -> DataSpec:
         if rows and all(isinstance(r, Example) for r in rows):
             return rows
         task = config.task or ("generation" if rows and config.target_field in rows[0] else "classification")
-        return examples_from_records(rows, task=task, text_field=config.text_field, label_field=config.label_field,
-                                     target_field=config.target_field, skip_invalid=config.skip_invalid,
-                                     source_name=name)[0]
+        return examples_from_records(
+            rows,
+            task=task,
+            text_field=config.text_field,
+            label_field=config.label_field,
+            target_field=config.target_field,
+            skip_invalid=config.skip_invalid,
+            source_name=name,
+        )[0]
 
     train = examples(config.data, "data")
     if not train:
@@ -187,26 +224,41 @@ def _from_records(config: TrainConfig) -> DataSpec:
     return DataSpec(task, train, dev, test, config.template or "{text}", label_words)
 
 
-def build_objective(spec: DataSpec, examples: list[Any] | None, tokenizer: Any, config: TrainConfig) -> Objective | None:
+def build_objective(
+    spec: DataSpec, examples: list[Any] | None, tokenizer: Any, config: TrainConfig
+) -> Objective | None:
     if not examples:
         return None
     texts = [e.text for e in examples]
     if spec.task == "classification":
-        return ClassificationObjective.build(tokenizer, texts, [e.label for e in examples], spec.template,
-                                             spec.label_words, config.max_length)
-    return GenerationObjective.build(tokenizer, texts, [e.target for e in examples], spec.template,
-                                     config.max_length, config.max_new_tokens)
+        return ClassificationObjective.build(
+            tokenizer, texts, [e.label for e in examples], spec.template, spec.label_words, config.max_length
+        )
+    return GenerationObjective.build(
+        tokenizer,
+        texts,
+        [e.target for e in examples],
+        spec.template,
+        config.max_length,
+        config.max_new_tokens,
+    )
 
 
 def prompt_config(config: TrainConfig, objective: Objective) -> PromptTuningConfig:
     """The prompt's configuration for this run (initialisation from the recipe)."""
     default = "CLASS_LABELS" if isinstance(objective, ClassificationObjective) else "SAMPLE_VOCAB"
     init = PromptTuningInit.parse(config.init or default, "init")
-    kwargs: dict[str, Any] = {"task_type": "CAUSAL_LM", "num_virtual_tokens": config.num_virtual_tokens,
-                              "prompt_tuning_init": init, "tokenizer_name_or_path": config.model or "SmolLM2-135M-Instruct"}
+    kwargs: dict[str, Any] = {
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "prompt_tuning_init": init,
+        "tokenizer_name_or_path": config.model or "SmolLM2-135M-Instruct",
+    }
     if init is PromptTuningInit.CLASS_LABELS:
         if not isinstance(objective, ClassificationObjective):
-            raise _error("init CLASS_LABELS needs classification data; use TEXT or SAMPLE_VOCAB for generation.")
+            raise _error(
+                "init CLASS_LABELS needs classification data; use TEXT or SAMPLE_VOCAB for generation."
+            )
         kwargs["prompt_tuning_init_text"] = list(objective.verbalizer.words)
     elif init is PromptTuningInit.TEXT:
         default = DEFAULT_CLASSIFICATION_TEXT if isinstance(objective, ClassificationObjective) else "Answer:"
@@ -234,7 +286,9 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     if config.gradient_checkpointing:
         # transformers 5.x renamed it (the old name warns and goes in v6)
         (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
-    objectives = [build_objective(spec, part, tokenizer, config) for part in (spec.train, spec.dev, spec.test)]
+    objectives = [
+        build_objective(spec, part, tokenizer, config) for part in (spec.train, spec.dev, spec.test)
+    ]
     train_obj, dev_obj, test_obj = objectives
     if train_obj is None:
         raise _error(f"no training examples in {config.data}.")
@@ -242,13 +296,22 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     model = SoftPromptModel(base, prompt_config(config, train_obj), tokenizer=tokenizer)
     info = {
         "config": config.to_dict(),
-        "resolved": {"bf16": resolve_bf16(config.bf16, model.base_model.get_input_embeddings().weight.device),
-                     "task": spec.task, "template": spec.template, "label_words": spec.label_words,
-                     "prompt": model.peft_config["default"].to_dict(),
-                     "train_examples": len(train_obj), "dev_examples": len(dev_obj) if dev_obj else 0,
-                     "test_examples": len(test_obj) if test_obj else 0, "skipped_rows": spec.skipped},
-        "versions": {"softprompt": softprompt.__version__, "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__},
+        "resolved": {
+            "bf16": resolve_bf16(config.bf16, model.base_model.get_input_embeddings().weight.device),
+            "task": spec.task,
+            "template": spec.template,
+            "label_words": spec.label_words,
+            "prompt": model.peft_config["default"].to_dict(),
+            "train_examples": len(train_obj),
+            "dev_examples": len(dev_obj) if dev_obj else 0,
+            "test_examples": len(test_obj) if test_obj else 0,
+            "skipped_rows": spec.skipped,
+        },
+        "versions": {
+            "softprompt": softprompt.__version__,
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
     }
     if not (config.resume and (out / "run_config.json").exists()):
         atomic_write_text(out / "run_config.json", json.dumps(info, indent=2, default=str) + "\n")

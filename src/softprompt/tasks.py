@@ -89,7 +89,9 @@ class SummedCrossEntropy(torch.autograd.Function):
         in_place = out.dtype == lse.dtype  # else each block goes through the working dtype
         for rows in SummedCrossEntropy._blocks(logits):
             # softmax * scale - one_hot * scale
-            block = torch.sub(logits[rows].to(lse.dtype), lse[rows, None], out=out[rows] if in_place else None)
+            block = torch.sub(
+                logits[rows].to(lse.dtype), lse[rows, None], out=out[rows] if in_place else None
+            )
             block.exp_().mul_(scale[rows, None])
             block[torch.arange(block.shape[0], device=block.device), safe[rows]] -= scale[rows]
             if not in_place:
@@ -113,7 +115,11 @@ def token_cross_entropy(
         valid = (targets != -100).sum()
         total, count = (part, valid) if total is None else (total + part, count + valid)
     if num_items_in_batch is not None:
-        count = num_items_in_batch.to(total.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+        count = (
+            num_items_in_batch.to(total.device)
+            if isinstance(num_items_in_batch, torch.Tensor)
+            else num_items_in_batch
+        )
     return total / count
 
 
@@ -252,7 +258,9 @@ class TokenClassification(TaskSpec):
         out = _trim(call, call.base(**call.inputs), ("logits",))
         if call.labels is not None:
             logits = out.logits if not call.full_sequence else call.layout.user_part(out.logits)
-            targets = call.labels.to(logits.device).masked_fill(call.layout.user_mask.to(logits.device) == 0, -100)
+            targets = call.labels.to(logits.device).masked_fill(
+                call.layout.user_mask.to(logits.device) == 0, -100
+            )
             out["loss"] = token_cross_entropy([(logits, targets)], call.num_items_in_batch)
         return out
 
@@ -273,7 +281,9 @@ class QuestionAnswering(TaskSpec):
             loss = 0.0
             for name, pos in (("start_logits", start), ("end_logits", end)):
                 logits = out[name] if not call.full_sequence else call.layout.user_part(out[name])
-                logits = logits.float().masked_fill(call.layout.user_mask.to(logits.device) == 0, float("-inf"))
+                logits = logits.float().masked_fill(
+                    call.layout.user_mask.to(logits.device) == 0, float("-inf")
+                )
                 length = logits.shape[1]
                 target = pos.reshape(-1).to(logits.device).long()
                 target = target.masked_fill((target < 0) | (target >= length), length)

@@ -48,18 +48,35 @@ class TrainConfig:
 
     output_dir: str = _f("", "Folder for the adapters, metrics, plot and checkpoints (required).")
     model: str | None = _f(None, "Model id or local folder (default: the packaged SmolLM2-135M-Instruct).")
-    data: str = _f("movie-reviews", "Training data: a built-in set (movie-reviews, amazon-reviews, tweets, nyt-editorials) or a JSONL/CSV/TSV file. From Python also a datasets.Dataset or a list of dicts / Examples.")
-    dev_data: str | None = _f(None, "Dev file for evaluation and early stopping (built-in sets have their own; else 10% of the training file).")
+    data: str = _f(
+        "movie-reviews",
+        "Training data: a built-in set (movie-reviews, amazon-reviews, tweets, nyt-editorials) or a JSONL/CSV/TSV file. From Python also a datasets.Dataset or a list of dicts / Examples.",
+    )
+    dev_data: str | None = _f(
+        None,
+        "Dev file for evaluation and early stopping (built-in sets have their own; else 10% of the training file).",
+    )
     test_data: str | None = _f(None, "Test file scored at the end (built-in sets have their own).")
-    task: str | None = _f(None, "classification or generation (default: classification if the data has labels).")
+    task: str | None = _f(
+        None, "classification or generation (default: classification if the data has labels)."
+    )
     text_field: str = _f("text", "Input text field / column.")
     label_field: str = _f("label", "Label field / column (classification).")
     target_field: str = _f("target", "Target text field / column (generation).")
-    template: str | None = _f(None, "Input template with {text} (built-in sets: 'Review: {text}\\nSentiment:'; files: '{text}').")
-    label_words: dict[str, str] | None = _f(None, "Label -> label word, e.g. {'positive': ' positive'} (default: ' ' + label).")
-    init: str | None = _f(None, "Prompt initialisation: CLASS_LABELS, TEXT, SAMPLE_VOCAB or RANDOM (default: CLASS_LABELS for classification, SAMPLE_VOCAB for generation).")
+    template: str | None = _f(
+        None, "Input template with {text} (built-in sets: 'Review: {text}\\nSentiment:'; files: '{text}')."
+    )
+    label_words: dict[str, str] | None = _f(
+        None, "Label -> label word, e.g. {'positive': ' positive'} (default: ' ' + label)."
+    )
+    init: str | None = _f(
+        None,
+        "Prompt initialisation: CLASS_LABELS, TEXT, SAMPLE_VOCAB or RANDOM (default: CLASS_LABELS for classification, SAMPLE_VOCAB for generation).",
+    )
     init_text: str | None = _f(None, "Text for TEXT initialisation (default: a task description).")
-    num_virtual_tokens: int = _f(50, "Prompt length N (the prompt's KV is computed once per step, so length is cheap).")
+    num_virtual_tokens: int = _f(
+        50, "Prompt length N (the prompt's KV is computed once per step, so length is cheap)."
+    )
     optimizer: str = _f("adamw", "adamw or adafactor.")
     lr: float = _f(3e-2, "Peak learning rate.")
     weight_decay: float = _f(0.0, "Weight decay (AdamW).")
@@ -71,10 +88,17 @@ class TrainConfig:
     epochs: float = _f(1.0, "Epochs when max_steps is None.")
     eval_every: int = _f(100, "Evaluate on the dev set every N steps (0: only at the end).")
     eval_samples: int | None = _f(None, "Dev examples used for these evaluations (None: all).")
-    early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without improvement (None: never).")
+    early_stopping_patience: int | None = _f(
+        None, "Stop after this many evaluations without improvement (None: never)."
+    )
     seed: int = _f(0, "Random seed (initialisation, data order).")
-    bf16: bool | None = _f(None, "Run the frozen model under bfloat16 autocast; the prompt and optimizer stay float32 (default: on where the hardware computes bfloat16 natively: CPUs with AMX or AVX512-BF16, CUDA GPUs with bf16).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, slower).")
+    bf16: bool | None = _f(
+        None,
+        "Run the frozen model under bfloat16 autocast; the prompt and optimizer stay float32 (default: on where the hardware computes bfloat16 natively: CPUs with AMX or AVX512-BF16, CUDA GPUs with bf16).",
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Recompute activations in the backward pass (less memory, slower)."
+    )
     max_length: int = _f(256, "Longest templated input in tokens (longer texts are shortened).")
     max_new_tokens: int = _f(32, "Generation task: tokens generated for evaluation.")
     checkpoint_every: int = _f(50, "Write a resumable checkpoint every N steps.")
@@ -110,8 +134,14 @@ class TrainConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("data", "dev_data", "test_data") and value is not None and not isinstance(value, str):
-                value = f"<{type(value).__name__} of {len(value) if hasattr(value, '__len__') else '?'} records>"
+            if (
+                f.name in ("data", "dev_data", "test_data")
+                and value is not None
+                and not isinstance(value, str)
+            ):
+                value = (
+                    f"<{type(value).__name__} of {len(value) if hasattr(value, '__len__') else '?'} records>"
+                )
             out[f.name] = value
         return out
 
@@ -216,7 +246,9 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     run = prepare_run(config, notify)
     model, objective, dev, test = run.model, run.train, run.dev, run.test
     adapter = "default"
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(objective) / (config.batch_size * config.grad_accum)))
+    total_steps = config.max_steps or max(
+        1, math.ceil(config.epochs * len(objective) / (config.batch_size * config.grad_accum))
+    )
     optimizer = make_optimizer(config, model.trainable_parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
 
@@ -240,12 +272,25 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
         notify("phase", {"message": "no checkpoint found: starting from the beginning"})
     metrics = _Metrics(out / "metrics.jsonl", position.step if resumed else None)
     if resumed is None:
-        metrics.write({"step": 0, "event": "start", "train_examples": len(objective),
-                       "dev_examples": len(dev) if dev else 0, "total_steps": total_steps})
+        metrics.write(
+            {
+                "step": 0,
+                "event": "start",
+                "train_examples": len(objective),
+                "dev_examples": len(dev) if dev else 0,
+                "total_steps": total_steps,
+            }
+        )
 
     def checkpoint() -> Path:
-        state = {"position": dataclasses.asdict(position), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "best": best, "patience": patience}
+        state = {
+            "position": dataclasses.asdict(position),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "best": best,
+            "patience": patience,
+        }
         return save_checkpoint(out / "checkpoints", model, adapter, state, config.keep_checkpoints)
 
     dev_idx = _dev_subset(dev, config)
@@ -263,13 +308,17 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             while position.batch < len(batches) and position.step < total_steps:
                 if stop.requested:  # Ctrl-C: only ever between two optimizer steps
                     folder = checkpoint()
-                    raise TrainingInterrupted(f"interrupted at step {position.step}; checkpoint saved to {folder}. "
-                                              "Run the same command with --resume to continue.")
+                    raise TrainingInterrupted(
+                        f"interrupted at step {position.step}; checkpoint saved to {folder}. "
+                        "Run the same command with --resume to continue."
+                    )
                 group = batches[position.batch : position.batch + config.grad_accum]
                 step_loss = 0.0
                 for indices in group:
                     positions = max(lengths[i] for i in indices) + config.num_virtual_tokens
-                    with attention_implementation(model.base_model, training_attention(model.base_model, bf16, device, positions)):
+                    with attention_implementation(
+                        model.base_model, training_attention(model.base_model, bf16, device, positions)
+                    ):
                         with autocast:
                             loss = objective.loss(model, indices) / len(group)
                         if not torch.isfinite(loss):
@@ -286,15 +335,36 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 window_n += 1
                 window_examples += examples
                 lr = scheduler.get_last_lr()[0]
-                notify("step", {"step": position.step, "total_steps": total_steps, "loss": step_loss, "lr": lr, "examples": examples})
+                notify(
+                    "step",
+                    {
+                        "step": position.step,
+                        "total_steps": total_steps,
+                        "loss": step_loss,
+                        "lr": lr,
+                        "examples": examples,
+                    },
+                )
                 if position.step % config.log_every == 0 or position.step == total_steps:
                     elapsed = time.time() - window_start
-                    metrics.write({"step": position.step, "epoch": position.epoch, "loss": window_loss / window_n, "lr": lr,
-                                   "examples_per_s": window_examples / max(elapsed, 1e-9)})
+                    metrics.write(
+                        {
+                            "step": position.step,
+                            "epoch": position.epoch,
+                            "loss": window_loss / window_n,
+                            "lr": lr,
+                            "examples_per_s": window_examples / max(elapsed, 1e-9),
+                        }
+                    )
                     window_loss, window_n, window_examples, window_start = 0.0, 0, 0, time.time()
                 if dev is not None and config.eval_every and position.step % config.eval_every == 0:
-                    improved, patience = _evaluate(model, dev, dev_idx, position, best, patience, metrics, out, adapter, notify, autocast)
-                    if config.early_stopping_patience is not None and patience >= config.early_stopping_patience:
+                    improved, patience = _evaluate(
+                        model, dev, dev_idx, position, best, patience, metrics, out, adapter, notify, autocast
+                    )
+                    if (
+                        config.early_stopping_patience is not None
+                        and patience >= config.early_stopping_patience
+                    ):
                         stop_reason = f"early stopping: no dev improvement in {patience} evaluations"
                         total_steps = position.step
                         break
@@ -305,14 +375,23 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 position.batch = 0
 
     if dev is not None and (not config.eval_every or position.step % config.eval_every != 0):
-        _, patience = _evaluate(model, dev, dev_idx, position, best, patience, metrics, out, adapter, notify, autocast)
+        _, patience = _evaluate(
+            model, dev, dev_idx, position, best, patience, metrics, out, adapter, notify, autocast
+        )
     checkpoint()
     model.save_pretrained(out / "last", overwrite=True)
     if best["step"] is None:  # no dev set: the last prompt is the best we know
         model.save_pretrained(out / "best", overwrite=True)
     final = _final_scores(config, run, out, adapter, notify, autocast)
-    final.update({"stop_reason": stop_reason, "steps": position.step, "best_step": best["step"],
-                  "best_dev": best["metric"], "seconds": round(time.time() - started, 1)})
+    final.update(
+        {
+            "stop_reason": stop_reason,
+            "steps": position.step,
+            "best_step": best["step"],
+            "best_dev": best["metric"],
+            "seconds": round(time.time() - started, 1),
+        }
+    )
     metrics.write({"step": position.step, "event": "end", **final})
     from .plot import plot_metrics
 
@@ -333,8 +412,10 @@ def _diverged(loss: torch.Tensor, position: Position, scheduler: Any, out: Path)
         ckpts = ckpts[:-1]
     where = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no good checkpoint was written yet"
     lr = scheduler.get_last_lr()[0]
-    return (f"the loss became {float(loss.detach())} at step {position.step + 1}; {where}. The learning rate was "
-            f"{lr:.3g}: try a lower one (e.g. --lr {lr / 3:.2g}) and --resume, or start again.")
+    return (
+        f"the loss became {float(loss.detach())} at step {position.step + 1}; {where}. The learning rate was "
+        f"{lr:.3g}: try a lower one (e.g. --lr {lr / 3:.2g}) and --resume, or start again."
+    )
 
 
 class _StopOnSignal:
@@ -359,7 +440,7 @@ class _StopOnSignal:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         import signal
 
         if self._previous is not None:
@@ -405,7 +486,13 @@ def _final_scores(config, run, out, adapter, notify, autocast) -> dict[str, Any]
     results: dict[str, Any] = {"final_split": split}
     names = [("tuned", adapter)] + ([("zero_shot", None)] if config.zero_shot else [])
     for label, name in names:
-        notify("phase", {"message": f"scoring {'the bare model' if name is None else 'the best prompt'} on {split} ({len(data)} examples)", "total": len(data)})
+        notify(
+            "phase",
+            {
+                "message": f"scoring {'the bare model' if name is None else 'the best prompt'} on {split} ({len(data)} examples)",
+                "total": len(data),
+            },
+        )
         with autocast:
             scores = data.evaluate(model, None, adapter=name, progress=lambda n: notify("progress", {"n": n}))
         results[label] = scores
