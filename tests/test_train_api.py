@@ -143,7 +143,7 @@ def test_resume_with_different_settings_is_refused(tmp_path, model_dir):
 def test_eager_attention_gives_the_same_loss_and_gradient_as_sdpa(arch):
     """bf16 training on CPU switches to eager attention; it must compute the same thing."""
     from softprompt import PromptTuningConfig, wrap
-    from softprompt._compat import attention_implementation
+    from softprompt.attention import attention_implementation
     from softprompt.objectives import ClassificationObjective
 
     tokenizer = make_tokenizer()
@@ -176,7 +176,7 @@ def test_eager_attention_gives_the_same_loss_and_gradient_as_sdpa(arch):
 
 
 def test_attention_switch_is_undone_on_error_and_chosen_for_bf16_cpu_only():
-    from softprompt._compat import attention_implementation, training_attention
+    from softprompt.attention import attention_implementation, training_attention
 
     base = build_model("CAUSAL_LM", "llama", attn_implementation="sdpa")
     with pytest.raises(RuntimeError, match="boom"), attention_implementation(base, "eager"):
@@ -188,7 +188,7 @@ def test_attention_switch_is_undone_on_error_and_chosen_for_bf16_cpu_only():
 
 
 def test_bf16_default_follows_the_hardware(tmp_path, model_dir):
-    from softprompt._compat import native_bf16
+    from softprompt.bf16 import native_bf16
 
     result = train(_config(tmp_path, model_dir, max_steps=2, eval_every=0))
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())

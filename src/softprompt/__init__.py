@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import AdapterFileError
+from .adapter_files import AdapterFileError
 from .config import PromptTuningConfig, PromptTuningInit, TaskType
 from .model import BASE, SoftPromptModel
 

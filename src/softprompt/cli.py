@@ -2,7 +2,7 @@
 
 A thin shell over the Python API: `train` is `softprompt.train.train`, `eval` scores
 adapters with `softprompt.objectives`, `generate` calls `SoftPromptModel.generate`,
-`inspect` calls `softprompt.inspect`. Option help comes from the same dataclass fields
+`inspect` calls `softprompt.interpret`. Option help comes from the same dataclass fields
 and docstrings. This is the only module that prints; errors become one-line messages.
 """
 
@@ -247,9 +247,9 @@ def _run_settings(adapters: list[tuple[str, Path]]) -> dict[str, Any]:
 
 
 def _load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]]):
+    from .base_models import load_model
     from .config import PromptTuningConfig
     from .model import SoftPromptModel
-    from .models import load_model
 
     base, tokenizer = load_model(model_name)
     if adapters:
@@ -301,7 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         indices = None
     import torch
 
-    from ._compat import resolve_bf16
+    from .bf16 import resolve_bf16
 
     device = model.base_model.get_input_embeddings().weight.device
     bf16 = resolve_bf16(args.bf16, device)
@@ -394,7 +394,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import compare_adapters, nearest_tokens
+    from .interpret import compare_adapters, nearest_tokens
 
     adapters = _adapter_specs([args.adapter] + ([args.compare] if args.compare else []))
     settings = _run_settings(adapters)

@@ -10,7 +10,7 @@ Files must be UTF-8 (a leading byte-order mark is accepted). Lines may end in LF
 CRLF. JSONL: one JSON object per line, blank lines ignored. CSV / TSV: read with the
 `csv` module (standard double-quote quoting), the first row is the header.
 
-The built-in sentiment sets (`BUILTIN`, `load_builtin`) live in `softprompt.datasets`
+The built-in sentiment sets (`BUILTIN`, `load_builtin`) live in `softprompt.builtin_data`
 and are re-exported here.
 """
 
@@ -468,8 +468,8 @@ def label_set(examples: Iterable[Example]) -> list[str]:
     return sorted({e.label for e in examples if e.label is not None})
 
 
-# Re-exported at the end: softprompt.datasets builds on Example and DataError above.
-from .datasets import BUILTIN, SPLIT_FRACTIONS, SPLIT_SEED, BuiltinDataset, load_builtin
+# Re-exported at the end: softprompt.builtin_data builds on Example and DataError above.
+from .builtin_data import BUILTIN, SPLIT_FRACTIONS, SPLIT_SEED, BuiltinDataset, load_builtin
 
 __all__ = [
     "BUILTIN",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import _compat
+from . import introspect
 
 if TYPE_CHECKING:
     from .model import SoftPromptModel
@@ -58,7 +58,7 @@ def generate(
     layout, _ = model.layout(embeds, attention_mask, adapter_names, batch_size, length)
     base = model.base_model
     gen: dict[str, Any] = {"inputs_embeds": layout.inputs_embeds, "attention_mask": layout.attention_mask}
-    if not _compat.is_encoder_decoder(base):
+    if not introspect.is_encoder_decoder(base):
         if layout.position_ids is not None:
             gen["position_ids"] = layout.position_ids
         if input_ids is not None:
@@ -66,7 +66,7 @@ def generate(
         if model._use_prefix(adapter_names, batch_size):
             # Start from the prompts' cached KV: the prefill then runs on the user's tokens only
             # (generate skips the columns the cache already holds).
-            gen[_compat.cache_kwarg(base)] = _prompt_cache(
+            gen[introspect.cache_kwarg(base)] = _prompt_cache(
                 model, adapter_names, batch_size, embeds.dtype, kwargs
             )
     return base.generate(**gen, **kwargs)

@@ -12,7 +12,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from . import _compat
+from . import attention, introspect
 from .config import PromptTuningConfig, TaskType
 from .heads import HeadSwitch, find_module, routed
 from .init import initial_prompt
@@ -80,7 +80,7 @@ class SoftPromptModel(nn.Module):
             )
         if not isinstance(config, PromptTuningConfig):
             raise TypeError(f"config must be a PromptTuningConfig; got {type(config).__name__}.")
-        task = config.task_type or _compat.infer_task_type(base_model)
+        task = config.task_type or introspect.infer_task_type(base_model)
         if task is None:
             raise ValueError(
                 f"cannot tell the task of {type(base_model).__name__}; set task_type in the config "
@@ -90,7 +90,7 @@ class SoftPromptModel(nn.Module):
         self.task_type: TaskType = TaskType.parse(task, "task_type")
         self.spec = task_spec(self.task_type)
         self.spec.check_model(base_model)
-        self.position_style = _compat.position_style(base_model)
+        self.position_style = introspect.position_style(base_model)
         self.prompts = nn.ModuleDict()
         self.peft_config: dict[str, PromptTuningConfig] = {}
         self.heads: dict[str, HeadSwitch] = {}
@@ -128,7 +128,7 @@ class SoftPromptModel(nn.Module):
                 f"this model runs task {self.task_type.value}; an adapter for "
                 f"{config.task_type.value} cannot be added to it."
             )
-        info = _compat.describe_model(self.base_model)
+        info = introspect.describe_model(self.base_model)
         if config.token_dim is not None and config.token_dim != info["token_dim"]:
             raise ValueError(
                 f"token_dim {config.token_dim} does not match the model's hidden size "
@@ -412,7 +412,7 @@ class SoftPromptModel(nn.Module):
             The base model's output object, with loss and per-token outputs as described
             in the class docstring.
         """
-        cache_key = _compat.cache_kwarg(self.base_model)
+        cache_key = introspect.cache_kwarg(self.base_model)
         cache = kwargs.pop("cache", None)
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
@@ -465,10 +465,10 @@ class SoftPromptModel(nn.Module):
         call = Call(
             self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch, prompt_logits
         )
-        attention = _compat.prefix_attention(self.base_model, embeds.device) if layout.prompt_cached else None
+        attn = attention.prefix_attention(self.base_model, embeds.device) if layout.prompt_cached else None
         with (
             routed(list(self.heads.values()), routing),
-            _compat.attention_implementation(self.base_model, attention),
+            attention.attention_implementation(self.base_model, attn),
         ):
             return self.spec.forward(call)
 
@@ -523,7 +523,7 @@ class SoftPromptModel(nn.Module):
         `attention_mask` covers the user's tokens so far plus the new ones (as with the bare
         model); the prompt columns are added here and the prompt is not inserted again.
         """
-        if not self.spec.generative or _compat.is_encoder_decoder(self.base_model):
+        if not self.spec.generative or introspect.is_encoder_decoder(self.base_model):
             raise ValueError("continuing from a cache is only supported for CAUSAL_LM models.")
         if labels is not None:
             raise ValueError("labels cannot be combined with a non-empty cache; run the full sequence.")
@@ -564,12 +564,12 @@ class SoftPromptModel(nn.Module):
         *,
         overwrite: bool = False,
     ) -> None:
-        """Write adapters in PEFT's format (see `softprompt.checkpoint.save_adapter`).
+        """Write adapters in PEFT's format (see `softprompt.adapter_files.save_adapter`).
 
         The adapter named "default" (or the only one selected) goes into `save_directory`
         itself, every other adapter into `save_directory/<name>`, as PEFT does.
         """
-        from .checkpoint import save_adapter
+        from .adapter_files import save_adapter
 
         names = selected_adapters or self.adapter_names
         for n in names:
@@ -586,7 +586,7 @@ class SoftPromptModel(nn.Module):
         trainable: bool = False,
     ) -> None:
         """Load an adapter folder (ours or PEFT's) under a new name."""
-        from .checkpoint import load_adapter
+        from .adapter_files import load_adapter
 
         load_adapter(self, path, adapter_name, trainable=trainable)
 
@@ -604,7 +604,13 @@ class SoftPromptModel(nn.Module):
         Args:
             trainable: True resumes training the loaded prompt (PEFT refuses this).
         """
-        from .checkpoint import PROMPT_KEY, apply_head_tensors, fit_to_model, match_head_tensors, read_adapter
+        from .adapter_files import (
+            PROMPT_KEY,
+            apply_head_tensors,
+            fit_to_model,
+            match_head_tensors,
+            read_adapter,
+        )
 
         config, tensors = read_adapter(path)
         config = fit_to_model(config, tensors, base_model, path)

@@ -26,14 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _compat
+from . import introspect
 
 
 def supports_prefix_cache(base: nn.Module) -> bool:
     """Whether the prompt's KV is input-independent and can be fed as a cache to `base`."""
-    if not _compat.is_causal_decoder(base) or not _compat.accepts(base, "position_ids"):
+    if not introspect.is_causal_decoder(base) or not introspect.accepts(base, "position_ids"):
         return False
-    if _compat.cache_kwarg(base) not in _compat._forward_params(type(base)):
+    if introspect.cache_kwarg(base) not in introspect.forward_params(type(base)):
         return False
     try:
         from transformers import DynamicCache

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._compat import resolve_bf16
 from ._io import atomic_write_text
+from .bf16 import resolve_bf16
 from .config import PromptTuningConfig, PromptTuningInit
 from .model import SoftPromptModel
 from .objectives import ClassificationObjective, GenerationObjective, Objective
@@ -280,7 +280,7 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     if config.max_train_examples is not None:
         spec.train = spec.train[: config.max_train_examples]
     notify("phase", {"message": f"loading model {config.model or 'SmolLM2-135M-Instruct (packaged)'}"})
-    from .models import load_model
+    from .base_models import load_model
 
     base, tokenizer = load_model(config.model)
     if config.gradient_checkpointing:

@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
-from ._compat import attention_implementation, bf16_weight_copies, training_attention
 from ._io import atomic_write_text
-from .checkpoint import load_weights_into
+from .adapter_files import load_weights_into
+from .attention import attention_implementation, training_attention
+from .bf16 import bf16_weight_copies
 from .config import PromptTuningInit
 from .objectives import Objective, length_grouped_batches
-from .trainstate import Position, load_latest, rng_state, save_checkpoint, set_rng_state
+from .train_checkpoints import Position, load_latest, rng_state, save_checkpoint, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +405,7 @@ def _diverged(loss: torch.Tensor, position: Position, scheduler: Any, out: Path)
     """Drop the checkpoint of the state that produced the bad loss; say what to do next."""
     import shutil
 
-    from .trainstate import list_checkpoints
+    from .train_checkpoints import list_checkpoints
 
     ckpts = list_checkpoints(out / "checkpoints")
     if ckpts and int(ckpts[-1].name.split("-")[1]) >= position.step:

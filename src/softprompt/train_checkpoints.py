@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ._io import fsync_dir
-from .checkpoint import save_adapter
+from .adapter_files import save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def load_latest(root: Path) -> tuple[Path, dict[str, Any]] | None:
     for folder in reversed(list_checkpoints(root)):
         try:
             state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
-            from .checkpoint import read_adapter
+            from .adapter_files import read_adapter
 
             read_adapter(folder)
             return folder, state
