@@ -303,7 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .bf16 import resolve_bf16
 
-    device = model.base_model.get_input_embeddings().weight.device
+    device = model.device
     bf16 = resolve_bf16(args.bf16, device)
     rows = []
     targets = ([("bare model (zero-shot)", None)] if args.zero_shot else []) + [(n, n) for n, _ in adapters]

@@ -117,7 +117,7 @@ def class_logits(
         pad_id: Padding id (any id; padded columns are masked).
         adapter_names: As for `model.forward` (`softprompt.BASE` for the bare model).
     """
-    device = model.base_model.get_input_embeddings().weight.device
+    device = model.device
     if verbalizer.single_token:
         ids, mask = left_pad(rows, pad_id, device)
         logits = model(

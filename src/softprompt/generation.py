@@ -53,7 +53,7 @@ def generate(
     for key in ("cache", "past_key_values", "position_ids"):
         if kwargs.get(key) is not None:
             raise ValueError(f"{key} cannot be passed to generate; softprompt builds it for the prompt.")
-    embeds = model._embed(input_ids, inputs_embeds)
+    embeds = model.embed(input_ids, inputs_embeds)
     batch_size, length = embeds.shape[:2]
     layout, _ = model.layout(embeds, attention_mask, adapter_names, batch_size, length)
     base = model.base_model
@@ -63,7 +63,7 @@ def generate(
             gen["position_ids"] = layout.position_ids
         if input_ids is not None:
             gen["input_ids"] = input_ids.to(embeds.device)
-        if model._use_prefix(adapter_names, batch_size):
+        if model.uses_prompt_cache(adapter_names, batch_size):
             # Start from the prompts' cached KV: the prefill then runs on the user's tokens only
             # (generate skips the columns the cache already holds).
             gen[introspect.cache_kwarg(base)] = _prompt_cache(
@@ -76,18 +76,12 @@ def _prompt_cache(
     model: SoftPromptModel, adapter_names: Any, batch_size: int, dtype: torch.dtype, kwargs: dict[str, Any]
 ) -> Any:
     """A cache with every row's prompt KV, repeated for beams / multiple return sequences."""
-    from .prefix import batch_cache
-
     config = kwargs.get("generation_config") or model.base_model.generation_config
     expand = max(
         int(kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1),
         int(kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1),
     )
-    names = model._rows(adapter_names, batch_size)
+    names = model.resolve_adapters(adapter_names, batch_size)
     with torch.no_grad():
-        states = {
-            n: model._prompt_kv.get(model, n, dtype, with_logits=False) for n in dict.fromkeys(names) if n
-        }
-    rows = [n for n in names for _ in range(expand)]
-    cache, _ = batch_cache(model, states, rows, model._width(names))
+        cache, _ = model.prompt_cache_for(names, dtype, repeat=expand)
     return cache

@@ -17,7 +17,7 @@ from .config import PromptTuningConfig, TaskType
 from .heads import HeadSwitch, find_module, routed
 from .init import initial_prompt
 from .layout import Layout, build_layout
-from .prefix import PromptKV, supports_prefix_cache
+from .prefix import PromptKV, batch_cache, supports_prefix_cache
 from .prompt import SoftPrompt
 from .tasks import Call, task_spec
 
@@ -100,7 +100,8 @@ class SoftPromptModel(nn.Module):
         #: it (see `softprompt.prefix`); set False to always feed the prompt as embeddings.
         self.prefix_cache = prefix_cache
         self._prefix_supported = supports_prefix_cache(base_model)
-        self._prompt_kv = PromptKV()
+        #: Each adapter's prompt keys/values, computed once and remembered for inference.
+        self.prompt_kv = PromptKV()
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         for p in base_model.parameters():
             p.requires_grad_(False)
@@ -111,6 +112,11 @@ class SoftPromptModel(nn.Module):
     def adapter_names(self) -> list[str]:
         """Names of the loaded adapters, in the order they were added."""
         return list(self.prompts.keys())
+
+    @property
+    def device(self) -> torch.device:
+        """Where the base model's input embeddings (and so the prompts) live."""
+        return self.base_model.get_input_embeddings().weight.device
 
     @property
     def config(self) -> Any:
@@ -192,7 +198,7 @@ class SoftPromptModel(nn.Module):
             self._head_switch(name).add(adapter_name, trainable)
         self.prompts[adapter_name] = prompt
         self.peft_config[adapter_name] = resolved
-        self._prompt_kv.clear(adapter_name)
+        self.prompt_kv.clear(adapter_name)
         if self.active_adapter is None:
             self.set_adapter(adapter_name)
 
@@ -219,7 +225,7 @@ class SoftPromptModel(nn.Module):
             raise ValueError(f"{adapter_name!r} is the only adapter; a model needs at least one.")
         del self.prompts[adapter_name]
         del self.peft_config[adapter_name]
-        self._prompt_kv.clear(adapter_name)
+        self.prompt_kv.clear(adapter_name)
         for switch in self.heads.values():
             switch.remove(adapter_name)
         if self.active_adapter == adapter_name:
@@ -264,9 +270,14 @@ class SoftPromptModel(nn.Module):
         return self.base_model
 
     # ------------------------------------------------------------------ batching
-    def _embed(
+    def embed(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
     ) -> torch.Tensor | None:
+        """The input embeddings `(B, L, H)` for `input_ids` `(B, L)` (or `inputs_embeds` as given).
+
+        Raises:
+            ValueError: Both were given.
+        """
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("pass either input_ids or inputs_embeds, not both.")
         if inputs_embeds is not None:
@@ -276,7 +287,13 @@ class SoftPromptModel(nn.Module):
         embed = self.base_model.get_input_embeddings()
         return embed(input_ids.to(embed.weight.device))
 
-    def _rows(self, adapter_names: AdapterNames, batch_size: int) -> list[str | None]:
+    def resolve_adapters(self, adapter_names: AdapterNames, batch_size: int) -> list[str | None]:
+        """Each row's adapter name (None: no prompt), from `adapter_names` as `forward` takes it.
+
+        Raises:
+            ValueError: The number of names does not match `batch_size`.
+            KeyError: A name is not loaded.
+        """
         if self._disabled:
             return [None] * batch_size
         if adapter_names is None:
@@ -294,7 +311,9 @@ class SoftPromptModel(nn.Module):
                 self._require(n)
         return names
 
-    def _width(self, names: list[str | None]) -> int:
+    def prompt_width(self, names: list[str | None]) -> int:
+        """The longest prompt among rows `names` (0 when no row has one): the columns the
+        prompts take in front of the user's tokens."""
         return max((self.prompts[n].num_virtual_tokens for n in names if n is not None), default=0)
 
     @contextmanager
@@ -322,7 +341,7 @@ class SoftPromptModel(nn.Module):
             `(B, P)` (0 on the left of shorter prompts and for rows without a prompt), and
             the row routing for heads.
         """
-        names = self._rows(adapter_names, batch_size)
+        names = self.resolve_adapters(adapter_names, batch_size)
         unique = list(dict.fromkeys(names))
         hidden = self.base_model.get_input_embeddings().weight.shape[1]
         if len(unique) == 1:
@@ -333,7 +352,7 @@ class SoftPromptModel(nn.Module):
                 prompts = p.unsqueeze(0).expand(batch_size, -1, -1)
             mask = torch.ones(batch_size, prompts.shape[1], dtype=torch.long, device=device)
             return prompts, mask, [(unique[0], None)]
-        width = self._width(names)
+        width = self.prompt_width(names)
         table = []
         for u in unique:
             p = (
@@ -360,7 +379,7 @@ class SoftPromptModel(nn.Module):
         user_len: int,
     ) -> tuple[Layout, list[tuple[str, torch.Tensor | None]]]:
         """Lay out a batch (see `softprompt.layout`); `embeds` None lays out masks only."""
-        device = embeds.device if embeds is not None else self.base_model.get_input_embeddings().weight.device
+        device = embeds.device if embeds is not None else self.device
         dtype = embeds.dtype if embeds is not None else self.base_model.get_input_embeddings().weight.dtype
         prompts, prompt_mask, routing = self.prompt_batch(adapter_names, batch_size, dtype, device)
         if attention_mask is None:
@@ -417,7 +436,7 @@ class SoftPromptModel(nn.Module):
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         extra = {k: kwargs.pop(k) for k in self.spec.extra_inputs if k in kwargs}
-        embeds = self._embed(input_ids, inputs_embeds)
+        embeds = self.embed(input_ids, inputs_embeds)
         encoder_outputs = kwargs.get("encoder_outputs")
         if embeds is None and encoder_outputs is None:
             raise ValueError("forward needs input_ids or inputs_embeds.")
@@ -434,7 +453,7 @@ class SoftPromptModel(nn.Module):
             cache is None
             and encoder_outputs is None
             and not full_sequence
-            and self._use_prefix(adapter_names, batch_size)
+            and self.uses_prompt_cache(adapter_names, batch_size)
         ):
             layout, routing, cache, prompt_logits = self._prefix_layout(
                 embeds, attention_mask, adapter_names, labels
@@ -473,15 +492,15 @@ class SoftPromptModel(nn.Module):
             return self.spec.forward(call)
 
     # ------------------------------------------------------------------ prompt KV cache
-    def _use_prefix(self, adapter_names: AdapterNames, batch_size: int) -> bool:
-        """Whether this call can start from the prompts' cached KV (see `softprompt.prefix`)."""
+    def uses_prompt_cache(self, adapter_names: AdapterNames, batch_size: int) -> bool:
+        """Whether a call for these rows starts from the prompts' cached KV (see `softprompt.prefix`)."""
         if not self.prefix_cache or not self._prefix_supported:
             return False
         if self.training and any(
             getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules()
         ):
             return False  # transformers returns no cache while checkpointing activations
-        return self._width(self._rows(adapter_names, batch_size)) > 0
+        return self.prompt_width(self.resolve_adapters(adapter_names, batch_size)) > 0
 
     def _prefix_layout(
         self,
@@ -491,22 +510,44 @@ class SoftPromptModel(nn.Module):
         labels: torch.Tensor | None,
     ) -> tuple[Layout, Any, Any, torch.Tensor | None]:
         """Masks and positions for the full sequence, and a cache holding each row's prompt."""
-        from .prefix import batch_cache
-
         batch_size, length = embeds.shape[:2]
-        names = self._rows(adapter_names, batch_size)
+        names = self.resolve_adapters(adapter_names, batch_size)
         layout, routing = self.layout(None, attention_mask, names, batch_size, length)
         layout.prompt_cached = True
         with_logits = labels is not None and self.spec.prompt_logits
-        states = {
-            n: self._prompt_kv.get(self, n, embeds.dtype, with_logits) for n in dict.fromkeys(names) if n
-        }
-        cache, prompt_logits = batch_cache(self, states, names, layout.prompt_width)
+        cache, prompt_logits = self.prompt_cache_for(names, embeds.dtype, with_logits=with_logits)
         return layout, routing, cache, prompt_logits
+
+    def prompt_cache_for(
+        self,
+        names: list[str | None],
+        dtype: torch.dtype,
+        *,
+        with_logits: bool = False,
+        repeat: int = 1,
+    ) -> tuple[Any, torch.Tensor | None]:
+        """A transformers cache holding each row's prompt keys/values, right-aligned.
+
+        The prompt KV of every adapter is computed once (with gradients when the prompt
+        trains and grad is enabled, else remembered until the prompt changes).
+
+        Args:
+            names: Each row's adapter (None: no prompt), e.g. from `resolve_adapters`.
+            dtype: The dtype of the inputs that will follow.
+            with_logits: Also return the last virtual token's logits `(B, V)` (causal LM loss).
+            repeat: Repeat each row this many times (beams, `num_return_sequences`).
+
+        Returns:
+            The cache `(B * repeat, kv_heads, prompt_width(names), head_dim)` per layer, and
+            the logits or None.
+        """
+        states = {n: self.prompt_kv.get(self, n, dtype, with_logits) for n in dict.fromkeys(names) if n}
+        rows = [n for n in names for _ in range(repeat)]
+        return batch_cache(self, states, rows, self.prompt_width(names))
 
     def clear_prompt_cache(self) -> None:
         """Forget the prompts' remembered keys/values (needed only after changing the base model)."""
-        self._prompt_kv.clear()
+        self.prompt_kv.clear()
 
     def _continue(
         self,
@@ -530,7 +571,7 @@ class SoftPromptModel(nn.Module):
         if embeds is None:
             raise ValueError("forward needs input_ids or inputs_embeds for the new tokens.")
         batch_size, new = embeds.shape[:2]
-        width = self._width(self._rows(adapter_names, batch_size))
+        width = self.prompt_width(self.resolve_adapters(adapter_names, batch_size))
         past = cache.get_seq_length()
         user_len = past - width + new
         if attention_mask is not None and attention_mask.shape[1] != user_len:

@@ -140,7 +140,7 @@ class GenerationObjective:
 
     def loss(self, model: SoftPromptModel, indices: Sequence[int]) -> torch.Tensor:
         seqs = [self.prompts[i] + self.targets[i] for i in indices]
-        device = model.base_model.get_input_embeddings().weight.device
+        device = model.device
         ids, mask = left_pad(seqs, self.pad_id, device)
         labels = torch.full_like(ids, -100)
         for row, i in enumerate(indices):
@@ -173,7 +173,7 @@ class GenerationObjective:
     ) -> list[str]:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         texts: list[str] = [""] * len(prompts)
-        device = model.base_model.get_input_embeddings().weight.device
+        device = model.device
         was_training = model.training
         model.eval()
         try:

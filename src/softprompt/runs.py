@@ -297,7 +297,7 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     info = {
         "config": config.to_dict(),
         "resolved": {
-            "bf16": resolve_bf16(config.bf16, model.base_model.get_input_embeddings().weight.device),
+            "bf16": resolve_bf16(config.bf16, model.device),
             "task": spec.task,
             "template": spec.template,
             "label_words": spec.label_words,

@@ -295,7 +295,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
         return save_checkpoint(out / "checkpoints", model, adapter, state, config.keep_checkpoints)
 
     dev_idx = _dev_subset(dev, config)
-    device = model.base_model.get_input_embeddings().weight.device
+    device = model.device
     bf16 = run.info["resolved"]["bf16"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     lengths = objective.lengths
