@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -103,9 +104,28 @@ def _kill_when(proc: subprocess.Popen, condition, timeout: float = 120.0) -> boo
     return False
 
 
-def _resume(ws: Path, out: Path) -> None:
-    result = subprocess.run(_command(ws, out, "--resume"), env=_env(), capture_output=True, text=True)
+RESUMING = re.compile(r"resuming from step-(\d{8}) \(step (\d+)\)")
+
+
+def _resume(ws: Path, out: Path, expected_step: int | None = None) -> str:
+    """Resume the run in `out`; it must continue from the newest complete checkpoint (or from
+    `expected_step`), not start again from step 0. Returns the run's stderr."""
+    newest = max(_checkpoint_steps(out), default=0)
+    result = subprocess.run(
+        _command(ws, out, "--resume"), check=False, env=_env(), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
+    found = RESUMING.findall(result.stderr)
+    assert len(found) == 1, f"no 'resuming from' message: {result.stderr[-2000:]}"
+    folder_step, step = int(found[0][0]), int(found[0][1])
+    want = newest if expected_step is None else expected_step
+    assert want > 0 and folder_step == step == want, (found, want)
+    # the resumed process evaluates only the steps after the checkpoint (every 5, and the last)
+    evals = [int(s) for s in re.findall(r"^step (\d+): dev_", result.stderr, flags=re.MULTILINE)]
+    assert evals == [s for s in range(1, STEPS + 1) if s > want and (s % 5 == 0 or s == STEPS)]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "start"] == [0], "one start record: not restarted"
+    return result.stderr
 
 
 def _checkpoint_steps(out: Path) -> list[int]:
@@ -183,6 +203,50 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(ws, reference):
     assert torch.equal(_final_prompt(out), reference)
 
 
+@pytest.mark.parametrize("damage", ["truncated-state", "truncated-safetensors", "missing-state"])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(ws, reference, damage):
+    out = ws / f"damaged-{damage}"
+    proc = subprocess.Popen(
+        _command(ws, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    assert _kill_when(proc, lambda: any(s >= 6 for s in _checkpoint_steps(out)))
+    steps = _checkpoint_steps(out)
+    assert len(steps) >= 2
+    newest = out / "checkpoints" / f"step-{steps[-1]:08d}"
+    if damage == "truncated-state":
+        state = newest / "trainer_state.pt"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    elif damage == "truncated-safetensors":
+        weights = newest / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:40])
+    else:
+        (newest / "trainer_state.pt").unlink()
+    err = _resume(ws, out, expected_step=steps[-2])
+    warning = re.search(
+        r"checkpoint (\S+) is damaged: (.*); resuming from the older checkpoint (\S+) instead", err
+    )
+    assert warning, err[-2000:]
+    assert Path(warning.group(1)) == newest
+    assert Path(warning.group(3)).name == f"step-{steps[-2]:08d}"
+    reason = warning.group(2)
+    assert ("trainer_state.pt" in reason) if "state" in damage else ("adapter" in reason), reason
+    assert torch.equal(_final_prompt(out), reference)
+
+
+def test_a_programming_error_while_loading_a_checkpoint_propagates(tmp_path, monkeypatch):
+    from softprompt import train_checkpoints
+
+    (tmp_path / "step-00000003").mkdir()
+    torch.save({"position": {"step": 3}}, tmp_path / "step-00000003" / "trainer_state.pt")
+
+    def buggy(*args, **kwargs):
+        raise TypeError("a bug, not a damaged file")
+
+    monkeypatch.setattr(train_checkpoints.torch, "load", buggy)
+    with pytest.raises(TypeError, match="a bug"):
+        train_checkpoints.load_latest(tmp_path)
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint(ws, monkeypatch):
     from softprompt.objectives import ClassificationObjective
 
@@ -228,7 +292,7 @@ def test_cli_exit_code_for_a_diverged_run(ws, tmp_path):
     make_tokenizer().save_pretrained(poisoned)
     command = _command(ws, tmp_path / "out")
     command[command.index("--model") + 1] = str(poisoned)
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    result = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True)
     assert result.returncode == 3, result.stderr[-1000:]
     assert "the loss became nan at step 1" in result.stderr and "lower one" in result.stderr
     assert "Traceback" not in result.stderr

@@ -97,15 +97,46 @@ def clean_temporary(root: Path) -> None:
 
 
 def load_latest(root: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads, with its trainer state; damaged ones are skipped."""
+    """The newest checkpoint that loads, with its trainer state.
+
+    A damaged checkpoint (state file missing, truncated or unreadable; adapter files missing
+    or damaged) is reported with a warning naming it, the reason and the checkpoint used
+    instead. Any other error (a bug, not a damaged file) propagates.
+    """
+    import pickle
+    import zipfile
+
+    from .adapter_files import AdapterFileError, read_adapter
+
     clean_temporary(root)
+    # What torch.load raises on a missing / empty / truncated / garbled file: OSError, EOFError,
+    # RuntimeError ("PytorchStreamReader failed reading zip archive"), UnpicklingError, BadZipFile.
+    state_errors = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile)
+    damaged: list[tuple[Path, str]] = []
     for folder in reversed(list_checkpoints(root)):
+        reason = None
         try:
             state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
-            from .adapter_files import read_adapter
-
-            read_adapter(folder)
+        except state_errors as err:
+            reason = f"{STATE_NAME} cannot be read ({type(err).__name__}: {err})"
+        else:
+            if not isinstance(state, dict) or "position" not in state:
+                reason = f"{STATE_NAME} holds no trainer state"
+        if reason is None:
+            try:
+                read_adapter(folder)  # wraps safetensors' and JSON errors in AdapterFileError
+            except (AdapterFileError, OSError) as err:
+                reason = f"the adapter files are damaged ({type(err).__name__}: {err})"
+        if reason is None:
+            for bad, why in damaged:
+                logger.warning(
+                    "checkpoint %s is damaged: %s; resuming from the older checkpoint %s instead",
+                    bad,
+                    why,
+                    folder,
+                )
             return folder, state
-        except Exception as err:  # a damaged checkpoint must not stop the resume
-            logger.warning("skipping damaged checkpoint %s: %s", folder, err)
+        damaged.append((folder, reason))
+    for bad, why in damaged:
+        logger.warning("checkpoint %s is damaged: %s; no older checkpoint loads", bad, why)
     return None
