@@ -17,7 +17,7 @@ from .config import PromptTuningConfig, TaskType
 from .heads import HeadSwitch, find_module, routed
 from .init import initial_prompt
 from .layout import Layout, build_layout
-from .prefix import PromptKV, batch_cache, supports_prefix_cache
+from .prefix import PromptKV, batch_cache, right_aligned, supports_prefix_cache
 from .prompt import SoftPrompt
 from .tasks import Call, task_spec
 
@@ -353,16 +353,14 @@ class SoftPromptModel(nn.Module):
             mask = torch.ones(batch_size, prompts.shape[1], dtype=torch.long, device=device)
             return prompts, mask, [(unique[0], None)]
         width = self.prompt_width(names)
-        table = []
-        for u in unique:
-            p = (
-                self.prompts[u](dtype).to(device)
-                if u is not None
-                else torch.zeros(0, hidden, dtype=dtype, device=device)
-            )
-            table.append(torch.cat([p.new_zeros(width - p.shape[0], hidden), p]))
+        table = [
+            self.prompts[u](dtype).to(device)
+            if u is not None
+            else torch.zeros(0, hidden, dtype=dtype, device=device)
+            for u in unique
+        ]
         which = torch.tensor([unique.index(n) for n in names], device=device)
-        prompts = torch.stack(table).index_select(0, which)  # (B, P, H)
+        prompts = right_aligned(table, which, width, dim=0)  # (B, P, H)
         lengths = torch.tensor([self.prompts[n].num_virtual_tokens if n else 0 for n in names], device=device)
         mask = (torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()
         routing = [

@@ -1,4 +1,5 @@
-"""The prompt's keys and values, computed once instead of for every example.
+"""The prompt's keys and values, computed once instead of for every example (and the
+right-aligned batching of per-prompt tensors that prompts and caches share).
 
 In a causal decoder the virtual tokens come first (positions 0..N-1) and attend only to
 each other, so every layer's keys and values at those positions are the same for every
@@ -39,7 +40,7 @@ def supports_prefix_cache(base: nn.Module) -> bool:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=base.config)
-    except Exception:  # a config the cache classes do not understand
+    except Exception:  # noqa: BLE001  (a config the cache classes do not understand)
         return False
     layers = getattr(cache, "layers", [])
     return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
@@ -144,6 +145,26 @@ class PromptKV:
         return PromptState(cache_tensors(cache), logits)
 
 
+def right_aligned(table: list[torch.Tensor], which: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Per-row copies of per-prompt tensors, each right-aligned in `width` positions.
+
+    Args:
+        table: One tensor per distinct prompt (the same shape except along `dim`).
+        which: `(B,)` index into `table` for every row of the batch.
+        width: Positions along `dim` after padding (at least the longest entry's).
+        dim: The position dimension of the entries.
+
+    Returns:
+        `(B, *entry_shape)` with `entry_shape[dim] == width`; zeros left of shorter entries.
+    """
+    padded = []
+    for t in table:
+        shape = list(t.shape)
+        shape[dim] = width - t.shape[dim]
+        padded.append(torch.cat([t.new_zeros(shape), t], dim=dim))
+    return torch.stack(padded).index_select(0, which)
+
+
 def batch_cache(
     model: Any, states: dict[str, PromptState], names: list[str | None], width: int
 ) -> tuple[Any, torch.Tensor | None]:
@@ -167,13 +188,9 @@ def batch_cache(
     for layer in range(len(some.kv)):
         parts = []
         for kind in (0, 1):
-            ref = some.kv[layer][kind]
-            table = []
-            for u in unique:
-                t = states[u].kv[layer][kind] if u is not None else ref[:, :, :0]
-                pad = t.new_zeros(t.shape[0], t.shape[1], width - t.shape[2], t.shape[3])
-                table.append(torch.cat([pad, t], dim=2))
-            parts.append(torch.cat(table).index_select(0, which))  # (B, kv_heads, width, head_dim)
+            ref = some.kv[layer][kind][0]  # (kv_heads, N, head_dim)
+            table = [states[u].kv[layer][kind][0] if u is not None else ref[:, :0] for u in unique]
+            parts.append(right_aligned(table, which, width, dim=1))  # (B, kv_heads, width, head_dim)
         tensors.append((parts[0], parts[1]))
     logits = None
     if some.last_logits is not None:
