@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -386,18 +388,57 @@ def apply_head_tensors(
             target.copy_(tensors[key].to(target.dtype))
 
 
+@dataclass
+class LoadPlan:
+    """A checked adapter folder, ready to attach: nothing has touched the model yet.
+
+    Attributes:
+        config: The file's config, `modules_to_save` cut to heads the model has.
+        prompt: `prompt_embeddings`, float32 `(num_virtual_tokens * submodules, hidden)`.
+        tensors: Every tensor of the file, by key.
+        heads: Head tensor key -> (head path, parameter name), see `match_head_tensors`.
+    """
+
+    config: PromptTuningConfig
+    prompt: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+    heads: dict[str, tuple[str, str]]
+
+    def apply_heads(self, model: SoftPromptModel, adapter_name: str) -> None:
+        """Copy the head weights into the heads of the adapter once it has been created."""
+        apply_head_tensors(model, adapter_name, self.tensors, self.heads)
+
+
+def plan_load(
+    path: str | os.PathLike,
+    base: Any,
+    resolve: Callable[[PromptTuningConfig], PromptTuningConfig] | None = None,
+) -> LoadPlan:
+    """Read an adapter folder and check it against `base` before anything is attached.
+
+    Args:
+        path: The adapter folder.
+        base: The transformers model it will be attached to.
+        resolve: How the wrapping model completes the config (its default heads), so head
+            tensors are matched against the heads it will create; None matches them against
+            the file's own `modules_to_save`.
+    """
+    config, tensors = read_adapter(path)
+    config = fit_to_model(config, tensors, base, path)
+    heads_config = resolve(config) if resolve is not None else config
+    plan = match_head_tensors(base, heads_config, tensors, path)
+    return LoadPlan(config, tensors[PROMPT_KEY], tensors, plan)
+
+
 def load_adapter(
     model: SoftPromptModel, path: str | os.PathLike, adapter_name: str, *, trainable: bool = False
 ) -> None:
     """Read an adapter folder and attach it to `model` under `adapter_name` (all or nothing)."""
     if adapter_name in model.prompts:
         raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pick another name.")
-    config, tensors = read_adapter(path)
-    config = fit_to_model(config, tensors, model.base_model, path)
-    resolved = model.resolve_config(config)
-    plan = match_head_tensors(model.base_model, resolved, tensors, path)
-    model.add_adapter(adapter_name, config, trainable=trainable, init=tensors[PROMPT_KEY])
-    apply_head_tensors(model, adapter_name, tensors, plan)
+    plan = plan_load(path, model.base_model, model.resolve_config)
+    model.add_adapter(adapter_name, plan.config, trainable=trainable, init=plan.prompt)
+    plan.apply_heads(model, adapter_name)
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:

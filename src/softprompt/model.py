@@ -643,17 +643,9 @@ class SoftPromptModel(nn.Module):
         Args:
             trainable: True resumes training the loaded prompt (PEFT refuses this).
         """
-        from .adapter_files import (
-            PROMPT_KEY,
-            apply_head_tensors,
-            fit_to_model,
-            match_head_tensors,
-            read_adapter,
-        )
+        from .adapter_files import plan_load
 
-        config, tensors = read_adapter(path)
-        config = fit_to_model(config, tensors, base_model, path)
-        plan = match_head_tensors(base_model, config, tensors, path)  # before touching base_model
-        model = cls(base_model, config, adapter_name, trainable=trainable, init=tensors[PROMPT_KEY])
-        apply_head_tensors(model, adapter_name, tensors, plan)
+        plan = plan_load(path, base_model)  # checked before touching base_model
+        model = cls(base_model, plan.config, adapter_name, trainable=trainable, init=plan.prompt)
+        plan.apply_heads(model, adapter_name)
         return model
