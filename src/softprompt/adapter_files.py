@@ -66,10 +66,15 @@ _ST_DTYPES = {
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """Serialise to the safetensors format with a canonical header (sorted keys).
+    """Serialise to the safetensors format with a canonical header (every key sorted).
 
-    The reference writer orders metadata keys arbitrarily, so saving the same adapter
-    twice could give different bytes; this one is deterministic.
+    Why not `safetensors.torch.save`: it sorts the tensor entries but writes the
+    `__metadata__` map in a random order that changes from call to call (a Rust `HashMap`;
+    safetensors issue #584; 0.8.0 still does), and our files carry three metadata
+    entries (format, config, digest). Saving the same adapter twice would then give files
+    with different bytes. This writer fixes the order of the whole header, so the same
+    adapter is always the same file, byte for byte, across saves and runs (reproducible checksums).
+    The output is a standard safetensors file that `safe_open` and PEFT read.
     """
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     chunks, offset = [], 0
@@ -145,7 +150,7 @@ def _holds_other_adapter(directory: Path, config_text: str, digest: str) -> bool
         return False
     try:
         meta = _safetensors_metadata(directory / WEIGHTS_NAME)
-    except Exception:  # unreadable: certainly not the adapter we are about to write
+    except Exception:  # noqa: BLE001  (unreadable: certainly not the adapter we are about to write)
         return True
     return not (meta.get(META_DIGEST) == digest and meta.get(META_CONFIG) == config_text)
 
@@ -197,7 +202,7 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118  (not iterable)
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise AdapterFileError(
             f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupted."
@@ -208,10 +213,11 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for code in the pickle, others for damage
+    except Exception as err:  # noqa: BLE001  (UnpicklingError for code in the pickle, others for damage)
         raise AdapterFileError(
             f"{path} could not be loaded as plain tensors ({type(err).__name__}: {str(err)[:300]}). "
-            "Only weights are read from .bin files (weights_only=True); a pickle that carries code is refused."
+            "Only weights are read from .bin files (weights_only=True); a pickle that carries code "
+            "is refused."
         ) from None
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
@@ -456,7 +462,7 @@ def load_weights_into(model: SoftPromptModel, adapter_name: str, path: str | os.
 
     Used to resume training and to go back to the best checkpoint; shapes must match.
     """
-    config, tensors = read_adapter(path)
+    _, tensors = read_adapter(path)
     prompt = model.prompts[adapter_name].embedding
     if tuple(prompt.shape) != tuple(tensors[PROMPT_KEY].shape):
         raise AdapterFileError(
