@@ -1,8 +1,10 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""File-system helpers: atomic writes (a reader sees the old file or the new one, never half
+of either), fsync of files and folders, and SHA-256 of files."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,6 +23,30 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_files(folder: Path) -> None:
+    """Flush every file directly in `folder`, then the folder itself (before renaming it)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in `chunk`-byte pieces (never the whole file at once).
+
+    Raises:
+        OSError: The file cannot be read.
+    """
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

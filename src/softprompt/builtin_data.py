@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import paths
-from ._io import atomic_write_bytes, atomic_write_text
+from ._io import atomic_write_bytes, atomic_write_text, sha256_file
 
 # softprompt.data re-exports this module, so its names are imported inside functions.
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def _sha256_file(path: Path) -> str:
     from .data import DataError
 
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError as err:
         raise DataError(
             f"cannot read the vaderSentiment sdist {path}: {err}. Give the path of "

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._io import fsync_dir
+from ._io import fsync_dir, fsync_files
 from .adapter_files import save_adapter
 
 logger = logging.getLogger(__name__)
@@ -50,14 +50,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(folder)
-
-
 def save_checkpoint(root: Path, model: Any, adapter: str, state: dict[str, Any], keep: int) -> Path:
     """Write `root/step-<N>` atomically, then prune to the newest `keep` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
@@ -67,7 +59,7 @@ def save_checkpoint(root: Path, model: Any, adapter: str, state: dict[str, Any],
     try:
         save_adapter(model, adapter, tmp, overwrite=True)
         torch.save(state, tmp / STATE_NAME)
-        _fsync_tree(tmp)
+        fsync_files(tmp)
         if final.exists():  # the same step saved again (e.g. after an interrupt): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
