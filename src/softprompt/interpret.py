@@ -20,7 +20,7 @@ def _token_table(model: SoftPromptModel, tokenizer: Any) -> torch.Tensor:
     embed = model.base_model.get_input_embeddings()
     rows = min(embed.weight.shape[0], len(tokenizer)) if tokenizer is not None else embed.weight.shape[0]
     with torch.no_grad():
-        ids = torch.arange(rows, device=embed.weight.device)
+        ids = torch.arange(rows, device=model.device)
         return torch.cat([embed(chunk) for chunk in ids.split(8192)]).float().cpu()
 
 
