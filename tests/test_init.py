@@ -94,6 +94,31 @@ def test_random_init_matches_the_embedding_scale():
     assert (prompt.mean(0) - table.mean(0)).abs().max() < 0.01
 
 
+def test_random_init_uses_each_dimension_s_own_mean_and_std():
+    """Columns of very different means and scales: every dimension of a large random prompt
+    has its own column's mean and std (one global std, or N(0, 1), fails by far)."""
+    base = build_model("CAUSAL_LM", "llama")
+    table = base.get_input_embeddings().weight  # (VOCAB, 32)
+    hidden = table.shape[1]
+    g = torch.Generator().manual_seed(0)
+    mean = torch.linspace(-3.0, 3.0, hidden)[torch.randperm(hidden, generator=g)]
+    std = torch.logspace(-2, 0.5, hidden)[torch.randperm(hidden, generator=g)]  # 0.01 ... 3.2
+    ordinary = torch.randn(table.shape[0] - 4, hidden, generator=g)
+    ordinary = (ordinary - ordinary.mean(0)) / ordinary.std(0, unbiased=False)  # exactly 0 / 1
+    # the 4 special rows at mean +- std: the column statistics are exactly (mean, std)
+    # whether or not the init counts them among the ordinary tokens
+    special = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]]).expand(4, hidden)
+    with torch.no_grad():
+        table.copy_(mean + std * torch.cat([special, ordinary]))
+    torch.testing.assert_close(table.std(0, unbiased=False), std, rtol=1e-4, atol=0)
+    torch.manual_seed(1)
+    prompt = wrap(base, PromptTuningConfig(num_virtual_tokens=4000)).get_prompt()  # (4000, 32)
+    # 4000 draws: the std's relative error is about 1.1%, the mean's 1.6% of the std
+    ratio = prompt.std(0) / std
+    assert ((ratio > 0.93) & (ratio < 1.07)).all(), ratio
+    assert ((prompt.mean(0) - mean).abs() < 0.1 * std).all(), (prompt.mean(0) - mean) / std
+
+
 def test_class_labels_init(tokenizer):
     labels = ["positive", "not fun"]  # the second is two tokens: averaged
     cfg = PromptTuningConfig(
@@ -114,12 +139,21 @@ def test_class_labels_init(tokenizer):
         assert hits and hits[0] not in SPECIAL
 
 
-def test_init_is_reproducible_with_the_global_seed():
-    def prompt():
-        torch.manual_seed(7)
-        return wrap(build_model("CAUSAL_LM", "gpt2"), PromptTuningConfig(num_virtual_tokens=4)).get_prompt()
+@pytest.mark.parametrize("init", ["RANDOM", "SAMPLE_VOCAB"])
+def test_init_is_reproducible_with_the_global_seed(init):
+    """The global seed set just before `wrap` decides the prompt: the same seed gives the same
+    prompt whatever was drawn before it, another seed another prompt. (The model is built
+    first: `build_model` reseeds, which would otherwise decide the prompt on its own.)"""
 
-    assert torch.equal(prompt(), prompt())
+    def prompt(seed: int, draws_before: int = 0):
+        base = build_model("CAUSAL_LM", "gpt2")
+        torch.rand(draws_before)  # moves the global generator if the seed were not used
+        torch.manual_seed(seed)
+        cfg = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init=init)
+        return wrap(base, cfg).get_prompt()
+
+    assert torch.equal(prompt(7), prompt(7, draws_before=1000))
+    assert not torch.equal(prompt(7), prompt(8))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
