@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -77,8 +79,22 @@ def cache(tmp_path) -> Path:
     return tmp_path / "models" / base_models.DEFAULT_MODEL
 
 
+def _lock_file(cache: Path) -> Path:
+    return cache.parent / f".{cache.name}.lock"
+
+
 def _siblings(cache: Path) -> list[str]:
-    return sorted(p.name for p in cache.parent.iterdir() if p.name != cache.name)
+    """What lies next to the cache folder besides it and its lock file (which stays, unheld)."""
+    return sorted(
+        p.name for p in cache.parent.iterdir() if p.name not in (cache.name, _lock_file(cache).name)
+    )
+
+
+def _assert_unlocked(cache: Path) -> None:
+    from filelock import FileLock
+
+    with FileLock(str(_lock_file(cache)), timeout=0):  # raises Timeout if anyone still holds it
+        pass
 
 
 def _tiny_weights() -> dict[str, torch.Tensor]:
@@ -104,11 +120,15 @@ def test_default_model_converts_once_then_loads_from_cache(convert, cache, caplo
         assert record["size"] == (cache / name).stat().st_size
     assert manifest["source"] == {"file": base_models.GGUF_FILE, "size": len(b"GGUF fake")}
     assert _siblings(cache) == []  # the temporary folder was renamed away
+    _assert_unlocked(cache)
 
+    # A valid cache is used without writing anything, not even the lock file.
+    _lock_file(cache).unlink()
     caplog.clear()
     load_model(cache_dir=cache)
     assert convert.calls == 1
     assert "Converting" not in caplog.text
+    assert not _lock_file(cache).exists()
 
 
 @pytest.mark.parametrize("alias", sorted(DEFAULT_ALIASES) + ["SMOLLM2", " smollm2 ", None])
@@ -199,29 +219,32 @@ def test_target_that_is_a_file_is_replaced(convert, cache):
 
 
 def test_leftover_temp_folders_are_removed(convert, cache):
+    """Temporary folders exist only while their writer holds the lock, so the next conversion
+    removes any it finds; other entries next to the cache are not touched."""
     cache.parent.mkdir(parents=True)
     prefix = f".{cache.name}.tmp-"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    here = base_models._host()
-    stale = [
-        f"{prefix}{here}-{dead.pid}-aaaa",  # its writer has exited
-        f"{prefix}{here}-{os.getpid()}-bbbb",  # this process, which holds the lock: not running
-        f"{prefix}otherhost-123-old0",  # another machine's, abandoned long ago
-    ]
-    live = [
-        f"{prefix}{here}-{os.getppid()}-cccc",  # a running process may still be converting
-        f"{prefix}otherhost-123-new0",  # another machine's, recent
-        f".{cache.name}.lock",  # not ours to touch
-    ]
-    for name in stale + live:
+    stale = [f"{prefix}host-123-aaaa", f"{prefix}0123456789ab"]
+    others = [f".{cache.name}.tmpfile", "another-model"]
+    for name in stale + others:
         (cache.parent / name).mkdir()
         (cache.parent / name / "model.safetensors").write_bytes(b"partial")
-    old = time.time() - 2 * base_models._STALE_AFTER_S
-    os.utime(cache.parent / stale[2], (old, old))
 
     default_model_dir(cache)
-    assert _siblings(cache) == sorted(live)
+    assert convert.calls == 1
+    assert _siblings(cache) == sorted(others)
+
+
+def test_lock_timeout_names_the_lock_file(convert, cache, monkeypatch):
+    from filelock import FileLock
+
+    monkeypatch.setattr(base_models, "LOCK_TIMEOUT_S", 0.2)
+    cache.parent.mkdir(parents=True)
+    held = FileLock(str(_lock_file(cache)))  # another converter at work
+    with held, pytest.raises(ModelLoadError, match=re.escape(str(_lock_file(cache)))):
+        default_model_dir(cache)
+    assert convert.calls == 0 and not cache.exists()
+    default_model_dir(cache)  # released: the next call converts
+    assert convert.calls == 1
 
 
 def test_failed_conversion_leaves_nothing_behind(convert, cache):
@@ -267,11 +290,12 @@ _CHILD = textwrap.dedent(
     from softprompt import base_models
 
     gguf, cache, ready = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    pause = float(sys.argv[4])
 
     def slow_convert(_gguf, target):
         for i in range(5):
             (target / f"part{i}.bin").write_bytes(bytes([i]) * 100_000)
-            time.sleep(0.3)
+            time.sleep(pause)
 
     logging.basicConfig(level=logging.INFO)
     base_models._locate_gguf = lambda: gguf
@@ -279,32 +303,73 @@ _CHILD = textwrap.dedent(
     ready.mkdir(exist_ok=True)
     (ready / str(base_models.os.getpid())).touch()
     deadline = time.time() + 120
-    while len(list(ready.iterdir())) < 2 and time.time() < deadline:
+    while len(list(ready.iterdir())) < int(sys.argv[5]) and time.time() < deadline:
         time.sleep(0.01)
     print(base_models.default_model_dir(cache))
     """
 )
 
 
-def test_two_processes_converting_at_once(fake_gguf, cache, tmp_path):
+def _child(fake_gguf: Path, cache: Path, ready: Path, pause: float, start_together: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)]))
-    args = [sys.executable, "-c", _CHILD, str(fake_gguf), str(cache), str(tmp_path / "ready")]
-    children = [
-        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
+    args = [
+        sys.executable,
+        "-c",
+        _CHILD,
+        str(fake_gguf),
+        str(cache),
+        str(ready),
+        str(pause),
+        str(start_together),
     ]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_converting_at_once(fake_gguf, cache, tmp_path):
+    children = [_child(fake_gguf, cache, tmp_path / "ready", 0.3, 2) for _ in range(2)]
     logs = []
     for child in children:
         out, err = child.communicate(timeout=300)
         assert child.returncode == 0, err
         assert out.strip() == str(cache)
         logs.append(err)
-    # Both converted at the same time; the second to finish kept the first one's copy.
-    assert all("Converting" in log for log in logs), logs
-    assert sum("Another process finished converting" in log for log in logs) == 1, logs
+    # Both started at once; one converted while the other waited on the lock, then found the
+    # cache ready.
+    assert sum("Converting" in log for log in logs) == 1, logs
+    assert not any("Another process finished converting" in log for log in logs), logs
     assert base_models._check_cache(cache, base_models._source_record(fake_gguf)) is None
     assert sorted(p.name for p in cache.iterdir()) == [f"part{i}.bin" for i in range(5)] + [MANIFEST_NAME]
     assert _siblings(cache) == []
+    _assert_unlocked(cache)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL is POSIX")
+def test_killed_converter_leaves_no_blocking_lock(convert, fake_gguf, cache, tmp_path, monkeypatch):
+    """A converter killed mid-conversion holds no lock afterwards (the OS released it); the
+    next conversion starts at once, removes the half-written folder and builds the cache."""
+    child = _child(fake_gguf, cache, tmp_path / "ready", 30.0, 1)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(
+            (p / "part0.bin").exists() for p in cache.parent.glob(f".{cache.name}.tmp-*")
+        ):
+            assert child.poll() is None, child.communicate()[1]
+            time.sleep(0.05)
+        assert _siblings(cache), "the child never started converting"
+        monkeypatch.setattr(base_models, "LOCK_TIMEOUT_S", 0.2)
+        with pytest.raises(ModelLoadError, match="lock file"):  # it holds the lock while alive
+            default_model_dir(cache)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert not cache.exists() and _lock_file(cache).exists()
+
+    default_model_dir(cache)  # with the 0.2 s timeout: the dead process's lock does not block
+    assert convert.calls == 1
+    assert base_models._check_cache(cache, None) is None
+    assert _siblings(cache) == []  # its temporary folder was removed
+    _assert_unlocked(cache)
 
 
 def test_missing_package_names_the_install_command(cache, monkeypatch):

