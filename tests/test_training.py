@@ -56,8 +56,8 @@ def test_only_prompt_and_heads_train_and_base_is_bit_identical(task, arch):
         opt.zero_grad()
     after = model.unload().state_dict()
     assert after.keys() == before.keys()
-    for k in before:
-        assert torch.equal(before[k], after[k]), k
+    for k, value in before.items():
+        assert torch.equal(value, after[k]), k
 
 
 def test_head_can_be_frozen():
@@ -73,6 +73,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
     task = "SEQ_CLS" if arch == "bert" else "CAUSAL_LM"
     batch = _batch(task)
     grads = []
+    calls = [0]
+
+    def count(*_):
+        calls[0] += 1
+
     for checkpointing in (False, True):
         base = build_model(task, arch)
         if checkpointing:
@@ -80,7 +85,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
         torch.manual_seed(1)
         model = wrap(base, PromptTuningConfig(task_type=task, num_virtual_tokens=3))
         model.train()
-        model(**batch).loss.backward()
+        # Checkpointing shows as the layers' leaf modules (Linear, GPT-2's Conv1D, norms...)
+        # running again during backward, recomputing the activations that were not kept.
+        hooks = [m.register_forward_hook(count) for m in base.modules() if next(m.children(), None) is None]
+        loss = model(**batch).loss
+        in_forward = calls[0]
+        loss.backward()
+        recomputed = calls[0] - in_forward
+        for h in hooks:
+            h.remove()
+        assert in_forward > 0
+        if checkpointing:
+            flags = [m.gradient_checkpointing for m in base.modules() if hasattr(m, "gradient_checkpointing")]
+            assert flags and any(flags)
+            assert recomputed > 0, "checkpointing did not run: nothing was recomputed during backward"
+        else:
+            assert recomputed == 0
         grads.append(model.prompts["default"].embedding.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
