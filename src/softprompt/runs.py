@@ -18,9 +18,10 @@ from .bf16 import resolve_bf16
 from .config import PromptTuningConfig, PromptTuningInit
 from .model import SoftPromptModel
 from .objectives import ClassificationObjective, GenerationObjective, Objective
+from .settings import RUN_IDENTITY, TrainingError
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .settings import DataConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +53,11 @@ class DataSpec:
 
 
 def _error(message: str) -> Exception:
-    from .train import TrainingError
-
     return TrainingError(message)
 
 
 def check_output_dir(config: TrainConfig) -> None:
     """Never mix two runs in one folder or delete a run without `overwrite`."""
-    from .train import _RUN_IDENTITY
-
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise _error(f"output_dir {out} is a file; give a folder.")
@@ -76,7 +73,7 @@ def check_output_dir(config: TrainConfig) -> None:
                     f"{saved} is unreadable, so the run cannot be resumed safely; use another output_dir."
                 )
             mine = config.to_dict()
-            diff = [k for k in _RUN_IDENTITY if previous.get(k) != mine.get(k)]
+            diff = [k for k in RUN_IDENTITY if previous.get(k) != mine.get(k)]
             if diff:
                 details = ", ".join(f"{k}: {previous.get(k)!r} -> {mine.get(k)!r}" for k in diff)
                 raise _error(
@@ -105,7 +102,7 @@ def check_output_dir(config: TrainConfig) -> None:
                 target.unlink()
 
 
-def _sniff_task(path: str, config: TrainConfig) -> str:
+def _sniff_task(path: str, config: DataConfig) -> str:
     """classification if the first record has the label field, generation if it has the target field."""
     from .data import DataError, read_examples
 
@@ -125,8 +122,13 @@ def _sniff_task(path: str, config: TrainConfig) -> str:
     return "classification"  # let the real read below report the problem
 
 
-def load_data(config: TrainConfig) -> DataSpec:
-    """Examples for train/dev/test, from a built-in set, files, or (Python API) records."""
+def load_data(config: DataConfig, seed: int = 0) -> DataSpec:
+    """Examples for train/dev/test, from a built-in set, files, or (Python API) records.
+
+    Args:
+        config: The data settings (a `TrainConfig` is one).
+        seed: Chooses the 10% of a training file held out as dev when there is no dev file.
+    """
     from .data import BUILTIN, load_builtin, read_examples
 
     if not isinstance(config.data, (str, Path)):
@@ -172,7 +174,7 @@ def load_data(config: TrainConfig) -> DataSpec:
         dev, _ = read_examples(config.dev_data, **opts)
     else:  # hold out 10% of the training file
         order = list(range(len(train)))
-        random.Random(config.seed).shuffle(order)
+        random.Random(seed).shuffle(order)
         cut = max(1, len(train) // 10) if len(train) >= 10 else 0
         dev = [train[i] for i in sorted(order[:cut])] or None
         train = [train[i] for i in sorted(order[cut:])]
@@ -191,7 +193,7 @@ def load_data(config: TrainConfig) -> DataSpec:
     return DataSpec(task, train, dev, test, config.template or "{text}", label_words, skipped)
 
 
-def _from_records(config: TrainConfig) -> DataSpec:
+def _from_records(config: DataConfig) -> DataSpec:
     """`data` / `dev_data` / `test_data` given as a `datasets.Dataset`, a list of dicts or of `Example`s."""
     from .data import Example, examples_from_records, label_set
 
@@ -225,8 +227,9 @@ def _from_records(config: TrainConfig) -> DataSpec:
 
 
 def build_objective(
-    spec: DataSpec, examples: list[Any] | None, tokenizer: Any, config: TrainConfig
+    spec: DataSpec, examples: list[Any] | None, tokenizer: Any, config: DataConfig
 ) -> Objective | None:
+    """The objective (tokenized examples, label words) of one split, or None for no examples."""
     if not examples:
         return None
     texts = [e.text for e in examples]
@@ -276,7 +279,7 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     notify("phase", {"message": f"loading data {config.data}"})
-    spec = load_data(config)
+    spec = load_data(config, config.seed)
     if config.max_train_examples is not None:
         spec.train = spec.train[: config.max_train_examples]
     notify("phase", {"message": f"loading model {config.model or 'SmolLM2-135M-Instruct (packaged)'}"})

@@ -1,0 +1,289 @@
+"""Run settings, grouped: which model, how to read data and score it, the prompt, the
+optimisation, evaluation and output. `TrainConfig` is all of them together (flat, so
+`TrainConfig(lr=0.1, data="x.jsonl")` and every `softprompt train --option` map one to
+one); `eval`, `generate`, `classify` and `serve` use the groups they need, with the same
+defaults and help. `adapter_run` reads the settings an adapter was trained with.
+
+The errors a run raises live here too, so the modules that prepare and drive a run
+import them from one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import PromptTuningInit
+
+RUN_CONFIG = "run_config.json"
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text (shown by the CLI's `--help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default.copy(), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _at_least_one(obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if int(getattr(obj, name)) < 1:
+            raise ValueError(f"{name} must be at least 1; got {getattr(obj, name)}.")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C: a checkpoint was saved, the run can be resumed."""
+
+
+# ---------------------------------------------------------------------- the groups
+@dataclass
+class ModelConfig:
+    """Which frozen model, and how it computes."""
+
+    model: str | None = option(
+        None, "Model id or local folder (default: the packaged SmolLM2-135M-Instruct)."
+    )
+    bf16: bool | None = option(
+        None,
+        "Run the frozen model under bfloat16 autocast; the prompt and optimizer stay float32 "
+        "(default: on where the hardware computes bfloat16 natively: CPUs with AMX or "
+        "AVX512-BF16, CUDA GPUs with bf16).",
+    )
+
+    def _validate_model(self) -> None:
+        pass
+
+
+@dataclass
+class DataConfig:
+    """How to read data and score it: shared by train, eval, classify and serve."""
+
+    data: str = option(
+        "movie-reviews",
+        "Training data: a built-in set (movie-reviews, amazon-reviews, tweets, nyt-editorials) or a "
+        "JSONL/CSV/TSV file. From Python also a datasets.Dataset or a list of dicts / Examples.",
+    )
+    dev_data: str | None = option(
+        None,
+        "Dev file for evaluation and early stopping (built-in sets have their own; else 10% of "
+        "the training file).",
+    )
+    test_data: str | None = option(None, "Test file scored at the end (built-in sets have their own).")
+    task: str | None = option(
+        None, "classification or generation (default: classification if the data has labels)."
+    )
+    text_field: str = option("text", "Input text field / column.")
+    label_field: str = option("label", "Label field / column (classification).")
+    target_field: str = option("target", "Target text field / column (generation).")
+    template: str | None = option(
+        None,
+        "Input template with {text} (built-in sets: 'Review: {text}\\nSentiment:'; files: '{text}').",
+    )
+    label_words: dict[str, str] | None = option(
+        None, "Label -> label word, e.g. {'positive': ' positive'} (default: ' ' + label)."
+    )
+    max_length: int = option(256, "Longest templated input in tokens (longer texts are shortened).")
+    max_new_tokens: int = option(32, "Generation task: tokens generated for evaluation.")
+    skip_invalid: bool = option(False, "Skip bad data rows (counted and reported) instead of stopping.")
+
+    def _validate_data(self) -> None:
+        _at_least_one(self, ("max_length",))
+        if self.task not in (None, "classification", "generation"):
+            raise ValueError(f"task must be classification or generation; got {self.task!r}.")
+
+    def __post_init__(self) -> None:
+        self._validate_data()
+
+
+@dataclass
+class PromptOptions:
+    """The prompt that is trained."""
+
+    init: str | None = option(
+        None,
+        "Prompt initialisation: CLASS_LABELS, TEXT, SAMPLE_VOCAB or RANDOM (default: CLASS_LABELS "
+        "for classification, SAMPLE_VOCAB for generation).",
+    )
+    init_text: str | None = option(None, "Text for TEXT initialisation (default: a task description).")
+    num_virtual_tokens: int = option(
+        50, "Prompt length N (the prompt's KV is computed once per step, so length is cheap)."
+    )
+
+    def _validate_prompt(self) -> None:
+        if self.init is not None:
+            self.init = PromptTuningInit.parse(self.init, "init").value
+        _at_least_one(self, ("num_virtual_tokens",))
+
+
+@dataclass
+class OptimConfig:
+    """How the prompt is optimised."""
+
+    optimizer: str = option("adamw", "adamw or adafactor.")
+    lr: float = option(3e-2, "Peak learning rate.")
+    weight_decay: float = option(0.0, "Weight decay (AdamW).")
+    warmup_steps: int = option(10, "Linear warm-up steps.")
+    schedule: str = option("linear", "Learning-rate schedule after warm-up: linear, cosine or constant.")
+    batch_size: int = option(32, "Examples per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    max_steps: int | None = option(200, "Optimizer steps (None: run `epochs` epochs).")
+    epochs: float = option(1.0, "Epochs when max_steps is None.")
+    seed: int = option(0, "Random seed (initialisation, data order).")
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass (less memory, slower)."
+    )
+    max_train_examples: int | None = option(None, "Use at most this many training examples.")
+
+    def _validate_optim(self) -> None:
+        _at_least_one(self, ("batch_size", "grad_accum"))
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or None); got {self.max_steps}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number; got {self.lr}.")
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adafactor'; got {self.optimizer!r}.")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule must be linear, cosine or constant; got {self.schedule!r}.")
+
+
+@dataclass
+class EvalConfig:
+    """When and how a run is scored."""
+
+    eval_every: int = option(100, "Evaluate on the dev set every N steps (0: only at the end).")
+    eval_samples: int | None = option(None, "Dev examples used for these evaluations (None: all).")
+    early_stopping_patience: int | None = option(
+        None, "Stop after this many evaluations without improvement (None: never)."
+    )
+    zero_shot: bool = option(True, "Also score the bare model on the test set, for comparison.")
+
+    def _validate_eval(self) -> None:
+        pass
+
+
+@dataclass
+class OutputConfig:
+    """Where a run is written and how it is kept safe."""
+
+    output_dir: str = option("", "Folder for the adapters, metrics, plot and checkpoints (required).")
+    checkpoint_every: int = option(50, "Write a resumable checkpoint every N steps.")
+    keep_checkpoints: int = option(2, "How many checkpoints to keep.")
+    resume: bool = option(False, "Continue an interrupted run from its newest checkpoint.")
+    overwrite: bool = option(False, "Replace a finished or different run in output_dir.")
+    log_every: int = option(10, "Write training loss to metrics.jsonl every N steps.")
+
+    def _validate_output(self) -> None:
+        if not self.output_dir:
+            raise ValueError("output_dir is required: the folder where the run is written.")
+        _at_least_one(self, ("keep_checkpoints",))
+
+
+# The groups of a training run, in the order `softprompt train --help` lists them.
+GROUPS: tuple[type, ...] = (OutputConfig, ModelConfig, DataConfig, PromptOptions, OptimConfig, EvalConfig)
+
+
+@dataclass
+class TrainConfig(EvalConfig, OptimConfig, PromptOptions, DataConfig, ModelConfig, OutputConfig):
+    """Everything a training run needs. Every field is a `softprompt train` option."""
+
+    def __post_init__(self) -> None:
+        self._validate_output()
+        self._validate_model()
+        self._validate_data()
+        self._validate_prompt()
+        self._validate_optim()
+        self._validate_eval()
+
+    def group(self, cls: type) -> Any:
+        """The settings of one group (`DataConfig`, `OptimConfig`...) as an object of that type."""
+        if cls not in GROUPS:
+            raise ValueError(f"{cls.__name__} is not one of {[g.__name__ for g in GROUPS]}.")
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(cls)}
+        obj = cls.__new__(cls)
+        obj.__dict__.update(values)  # no re-validation: this config was validated as a whole
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values; in-memory data sets are recorded by their type and size."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if (
+                f.name in ("data", "dev_data", "test_data")
+                and value is not None
+                and not isinstance(value, str)
+            ):
+                size = len(value) if hasattr(value, "__len__") else "?"
+                value = f"<{type(value).__name__} of {size} records>"
+            out[f.name] = value
+        return out
+
+
+# The fields that must match for `resume` to continue a run. The learning rate may change
+# (the usual fix after a diverged run); evaluation and checkpoint settings may too.
+RUN_IDENTITY = ("model", "data", "task", "template", "label_words", "init", "init_text", "num_virtual_tokens",
+                "optimizer", "weight_decay", "warmup_steps", "schedule", "batch_size", "grad_accum",
+                "max_steps", "epochs", "seed", "bf16", "max_length", "max_train_examples")  # fmt: skip
+
+
+# ---------------------------------------------------------------------- an adapter's run
+@dataclass(frozen=True)
+class AdapterRun:
+    """What an adapter's training run recorded about its input format (run_config.json).
+
+    Attributes:
+        model: The base model the run used (None: the packaged default).
+        task: classification or generation.
+        template: The input template with `{text}`.
+        label_words: Label -> label word (classification).
+        max_length: Longest templated input in tokens.
+        source: The run_config.json read.
+    """
+
+    model: str | None = None
+    task: str | None = None
+    template: str | None = None
+    label_words: dict[str, str] | None = None
+    max_length: int | None = None
+    source: Path | None = None
+
+
+def adapter_run(adapter_dir: str | Path) -> AdapterRun | None:
+    """The settings of the run an adapter folder came from: `run_config.json` in the folder
+    or its parent (a run's `best/` and `last/`), else None (a PEFT adapter, a copied folder).
+
+    Raises:
+        ValueError: The run_config.json exists but cannot be read.
+    """
+    folder = Path(adapter_dir)
+    for candidate in (folder / RUN_CONFIG, folder.parent / RUN_CONFIG):
+        if candidate.is_file():
+            try:
+                info = json.loads(candidate.read_text(encoding="utf-8"))
+                resolved, config = info.get("resolved", {}), info.get("config", {})
+            except (OSError, ValueError, AttributeError) as err:
+                raise ValueError(
+                    f"{candidate} cannot be read ({err}); pass --template/--label-words explicitly "
+                    "or repair the file."
+                ) from None
+            return AdapterRun(
+                model=config.get("model"),
+                task=resolved.get("task"),
+                template=resolved.get("template"),
+                label_words=resolved.get("label_words"),
+                max_length=config.get("max_length"),
+                source=candidate,
+            )
+    return None
