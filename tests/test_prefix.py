@@ -7,7 +7,7 @@ import torch
 
 from softprompt import BASE, PromptTuningConfig, wrap
 from softprompt.prefix import supports_prefix_cache
-from tests.tiny import PAD, VOCAB, build_model
+from tests.tiny import PAD, TASK_ARCHS, VOCAB, build_model
 
 DECODERS = ["gpt2", "llama", "qwen2", "opt", "gpt_neox"]
 ATOL = 1e-5
@@ -78,7 +78,17 @@ def _train_step(model, ids, mask, names):
 def test_training_loss_and_prompt_gradient_match(arch):
     cached, plain = _pair("CAUSAL_LM", arch)
     ids, mask = _batch()
-    losses, grads = zip(*(_train_step(model, ids, mask, ["a", "a", "b"]) for model in (cached, plain)))
+    results, widths = [], []
+    for model in (cached, plain):
+        seen, handle = _widths(model)
+        results.append(_train_step(model, ids, mask, ["a", "a", "b"]))
+        handle.remove()
+        widths.append(seen)
+    # the cached path: prompt passes (5 and 2 columns), then the user's 7 columns only;
+    # the plain path: one pass over the widest prompt and the user's columns
+    assert widths[0][-1] == ids.shape[1] and max(widths[0]) == ids.shape[1], widths[0]
+    assert widths[1] == [ids.shape[1] + 5], widths[1]
+    losses, grads = zip(*results)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
     for g_cached, g_plain in zip(*grads):
         assert g_plain.abs().sum() > 0
@@ -148,14 +158,76 @@ def test_other_decoder_tasks_match(task):
             torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
 
 
+# Decoders take the cached path for every task, except GPT-2's QA model, whose forward has no
+# `past_key_values` argument; encoders and encoder-decoders always take the plain path.
+CACHED = {(t, a) for t, a in TASK_ARCHS if a in DECODERS} - {("QUESTION_ANS", "gpt2")}
+
+
+def _task_extra(task: str, ids: torch.Tensor) -> dict:
+    batch = ids.shape[0]
+    return {
+        "CAUSAL_LM": {"labels": ids},
+        "SEQ_2_SEQ_LM": {"labels": torch.randint(4, VOCAB, (batch, 4))},
+        "SEQ_CLS": {"labels": torch.tensor([0, 1, 2])[:batch]},
+        "TOKEN_CLS": {"labels": torch.randint(0, 3, ids.shape)},
+        "QUESTION_ANS": {
+            "start_positions": torch.tensor([3, 1, 0]),
+            "end_positions": torch.tensor([5, 2, 4]),
+        },
+        "FEATURE_EXTRACTION": {},
+    }[task]
+
+
+@pytest.mark.parametrize("task,arch", TASK_ARCHS)
+def test_training_takes_the_cached_path_exactly_where_supported(task, arch):
+    """Every task on every architecture, in training: the cached path (the layers see the
+    prompts alone, then the user's columns only) where the architecture supports it, the plain
+    path (prompt and user's columns together) elsewhere; the same loss and gradients either way."""
+    cached, plain = _pair(task, arch)
+    assert supports_prefix_cache(cached.base_model) == ((task, arch) in CACHED)
+    ids, mask = _batch()
+    names = ["a", "a", "b"]
+    torch.manual_seed(2)
+    extra = _task_extra(task, ids)
+    results, widths = [], []
+    for model in (cached, plain):
+        model.train()
+        for m in model.modules():  # the token-classification heads' dropout draws differ per path
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        seen, handle = _widths(model)
+        out = model(input_ids=ids, attention_mask=mask, adapter_names=names, **extra)
+        loss = out.last_hidden_state[mask.bool()].pow(2).mean() if task == "FEATURE_EXTRACTION" else out.loss
+        loss.backward()
+        handle.remove()
+        results.append((loss.detach(), [model.prompts[n].embedding.grad.clone() for n in ("a", "b")]))
+        widths.append(seen)
+    assert model.uses_prompt_cache(names, 3) is False  # the plain copy
+    assert cached.uses_prompt_cache(names, 3) is ((task, arch) in CACHED)
+    if (task, arch) in CACHED:
+        assert widths[0][-1] == ids.shape[1] and max(widths[0]) == ids.shape[1], widths[0]
+        assert sorted(set(widths[0][:-1])) in ([2, 5], [5]), "the prompt passes"
+    else:
+        assert widths[0] == [ids.shape[1] + 5], widths[0]
+    assert widths[1] == [ids.shape[1] + 5], widths[1]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
+    for g_cached, g_plain in zip(results[0][1], results[1][1]):
+        assert g_plain.abs().sum() > 0
+        torch.testing.assert_close(g_cached, g_plain, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", DECODERS)
 def test_generate_greedy_and_sampled_match(arch):
     cached, plain = _pair("CAUSAL_LM", arch)
     ids, mask = _batch()
     ids, mask = ids[:2], mask[:2]  # decoder generation wants left padding
-    kw = dict(
-        input_ids=ids, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=5, min_new_tokens=5
-    )
+    kw = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "adapter_names": ["a", "b"],
+        "max_new_tokens": 5,
+        "min_new_tokens": 5,
+    }
     assert torch.equal(cached.generate(**kw, do_sample=False), plain.generate(**kw, do_sample=False))
     outs = []
     for model in (cached, plain):
