@@ -429,6 +429,105 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_classify_rows(path: str, field: str) -> list[dict[str, Any]]:
+    """Rows to label from a .jsonl/.json file (objects with `field`) or a text file (a line each)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith((".jsonl", ".json")):
+        data = (
+            json.loads(text)
+            if path.endswith(".json")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+        if not isinstance(data, list) or not all(
+            isinstance(r, dict) and isinstance(r.get(field), str) for r in data
+        ):
+            raise ValueError(
+                f"{path}: every row must be an object with a string field {field!r} (--text-field)."
+            )
+        return data
+    return [{field: line} for line in text.splitlines() if line.strip()]
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .classify import classify_texts, run_settings
+
+    adapters = _adapter_specs([args.adapter])
+    run = run_settings(adapters[0][1])
+    template = args.template or run.get("template")
+    label_words = args.label_words or run.get("label_words")
+    if not template or not label_words:
+        raise ValueError(
+            f"{adapters[0][1]} has no run_config.json with a template and label words; "
+            "pass --template and --label-words."
+        )
+    if args.data:
+        rows = _read_classify_rows(args.data, args.text_field)
+    else:
+        texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        rows = [{args.text_field: t} for t in texts]
+    if not rows:
+        raise ValueError("no input: give texts as arguments, --data FILE, or lines on standard input.")
+    model, tokenizer = _load_with_adapters(args.model or run.get("model"), adapters)
+    results = classify_texts(
+        model,
+        tokenizer,
+        [r[args.text_field] for r in rows],
+        adapter=adapters[0][0],
+        template=template,
+        label_words=label_words,
+        max_length=args.max_length or run.get("max_length") or 256,
+        batch_size=args.batch_size,
+    )
+    out = [{**row, "prediction": r["label"], "probs": r["probs"]} for row, r in zip(rows, results)]
+    if args.output:
+        Path(args.output).write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8"
+        )
+        print(f"wrote {len(out)} predictions to {args.output}", file=sys.stderr)
+    elif args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        for r in out:
+            print(f"{r['prediction']}\t{r['probs'][r['prediction']]:.4f}\t{r[args.text_field]}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve.app import ServeConfig, create_app
+    except ImportError as err:
+        raise RuntimeError(
+            f"softprompt serve needs the serve extra ({err.name} is missing): pip install 'softprompt[serve]'"
+        ) from None
+    config = ServeConfig(
+        model=args.model,
+        base_id=args.served_model_name,
+        adapters={name: str(path) for name, path in _adapter_specs(args.adapter)},
+        adapters_dirs=list(args.adapters or []),
+        adapter_roots=list(args.adapter_root or []),
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        prompt_cache_mb=args.prompt_cache_mb,
+        allow_adapter_updates=args.allow_adapter_updates,
+        api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        drain_seconds=args.drain_seconds,
+    )
+    for folder in config.adapters_dirs:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--adapters {folder!r} is not a folder.")
+    uvicorn.run(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        log_level="debug" if args.verbose else "info",
+        timeout_graceful_shutdown=int(args.drain_seconds),
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
@@ -478,6 +577,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="Print JSON.")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("classify", help="Label new texts with a classification prompt (no labels needed).")
+    p.add_argument("text", nargs="*", help="Texts (default: --data, else one per line on standard input).")
+    p.add_argument(
+        "--adapter", required=True, help="Adapter folder (its run gives template and label words)."
+    )
+    p.add_argument(
+        "--data", default=None, help="A .jsonl/.json file of objects, or a text file (a line each)."
+    )
+    p.add_argument("--text-field", default="text", help="The field holding the text in --data rows.")
+    p.add_argument("--output", default=None, help="Write predictions as JSON lines here.")
+    p.add_argument("--model", default=None, help="Model id or folder (default: the adapter's run).")
+    p.add_argument("--template", type=_unescape, default=None, help="Template with {text} " + _FROM_RUN)
+    p.add_argument("--label-words", type=parse_label_words, default=None, help="label=word,... " + _FROM_RUN)
+    p.add_argument("--max-length", type=int, default=None, help="Longest templated input " + _FROM_RUN)
+    p.add_argument("--batch-size", type=int, default=64, help="Texts per forward pass.")
+    p.add_argument("--json", action="store_true", help="Print JSON.")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server: one model, many soft prompts.")
+    p.add_argument("--model", default=None, help="Model id or local folder (default: SmolLM2-135M-Instruct).")
+    p.add_argument("--served-model-name", default=None, help="The base model's name in requests.")
+    p.add_argument("--adapters", action="append", help="Serve every adapter folder under DIR by folder name.")
+    p.add_argument("--adapter", action="append", help="name=folder (or folder); repeat for several.")
+    p.add_argument("--adapter-root", action="append", help="A further folder /v1/load_adapter may load from.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="Sequences decoded together at most.")
+    p.add_argument("--max-queue", type=int, default=256, help="Waiting requests at most (then 429).")
+    p.add_argument("--prompt-cache-mb", type=float, default=None, help="Memory for prompt KVs (LRU).")
+    p.add_argument("--allow-adapter-updates", action="store_true", help="Enable load/unload_adapter.")
+    p.add_argument("--api-key", default=None, help="Require this bearer key (or SOFTPROMPT_API_KEY).")
+    p.add_argument("--max-body-mb", type=float, default=1.0, help="Larger request bodies get 413.")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="Time running requests get at shutdown.")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

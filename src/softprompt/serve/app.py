@@ -1,0 +1,763 @@
+"""The HTTP layer: FastAPI routes, request parsing and the OpenAI error envelope.
+
+It turns JSON into `GenerationRequest`s and events back into OpenAI-shaped JSON or
+server-sent events; it never touches tensors (tokenization aside) and never calls the
+model: everything model-side goes through the scheduler to the engine's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .request import (
+    Event,
+    GenerationRequest,
+    Job,
+    NotFound,
+    Overloaded,
+    SamplingParams,
+    ServeError,
+    Unavailable,
+)
+from .schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    ClassifyRequest,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    LoadAdapterRequest,
+    ModelCard,
+    ModelList,
+    TokenLogprob,
+    TopLogprob,
+    UnloadAdapterRequest,
+    Usage,
+    error_body,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    """How the server runs (the `softprompt serve` options).
+
+    Attributes:
+        model: Base model id or folder (None: the packaged default model).
+        base_id: The name clients use for the bare model (default: `model`, or the
+            default model's name).
+        adapters: Adapters served from the start, name -> folder.
+        adapters_dirs: Folders whose sub-folders are adapters (by folder name), loaded
+            at start and, when added later, on their first request.
+        adapter_roots: Further folders `/v1/load_adapter` may load from.
+        max_batch_size: Sequences decoded together at most.
+        max_queue: Requests waiting at most (more get 429).
+        prompt_cache_mb: Memory budget of the prompts' KV (None: unbounded).
+        allow_adapter_updates: Enable `/v1/load_adapter` and `/v1/unload_adapter`.
+        api_key: Require `Authorization: Bearer <key>` on /v1 routes.
+        max_body_bytes: Larger request bodies get 413.
+        drain_seconds: At shutdown, how long running requests may take to finish.
+    """
+
+    model: str | None = None
+    base_id: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)
+    adapters_dirs: list[str] = field(default_factory=list)
+    adapter_roots: list[str] = field(default_factory=list)
+    max_batch_size: int = 32
+    max_queue: int = 256
+    prompt_cache_mb: float | None = None
+    allow_adapter_updates: bool = False
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    drain_seconds: float = 30.0
+
+    def resolved_base_id(self) -> str:
+        if self.base_id:
+            return self.base_id
+        if self.model:
+            return self.model
+        from ..base_models import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
+
+
+class _Server:
+    """What the routes share: the engine once loaded, the scheduler, metrics, state."""
+
+    def __init__(self, config: ServeConfig, loader: Callable[[], tuple[Any, Any]] | None) -> None:
+        from .metrics import Metrics
+        from .scheduler import Scheduler
+
+        self.config = config
+        self.base_id = config.resolved_base_id()
+        self.loader = loader
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(max_batch_size=config.max_batch_size, max_queue=config.max_queue)
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.state = "loading"
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.roots = [Path(p).resolve() for p in (*config.adapters_dirs, *config.adapter_roots)]
+
+    def load(self) -> None:
+        """Load the model and the start-up adapters, then start the engine (own thread)."""
+        try:
+            from .engine import Engine, scan_adapters
+
+            model, tokenizer = (self.loader or _default_loader(self.config))()
+            engine = Engine(
+                model,
+                tokenizer,
+                self.scheduler,
+                base_id=self.base_id,
+                metrics=self.metrics,
+                prompt_cache_mb=self.config.prompt_cache_mb,
+                adapters_dirs=[Path(d) for d in self.config.adapters_dirs],
+            )
+            for root in self.config.adapters_dirs:
+                for name, path in scan_adapters(Path(root)).items():
+                    engine.load_adapter_now(name, path)
+            for name, path in self.config.adapters.items():
+                engine.load_adapter_now(name, path)
+            engine.start()
+            self.tokenizer, self.engine, self.state = tokenizer, engine, "ready"
+            logger.info("ready: %s with %d adapters", self.base_id, len(engine.adapters()))
+        except Exception as err:
+            logger.exception("loading failed")
+            self.error = f"{type(err).__name__}: {err}"
+            self.state = "failed"
+
+    def ready_engine(self) -> Any:
+        if self.state == "ready" and self.engine is not None and self.engine.alive:
+            return self.engine
+        if self.state == "loading":
+            raise Unavailable("the model is still loading; retry shortly.")
+        raise Unavailable(f"the model worker is not running ({self.error or self.state}).")
+
+
+def _default_loader(config: ServeConfig) -> Callable[[], tuple[Any, Any]]:
+    def load() -> tuple[Any, Any]:
+        from ..base_models import load_model
+        from ..config import PromptTuningConfig
+        from ..model import SoftPromptModel
+        from .engine import PLACEHOLDER
+
+        base, tokenizer = load_model(config.model)
+        model = SoftPromptModel(
+            base,
+            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1),
+            PLACEHOLDER,
+            trainable=False,
+        )
+        return model.eval(), tokenizer
+
+    return load
+
+
+# ---------------------------------------------------------------------- errors and parsing
+def _error(err: ServeError) -> JSONResponse:
+    headers = {"Retry-After": str(int(err.retry_after))} if isinstance(err, Overloaded) else None
+    return JSONResponse(error_body(err.message, err.type, err.param, err.code), err.status, headers=headers)
+
+
+class _Forbidden(ServeError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class _Unauthorized(ServeError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class _TooLarge(ServeError):
+    status = 413
+    code = "body_too_large"
+
+
+def _reject_constant(value: str) -> Any:
+    raise ValueError(f"{value} is not a valid JSON number")
+
+
+async def _parse(request: Request, schema: type[BaseModel], limit: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _TooLarge(f"the request body is {length} bytes; at most {limit} are accepted.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _TooLarge(f"the request body is over {limit} bytes.")
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ServeError(f"the request body is not valid UTF-8 (byte {err.start}).") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:
+        raise ServeError(f"the request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ServeError("the request body must be a JSON object.")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = [str(p) for p in first.get("loc", ())]
+        param = loc[0] if loc else None
+        where = ".".join(loc)
+        message = first.get("msg", "invalid request")
+        raise ServeError(f"{where + ': ' if where else ''}{message}", param=param) from None
+
+
+def _check_key(server: _Server, request: Request) -> None:
+    key = server.config.api_key
+    if not key:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given[:7].lower() == "bearer " else ""
+    if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), key.encode("utf-8")):
+        raise _Unauthorized("a valid API key is required (Authorization: Bearer <key>).")
+
+
+# ---------------------------------------------------------------------- the app
+def create_app(config: ServeConfig, loader: Callable[[], tuple[Any, Any]] | None = None) -> FastAPI:
+    """The FastAPI application. `loader` gives `(SoftPromptModel, tokenizer)` (default: load
+    `config.model` with a placeholder adapter); it runs in the background at start-up,
+    while `/health` answers 503."""
+    server = _Server(config, loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        thread = threading.Thread(target=server.load, name="softprompt-load", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            server.state = "stopping" if server.state == "ready" else server.state
+            if server.engine is not None:
+                await asyncio.to_thread(server.engine.stop, config.drain_seconds)
+
+    app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, err: ServeError) -> JSONResponse:
+        return _error(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(err.detail), kind, None, None), err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {err}", "server_error", None, "internal_error"), 500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            server.ready_engine()
+        except ServeError as err:
+            return _error(err)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from .metrics import CONTENT_TYPE
+
+        server.metrics.queue.set(server.scheduler.queue_depth)
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        _check_key(server, request)
+        engine = server.ready_engine()
+        cards = [
+            ModelCard(
+                id=server.base_id,
+                created=server.created,
+                root=server.base_id,
+                max_model_len=engine.context_length,
+            )
+        ]
+        listed = engine.adapters()
+        from .engine import scan_adapters
+
+        for root in config.adapters_dirs:
+            for name, path in scan_adapters(Path(root)).items():
+                listed.setdefault(name, path)
+        for name, path in sorted(listed.items()):
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=server.created,
+                    root=str(path),
+                    parent=server.base_id,
+                    max_model_len=engine.context_length,
+                )
+            )
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def run_job(fn: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def done(job: Job) -> None:
+            def settle() -> None:
+                if not future.done():
+                    future.set_result(job)
+
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop is closed (shutdown)
+                pass
+
+        server.scheduler.submit_job(Job(fn, on_done=done))
+        job = await future
+        if job.error is not None:
+            if isinstance(job.error, ServeError):
+                raise job.error
+            raise ServeError(f"{type(job.error).__name__}: {job.error}")
+        return job.result
+
+    async def resolve_model(name: str) -> str | None:
+        """The served adapter for a request's `model` (None: the bare model)."""
+        engine = server.ready_engine()
+        if name == server.base_id:
+            return None
+        if engine.has_adapter(name):
+            return name
+        path = engine.find_on_disk(name)
+        if path is not None:  # just in time: a folder added under --adapters after start-up
+
+            def load() -> None:
+                if not engine.has_adapter(name):
+                    engine.load_adapter_now(name, path)
+
+            await run_job(load)
+            return name
+        raise NotFound(
+            f"the model {name!r} does not exist; GET /v1/models lists the served ones.", param="model"
+        )
+
+    # ------------------------------------------------------------------ generation
+    def encode_prompt(prompt: Any, engine: Any) -> list[int]:
+        if isinstance(prompt, str):
+            ids = server.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+            vocab = len(server.tokenizer)
+            if any(i < 0 or i >= vocab for i in ids):
+                raise ServeError(f"prompt token ids must lie in [0, {vocab}).", param="prompt")
+        if not ids:
+            raise ServeError("the prompt is empty.", param="prompt")
+        return ids
+
+    def plan(
+        body: Any,
+        adapter: str | None,
+        prompts: list[list[int]],
+        default_max: int | None,
+        max_tokens: int | None,
+    ) -> list[GenerationRequest]:
+        engine = server.engine
+        room = engine.context_length - engine.prompt_length(adapter)
+        longest = max(len(p) for p in prompts)
+        if longest >= room:
+            raise ServeError(
+                f"the prompt is {longest} tokens; this model takes at most {room - 1} with this adapter.",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and longest + max_tokens > room:
+            raise ServeError(
+                f"max_tokens={max_tokens} is too many: the prompt takes {longest} of the model's {room} "
+                f"positions (with this adapter), so at most {room - longest} tokens can be generated.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        n = body.n or 1
+        if n > server.scheduler.max_batch_size:
+            raise ServeError(
+                f"n={n} is more than this server's batch size ({server.scheduler.max_batch_size}).", param="n"
+            )
+        temperature = 1.0 if body.temperature is None else body.temperature
+        out = []
+        for ids in prompts:
+            limit = max_tokens if max_tokens is not None else min(default_max or room, room - len(ids))
+            if isinstance(body, CompletionRequest):
+                logprobs = body.logprobs
+            else:
+                logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            params = SamplingParams(
+                max_tokens=limit,
+                temperature=temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                stop=body.stops,
+                seed=body.seed,
+                logprobs=logprobs,
+            )
+            out.append(
+                GenerationRequest(
+                    adapter,
+                    ids,
+                    params,
+                    n=n,
+                    decode=lambda t: server.tokenizer.decode(t, skip_special_tokens=True),
+                    stop_token_ids=engine.stop_token_ids,
+                )
+            )
+        return out
+
+    async def generate(
+        request: Request, body: Any, reqs: list[GenerationRequest], kind: str, endpoint: str, label: str
+    ) -> Response:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, req in enumerate(reqs):
+
+            def sink(event: Event, i: int = i) -> None:
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+                except RuntimeError:  # the loop is closed (shutdown)
+                    pass
+
+            req.sink = sink
+        try:
+            for req in reqs:
+                server.scheduler.submit(req)
+        except ServeError:
+            for req in reqs:
+                server.scheduler.cancel(req)
+            raise
+        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if body.stream:
+            stream = _stream(server, request, body, reqs, queue, kind, rid, created, endpoint, label)
+            return StreamingResponse(
+                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        try:
+            open_ = len(reqs)
+            while open_:
+                try:
+                    _, event = await asyncio.wait_for(queue.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                if event.kind in ("done", "error"):
+                    open_ -= 1
+        finally:
+            for req in reqs:
+                if not req.done.is_set():
+                    server.scheduler.cancel(req)
+        for req in reqs:
+            if req.error is not None:
+                server.metrics.request(endpoint, label, req.error.status)
+                raise req.error
+        server.metrics.request(endpoint, label, 200)
+        return JSONResponse(_final(server, body, reqs, kind, rid, created).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        _check_key(server, request)
+        body: CompletionRequest = await _parse(request, CompletionRequest, config.max_body_bytes)
+        adapter = await resolve_model(body.model)
+        engine = server.ready_engine()
+        p = body.prompt
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            raw = [p]
+        else:
+            raw = list(p)
+        if not raw:
+            raise ServeError("the prompt is empty.", param="prompt")
+        if len(raw) * (body.n or 1) > server.scheduler.max_batch_size * 4:
+            raise ServeError("too many prompts in one request.", param="prompt")
+        prompts = await asyncio.to_thread(lambda: [encode_prompt(x, engine) for x in raw])
+        reqs = plan(body, adapter, prompts, 16, body.max_tokens)
+        return await generate(request, body, reqs, "completion", "completions", body.model)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        _check_key(server, request)
+        body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest, config.max_body_bytes)
+        adapter = await resolve_model(body.model)
+        engine = server.ready_engine()
+        tokenizer = server.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ServeError(f"{server.base_id} has no chat template; use /v1/completions.", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+
+        def render() -> list[int]:
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as err:  # noqa: BLE001  (templates raise anything)
+                raise ServeError(
+                    f"the chat template refused these messages: {err}", param="messages"
+                ) from None
+            return encode_prompt(text, engine)
+
+        ids = await asyncio.to_thread(render)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        reqs = plan(body, adapter, [ids], None, max_tokens)
+        return await generate(request, body, reqs, "chat", "chat_completions", body.model)
+
+    # ------------------------------------------------------------------ classify and adapters
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Response:
+        _check_key(server, request)
+        body: ClassifyRequest = await _parse(request, ClassifyRequest, config.max_body_bytes)
+        adapter = await resolve_model(body.model)
+        if adapter is None:
+            raise ServeError(
+                "classify needs an adapter trained for classification, not the base model.", param="model"
+            )
+        engine = server.engine
+        texts = body.texts
+        results = await run_job(lambda: engine.classify(adapter, texts, body.max_length))
+        server.metrics.request("classify", body.model, 200)
+        data = [
+            {"index": i, "label": r["label"], "probs": r["probs"], "text": t}
+            for i, (t, r) in enumerate(zip(texts, results))
+        ]
+        return JSONResponse({"object": "list", "model": body.model, "data": data})
+
+    def allowed_path(path: str) -> Path:
+        target = Path(path).expanduser().resolve()
+        for root in server.roots:
+            if target == root or root in target.parents:
+                return target
+        raise _Forbidden(
+            f"{path!r} is not under a folder this server may load from "
+            f"({', '.join(map(str, server.roots)) or 'none: start with --adapters or --adapter-root'}).",
+            param="path",
+        )
+
+    def updates_allowed() -> None:
+        if not config.allow_adapter_updates:
+            raise _Forbidden("adapter updates are off; start the server with --allow-adapter-updates.")
+
+    @app.post("/v1/load_adapter")
+    async def load_adapter(request: Request) -> Response:
+        _check_key(server, request)
+        updates_allowed()
+        body: LoadAdapterRequest = await _parse(request, LoadAdapterRequest, config.max_body_bytes)
+        engine = server.ready_engine()
+        path = allowed_path(body.path)
+        await run_job(lambda: engine.load_adapter_now(body.name, path))
+        return JSONResponse({"status": "ok", "name": body.name, "path": str(path)})
+
+    @app.post("/v1/unload_adapter")
+    async def unload_adapter(request: Request) -> Response:
+        _check_key(server, request)
+        updates_allowed()
+        body: UnloadAdapterRequest = await _parse(request, UnloadAdapterRequest, config.max_body_bytes)
+        engine = server.ready_engine()
+        await run_job(lambda: engine.unload_adapter_now(body.name))
+        return JSONResponse({"status": "ok", "name": body.name})
+
+    return app
+
+
+# ---------------------------------------------------------------------- response building
+def _token_text(server: _Server, token: int) -> str:
+    return server.tokenizer.decode([token])
+
+
+def _usage(reqs: list[GenerationRequest]) -> Usage:
+    prompt = sum(len(r.prompt_ids) for r in reqs)
+    completion = sum(len(c.tokens) for r in reqs for c in r.choices)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class _LogprobLog:
+    """Per-choice logprob records collected from events."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[int, int], list[Event]] = {}
+
+    def add(self, req_index: int, event: Event) -> None:
+        self.items.setdefault((req_index, event.index), []).append(event)
+
+
+def _completion_logprobs(server: _Server, events: list[Event]) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    offset = 0
+    for e in events:
+        text = _token_text(server, e.token)
+        out.tokens.append(text)
+        out.token_logprobs.append(e.logprob)
+        out.top_logprobs.append({_token_text(server, t): lp for t, lp in (e.top or [])})
+        out.text_offset.append(offset)
+        offset += len(e.text)
+    return out
+
+
+def _chat_logprobs(server: _Server, events: list[Event]) -> ChoiceLogprobs:
+    content = []
+    for e in events:
+        text = _token_text(server, e.token)
+        tops = [
+            TopLogprob(token=(t2 := _token_text(server, t)), logprob=lp, bytes=list(t2.encode()))
+            for t, lp in (e.top or [])
+        ]
+        content.append(
+            TokenLogprob(token=text, logprob=e.logprob, bytes=list(text.encode()), top_logprobs=tops)
+        )
+    return ChoiceLogprobs(content=content)
+
+
+def _final(
+    server: _Server, body: Any, reqs: list[GenerationRequest], kind: str, rid: str, created: int
+) -> Any:
+    ids = bool(body.return_token_ids)
+    if kind == "completion":
+        choices = []
+        for i, req in enumerate(reqs):
+            for c in req.choices:
+                lp = None
+                if req.params.logprobs is not None:
+                    lp = _completion_logprobs(server, c.events)
+                choices.append(
+                    CompletionChoice(
+                        index=i * req.n + c.index,
+                        text=c.text,
+                        logprobs=lp,
+                        finish_reason=c.finish_reason,
+                        token_ids=list(c.tokens) if ids else None,
+                        prompt_token_ids=list(req.prompt_ids) if ids else None,
+                    )
+                )
+        return Completion(id=rid, created=created, model=body.model, choices=choices, usage=_usage(reqs))
+    req = reqs[0]
+    choices = [
+        ChatChoice(
+            index=c.index,
+            message=AssistantMessage(content=c.text),
+            logprobs=_chat_logprobs(server, c.events) if req.params.logprobs is not None else None,
+            finish_reason=c.finish_reason,
+            token_ids=list(c.tokens) if ids else None,
+        )
+        for c in req.choices
+    ]
+    return ChatCompletion(
+        id=rid,
+        created=created,
+        model=body.model,
+        choices=choices,
+        usage=_usage(reqs),
+        prompt_token_ids=list(req.prompt_ids) if ids else None,
+    )
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _stream(
+    server: _Server,
+    request: Request,
+    body: Any,
+    reqs: list[GenerationRequest],
+    queue: asyncio.Queue,
+    kind: str,
+    rid: str,
+    created: int,
+    endpoint: str,
+    label: str,
+) -> AsyncIterator[bytes]:
+    """Server-sent events: one chunk per token (and per finish), usage if asked, then [DONE]."""
+    obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+    base = {"id": rid, "object": obj, "created": created, "model": body.model}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    ids = bool(body.return_token_ids)
+    try:
+        if kind == "chat":
+            for c in reqs[0].choices:
+                first = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+                first["finish_reason"] = None
+                yield _sse({**base, "choices": [first]})
+        open_ = len(reqs)
+        while open_:
+            i, event = await queue.get()
+            req = reqs[i]
+            index = i * req.n + event.index
+            if event.kind == "token":
+                if kind == "completion":
+                    choice: dict[str, Any] = {"index": index, "text": event.text, "logprobs": None}
+                    if req.params.logprobs is not None:
+                        choice["logprobs"] = _completion_logprobs(server, [event]).model_dump()
+                    choice["finish_reason"] = None
+                else:
+                    choice = {"index": index, "delta": {"content": event.text}, "logprobs": None}
+                    if req.params.logprobs is not None:
+                        choice["logprobs"] = _chat_logprobs(server, [event]).model_dump()
+                    choice["finish_reason"] = None
+                if ids:
+                    choice["token_ids"] = [event.token]
+                chunk = {**base, "choices": [choice]}
+                if include_usage:
+                    chunk["usage"] = None
+                yield _sse(chunk)
+            elif event.kind == "finish":
+                if kind == "completion":
+                    choice = {
+                        "index": index,
+                        "text": "",
+                        "logprobs": None,
+                        "finish_reason": event.finish_reason,
+                    }
+                else:
+                    choice = {
+                        "index": index,
+                        "delta": {},
+                        "logprobs": None,
+                        "finish_reason": event.finish_reason,
+                    }
+                chunk = {**base, "choices": [choice]}
+                if include_usage:
+                    chunk["usage"] = None
+                yield _sse(chunk)
+            elif event.kind == "done":
+                open_ -= 1
+            elif event.kind == "error":
+                err = event.error
+                server.metrics.request(endpoint, label, err.status)
+                yield _sse(error_body(err.message, err.type, err.param, err.code))
+                yield b"data: [DONE]\n\n"
+                return
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(reqs).model_dump()})
+        server.metrics.request(endpoint, label, 200)
+        yield b"data: [DONE]\n\n"
+    finally:
+        for req in reqs:
+            if not req.done.is_set():
+                server.scheduler.cancel(req)

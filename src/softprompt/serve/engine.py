@@ -1,0 +1,582 @@
+"""The model worker: one thread that owns the model and runs prefill and decode steps.
+
+Each running choice is a row of one batch. A new request is prefilled alone, starting
+from its adapter's cached prompt KV (`SoftPromptModel.prompt_cache_for`), once for all
+its `n` choices; its keys/values then join the batch cache between two decode steps.
+Rows have different lengths: every row is left-padded to the batch's width, the padding
+columns are masked out, and positions count the attended columns only, which is what
+`softprompt.layout` does for a padded batch - so a row gives the numbers it gives alone.
+After the prefill a row no longer needs its adapter (its prompt is in its KV), so decode
+steps run the whole batch as the bare model (`adapter_names=BASE`), whatever adapter each
+row started with, and an adapter can be replaced or removed while its requests finish.
+
+Adapters are known by their served name; inside the model each load gets a fresh
+internal name, so replacing an adapter is atomic. All model changes happen on the
+worker thread (as `Job`s between steps). The engine never sees HTTP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import re
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model import BASE
+from ..prefix import PromptKV, PromptState, cache_tensors, make_cache, supports_prefix_cache
+from .request import (
+    GenerationRequest,
+    InternalError,
+    NotFound,
+    ServeError,
+    Unavailable,
+)
+from .scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+PLACEHOLDER = "_serve_placeholder_"
+
+
+# ---------------------------------------------------------------------- prompt KV budget
+def _state_bytes(state: PromptState) -> int:
+    total = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in state.kv)
+    for t in (state.last_logits, state.values):
+        if t is not None:
+            total += t.numel() * t.element_size()
+    return total
+
+
+class BudgetPromptKV(PromptKV):
+    """`PromptKV` with a memory budget: the least recently used prompts' KV are dropped
+    (and recomputed by `PromptKV.get` on their next use)."""
+
+    def __init__(self, budget_bytes: int | None) -> None:
+        super().__init__()
+        self.budget = budget_bytes
+        self._lru: OrderedDict[str, int] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._lru.values())
+
+    def get(self, model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState:
+        before = self._store.get(adapter)
+        state = super().get(model, adapter, dtype, with_logits)
+        if state is before:
+            self.hits += 1
+        else:
+            self.misses += 1
+        if self._store.get(adapter) is state:
+            self._lru[adapter] = _state_bytes(state)
+            self._lru.move_to_end(adapter)
+            self._evict(keep=adapter)
+        return state
+
+    def _evict(self, keep: str) -> None:
+        if self.budget is None:
+            return
+        while self.used_bytes > self.budget and len(self._lru) > 1:
+            oldest = next(iter(self._lru))
+            if oldest == keep:
+                break
+            self._lru.pop(oldest)
+            self._store.pop(oldest, None)
+            self.evictions += 1
+        if self.used_bytes > self.budget:  # one prompt alone is over budget: do not keep it
+            self._lru.pop(keep, None)
+            self._store.pop(keep, None)
+
+    def clear(self, adapter: str | None = None) -> None:
+        super().clear(adapter)
+        if adapter is None:
+            self._lru.clear()
+        else:
+            self._lru.pop(adapter, None)
+
+
+# ---------------------------------------------------------------------- adapters on disk
+def find_adapter_folder(folder: Path) -> Path | None:
+    """The adapter in `folder`: the folder itself, or a run's `best/` (then `last/`) adapter."""
+    for candidate in (folder, folder / "best", folder / "last"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    return None
+
+
+def scan_adapters(root: Path) -> dict[str, Path]:
+    """Every adapter folder directly under `root`, by folder name."""
+    found = {}
+    if root.is_dir():
+        for child in sorted(root.iterdir()):
+            if child.is_dir() and ADAPTER_NAME.match(child.name):
+                path = find_adapter_folder(child)
+                if path is not None:
+                    found[child.name] = path
+    return found
+
+
+# ---------------------------------------------------------------------- the running batch
+class _Row:
+    __slots__ = ("choice", "generator", "length", "next_token", "request")
+
+    def __init__(self, request: GenerationRequest, choice: Any, generator: Any, length: int) -> None:
+        self.request = request
+        self.choice = choice
+        self.generator = generator
+        self.length = length  # attended columns in the cache (prompt + user tokens so far)
+        self.next_token = -1  # the last sampled token, fed at the next step
+
+
+class _Batch:
+    """The rows being decoded and their keys/values, left-padded to a common width."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, heads, width, dim)
+        self.width = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, rows: list[_Row], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        new_width = kv[0][0].shape[2]
+        if not self.rows:
+            self.rows, self.kv, self.width = list(rows), [(k, v) for k, v in kv], new_width
+            return
+        width = max(self.width, new_width)
+        merged = []
+        for (k0, v0), (k1, v1) in zip(self.kv, kv):
+            merged.append(
+                (
+                    torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
+                    torch.cat([_left_pad(v0, width), _left_pad(v1, width)]),
+                )
+            )
+        self.rows += rows
+        self.kv, self.width = merged, width
+
+    def keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.kv, self.width = [], [], 0
+            return
+        self.rows = [self.rows[i] for i in keep]
+        width = max(r.length for r in self.rows)
+        index = torch.tensor(keep, device=self.kv[0][0].device)
+        start = self.width - width
+        self.kv = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+            for k, v in self.kv
+        ]
+        self.width = width
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    extra = width - t.shape[2]
+    if extra == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3]), t], dim=2)
+
+
+# ---------------------------------------------------------------------- the engine
+class Engine:
+    """One worker thread running a `SoftPromptModel` for many adapters at once.
+
+    Args:
+        model: A CAUSAL_LM `SoftPromptModel` whose base model takes a plain KV cache.
+        tokenizer: Its tokenizer.
+        scheduler: Where requests and jobs come from.
+        base_id: The name clients use for the bare model.
+        metrics: A `softprompt.serve.metrics.Metrics` (or None).
+        prompt_cache_mb: Memory budget for the prompts' KV (None: unbounded).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        scheduler: Scheduler,
+        *,
+        base_id: str,
+        metrics: Any = None,
+        prompt_cache_mb: float | None = None,
+        adapters_dirs: list[Path] | tuple[Path, ...] = (),
+    ) -> None:
+        if model.task_type.value != "CAUSAL_LM":
+            raise ValueError(f"serving needs a CAUSAL_LM model; this one does {model.task_type.value}.")
+        if not supports_prefix_cache(model.base_model):
+            raise ValueError(
+                f"{type(model.base_model).__name__} keeps a KV cache that is not plain per-layer keys and "
+                "values (sliding-window, chunked or recurrent layers); the server cannot batch it."
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.base_id = base_id
+        self.metrics = metrics
+        self.adapters_dirs = [Path(d) for d in adapters_dirs]
+        budget = None if prompt_cache_mb is None else int(prompt_cache_mb * 2**20)
+        model.prompt_kv = BudgetPromptKV(budget)
+        self.dtype = model.base_model.get_input_embeddings().weight.dtype
+        config = model.base_model.config
+        self.context_length = int(
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        )
+        gen = getattr(model.base_model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.stop_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self._served: dict[str, str] = {}  # served name -> the model's internal adapter name
+        self._paths: dict[str, Path] = {}
+        self._settings: dict[str, dict[str, Any]] = {}
+        self._counter = itertools.count(1)
+        self._names_lock = threading.Lock()
+        self._batch = _Batch()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._drain_deadline: float | None = None
+        self.state = "ready"
+        self.steps = 0
+
+    # ------------------------------------------------------------------ adapters
+    def adapters(self) -> dict[str, Path]:
+        """Served adapter names and their folders."""
+        with self._names_lock:
+            return dict(self._paths)
+
+    def has_adapter(self, name: str) -> bool:
+        with self._names_lock:
+            return name in self._served
+
+    def settings_for(self, name: str) -> dict[str, Any]:
+        with self._names_lock:
+            return dict(self._settings.get(name, {}))
+
+    def prompt_length(self, name: str | None) -> int:
+        """Virtual tokens of a served adapter (0 for the bare model)."""
+        if name is None:
+            return 0
+        with self._names_lock:
+            internal = self._served.get(name)
+        prompt = self.model.prompts[internal] if internal in self.model.prompts else None  # noqa: SIM401
+        return prompt.num_virtual_tokens if prompt is not None else 0
+
+    def load_adapter_now(self, name: str, path: str | Path) -> None:
+        """Load (or replace) adapter `name` from `path`; call on the worker thread (or before start)."""
+        from ..classify import run_settings
+
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name) or name == self.base_id:
+            raise ServeError(
+                f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-', not the "
+                "base model's name.",
+                param="name",
+            )
+        folder = find_adapter_folder(Path(path))
+        if folder is None:
+            raise ServeError(f"no adapter (adapter_config.json) in {str(path)!r}.", param="path")
+        try:
+            settings = run_settings(folder)
+        except ValueError as err:  # a damaged run_config.json: generation works, classify will not
+            logger.warning("adapter %s: %s", name, err)
+            settings = {}
+        internal = f"a{next(self._counter)}"
+        try:
+            self.model.load_adapter(folder, internal)
+        except Exception as err:
+            if internal in self.model.prompts:
+                self.model.delete_adapter(internal)
+            raise ServeError(
+                f"cannot load adapter {name!r} from {str(folder)!r}: {err}", param="path"
+            ) from err
+        with self._names_lock:
+            old = self._served.get(name)
+            self._served[name] = internal
+            self._paths[name] = folder
+            self._settings[name] = settings
+        if old is not None:
+            self.model.delete_adapter(old)
+        logger.info("serving adapter %s from %s", name, folder)
+
+    def unload_adapter_now(self, name: str) -> None:
+        with self._names_lock:
+            internal = self._served.pop(name, None)
+            self._paths.pop(name, None)
+            self._settings.pop(name, None)
+        if internal is None:
+            raise NotFound(f"no adapter named {name!r} is loaded.", param="name")
+        self.model.delete_adapter(internal)
+
+    def find_on_disk(self, name: str) -> Path | None:
+        """A folder `name` under the adapters folders (just-in-time loading), or None."""
+        if not ADAPTER_NAME.match(name):
+            return None
+        for root in self.adapters_dirs:
+            folder = find_adapter_folder(root / name)
+            if folder is not None:
+                return folder
+        return None
+
+    def _internal(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        with self._names_lock:
+            internal = self._served.get(name)
+        if internal is None:
+            raise NotFound(f"the adapter {name!r} is not loaded (it was unloaded).", param="model")
+        return internal
+
+    # ------------------------------------------------------------------ classification
+    def classify(self, name: str, texts: list[str], max_length: int | None = None) -> list[dict[str, Any]]:
+        """Rank classification with the adapter's run template and label words (worker thread)."""
+        from ..classify import classify_texts
+
+        settings = self.settings_for(name)
+        template, words = settings.get("template"), settings.get("label_words")
+        if not template or not words:
+            raise ServeError(
+                f"adapter {name!r} has no classification settings: its run_config.json (next to the "
+                "adapter or in its parent folder) gives no template and label_words.",
+                param="model",
+            )
+        return classify_texts(
+            self.model,
+            self.tokenizer,
+            texts,
+            adapter=self._internal(name),
+            template=template,
+            label_words=words,
+            max_length=max_length or settings.get("max_length") or 256,
+        )
+
+    # ------------------------------------------------------------------ thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="softprompt-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Refuse new work, let running requests finish (up to `drain_seconds`), then stop."""
+        for req in self.scheduler.close():
+            req.fail(Unavailable("the server is shutting down."))
+        self._drain_deadline = time.monotonic() + drain_seconds
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(drain_seconds + 10)
+        for job in self.scheduler.pending_jobs():
+            job.error = Unavailable("the server is shutting down.")
+            job.done.set()
+            if job.on_done:
+                job.on_done(job)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                if self._stop.is_set() and (
+                    not self._batch or time.monotonic() > (self._drain_deadline or 0)
+                ):
+                    break
+                for job in self.scheduler.jobs():
+                    job.execute()
+                if not self._stop.is_set():
+                    for req in self.scheduler.admit(len(self._batch)):
+                        self._join(req)
+                if self._batch:
+                    self._step()
+                else:
+                    self.scheduler.running_rows = 0
+                    if not self._stop.is_set():
+                        self.scheduler.wait_for_work(0.1)
+        except BaseException:  # a bug: report it, fail what is running, mark the engine dead
+            logger.exception("the model worker died")
+            self.state = "dead"
+            self._fail_all(InternalError("the model worker stopped; see the server log."))
+            raise
+        finally:
+            self._fail_all(Unavailable("the server is shutting down."))
+            if self.state != "dead":
+                self.state = "stopped"
+
+    def _fail_all(self, error: ServeError) -> None:
+        for row in self._batch.rows:
+            row.request.fail(error)
+        self._batch = _Batch()
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def _join(self, req: GenerationRequest) -> None:
+        """Prefill `req` (once for its n choices) and add its rows to the batch."""
+        if req.cancelled.is_set() or req.done.is_set():
+            return
+        try:
+            internal = self._internal(req.adapter)
+            model = self.model
+            device = model.device
+            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)
+            names = [internal if internal is not None else BASE]
+            if internal is not None and model.uses_prompt_cache(names, 1):
+                cache, _ = model.prompt_cache_for([internal], self.dtype)
+            else:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=model.base_model.config)
+            out = model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                adapter_names=names,
+                cache=cache,
+                use_cache=True,
+            )
+            kv = cache_tensors(_cache_of(out))
+            length = kv[0][0].shape[2]
+            logits = out.logits[:, -1].float().expand(req.n, -1)
+            if req.n > 1:
+                kv = [(k.expand(req.n, -1, -1, -1), v.expand(req.n, -1, -1, -1)) for k, v in kv]
+            rows = [_Row(req, c, self._generator(req, c.index), length) for c in req.choices]
+            keep = self._sample(rows, logits)
+            if self.metrics is not None:
+                self.metrics.prompt_tokens(self._label(req), len(req.prompt_ids))
+        except Exception as err:  # only this request fails
+            logger.debug("request %s failed at prefill", req.id, exc_info=True)
+            req.fail(err if isinstance(err, ServeError) else InternalError(f"generation failed: {err}"))
+            self._finished(req)
+            return
+        if keep:
+            index = torch.tensor(keep, device=kv[0][0].device)
+            kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv]
+            self._batch.add([rows[i] for i in keep], kv)
+        self._finished(req)
+
+    def _generator(self, req: GenerationRequest, index: int) -> torch.Generator | None:
+        if req.params.greedy:
+            return None
+        seed = req.params.seed if req.params.seed is not None else random.randrange(2**62)
+        g = torch.Generator(device=self.model.device)
+        g.manual_seed(int(seed) + index)
+        return g
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One decode step for every row, then drop the rows that are done."""
+        batch = self._batch
+        self._drop_done()
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        device = batch.kv[0][0].device
+        rows = batch.rows
+        ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=device)
+        lengths = torch.tensor([r.length for r in rows], device=device)
+        columns = torch.arange(batch.width + 1, device=device).unsqueeze(0)
+        mask = (columns >= (batch.width - lengths).unsqueeze(1)).long()  # the new column is attended
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                adapter_names=[BASE] * len(rows),
+                cache=make_cache(self.model.base_model, batch.kv),
+                use_cache=True,
+            )
+        except Exception as err:  # the batch's forward failed: no row can be blamed, all fail
+            logger.exception("decode step failed")
+            for req in {id(r.request): r.request for r in rows}.values():
+                req.fail(InternalError(f"generation failed: {err}"))
+                self._finished(req)
+            self._batch = _Batch()
+            return
+        batch.kv = cache_tensors(_cache_of(out))
+        batch.width += 1
+        for r in rows:
+            r.length += 1
+        self._sample(rows, out.logits[:, -1].float())
+        self.steps += 1
+        seconds = time.perf_counter() - t0
+        self.scheduler.step_seconds = 0.9 * self.scheduler.step_seconds + 0.1 * seconds
+        if self.metrics is not None:
+            self.metrics.step(len(rows), self.scheduler.queue_depth)
+        self._drop_done()
+
+    def _drop_done(self) -> None:
+        batch = self._batch
+        keep = []
+        for i, r in enumerate(batch.rows):
+            req = r.request
+            if req.cancelled.is_set() and not req.done.is_set():
+                req.fail(Unavailable("cancelled: the client disconnected."))
+                self._finished(req)
+            if not r.choice.finished and not req.done.is_set():
+                keep.append(i)
+        batch.keep(keep)
+        self.scheduler.running_rows = len(batch)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Pick each row's next token, deliver it; the indices of rows that go on."""
+        want = [r.request.params.logprobs for r in rows]
+        logp = torch.log_softmax(logits, dim=-1) if any(w is not None for w in want) else None
+        greedy = logits.argmax(dim=-1).tolist()
+        go_on = []
+        for i, r in enumerate(rows):
+            req = r.request
+            if req.done.is_set():
+                continue
+            try:
+                params = req.params
+                token = greedy[i] if params.greedy else _sample_one(logits[i], params, r.generator)
+                lp, top = None, None
+                if logp is not None and params.logprobs is not None:
+                    lp = float(logp[i, token])
+                    if params.logprobs > 0:
+                        values, indices = logp[i].topk(params.logprobs)
+                        top = list(zip(indices.tolist(), values.tolist()))
+                r.next_token = token
+                if not r.choice.add(token, lp, top):
+                    go_on.append(i)
+                else:
+                    self._finished(req)
+            except Exception as err:  # only this request fails
+                logger.debug("request %s failed while sampling", req.id, exc_info=True)
+                req.fail(err if isinstance(err, ServeError) else InternalError(f"generation failed: {err}"))
+                self._finished(req)
+        return go_on
+
+    def _label(self, req: GenerationRequest) -> str:
+        return req.adapter or self.base_id
+
+    def _finished(self, req: GenerationRequest) -> None:
+        if self.metrics is not None and req.done.is_set() and not getattr(req, "_counted", False):
+            req._counted = True
+            self.metrics.finished(req, self._label(req))
+
+
+def _cache_of(out: Any) -> Any:
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
+def _sample_one(logits: torch.Tensor, params: Any, generator: torch.Generator | None) -> int:
+    """Temperature and nucleus (top_p) sampling of one row."""
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cumulative = sorted_probs.cumsum(0)
+        drop = cumulative - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
