@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 #: An `adapter_names` entry meaning "no prompt for this row" (the bare model).
 BASE = "__base__"
-AdapterNames = Union[list[str | None], str, None]
+AdapterNames = list[str | None] | str | None
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -453,31 +453,15 @@ class SoftPromptModel(nn.Module):
             and not full_sequence
             and self.uses_prompt_cache(adapter_names, batch_size)
         ):
-            layout, routing, cache, prompt_logits = self._prefix_layout(
-                embeds, attention_mask, adapter_names, labels
+            layout, routing, inputs, prompt_logits = self._cached_prompt_inputs(
+                embeds, attention_mask, adapter_names, labels, token_type_ids, cache_key
             )
-            inputs: dict[str, Any] = {
-                "inputs_embeds": embeds,
-                "attention_mask": layout.attention_mask,
-                "position_ids": layout.position_ids[:, layout.prompt_width :],
-                cache_key: cache,
-            }
-            if token_type_ids is not None:
-                inputs["token_type_ids"] = token_type_ids
         else:
             prompt_logits = None
             layout, routing = self.layout(
                 embeds if encoder_outputs is None else None, attention_mask, adapter_names, batch_size, length
             )
-            inputs = {"attention_mask": layout.attention_mask}
-            if layout.inputs_embeds is not None:
-                inputs["inputs_embeds"] = layout.inputs_embeds
-            if layout.position_ids is not None:
-                inputs["position_ids"] = layout.position_ids
-            if token_type_ids is not None:
-                inputs["token_type_ids"] = layout.extend(token_type_ids.to(layout.attention_mask.device), 0)
-            if cache is not None:
-                inputs[cache_key] = cache
+            inputs = _plain_inputs(layout, token_type_ids, cache, cache_key)
         inputs.update(kwargs)
         call = Call(
             self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch, prompt_logits
@@ -500,21 +484,33 @@ class SoftPromptModel(nn.Module):
             return False  # transformers returns no cache while checkpointing activations
         return self.prompt_width(self.resolve_adapters(adapter_names, batch_size)) > 0
 
-    def _prefix_layout(
+    def _cached_prompt_inputs(
         self,
         embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         adapter_names: AdapterNames,
         labels: torch.Tensor | None,
-    ) -> tuple[Layout, Any, Any, torch.Tensor | None]:
-        """Masks and positions for the full sequence, and a cache holding each row's prompt."""
+        token_type_ids: torch.Tensor | None,
+        cache_key: str,
+    ) -> tuple[Layout, Any, dict[str, Any], torch.Tensor | None]:
+        """Layout (masks and positions for the full sequence), head routing, the base model's
+        inputs for the user's tokens with a cache holding each row's prompt, and the last
+        virtual token's logits where the loss needs them."""
         batch_size, length = embeds.shape[:2]
         names = self.resolve_adapters(adapter_names, batch_size)
         layout, routing = self.layout(None, attention_mask, names, batch_size, length)
         layout.prompt_cached = True
         with_logits = labels is not None and self.spec.prompt_logits
         cache, prompt_logits = self.prompt_cache_for(names, embeds.dtype, with_logits=with_logits)
-        return layout, routing, cache, prompt_logits
+        inputs: dict[str, Any] = {
+            "inputs_embeds": embeds,
+            "attention_mask": layout.attention_mask,
+            "position_ids": layout.position_ids[:, layout.prompt_width :],
+            cache_key: cache,
+        }
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        return layout, routing, inputs, prompt_logits
 
     def prompt_cache_for(
         self,
@@ -649,3 +645,19 @@ class SoftPromptModel(nn.Module):
         model = cls(base_model, plan.config, adapter_name, trainable=trainable, init=plan.prompt)
         plan.apply_heads(model, adapter_name)
         return model
+
+
+def _plain_inputs(
+    layout: Layout, token_type_ids: torch.Tensor | None, cache: Any, cache_key: str
+) -> dict[str, Any]:
+    """The base model's inputs for a laid-out batch with the prompt fed as embeddings."""
+    inputs: dict[str, Any] = {"attention_mask": layout.attention_mask}
+    if layout.inputs_embeds is not None:
+        inputs["inputs_embeds"] = layout.inputs_embeds
+    if layout.position_ids is not None:
+        inputs["position_ids"] = layout.position_ids
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = layout.extend(token_type_ids.to(layout.attention_mask.device), 0)
+    if cache is not None:
+        inputs[cache_key] = cache
+    return inputs
