@@ -341,10 +341,13 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
     lines = [
         f"# softprompt benchmark: {results['meta']['model']}",
         "",
-        f"{results['meta']['machine']}, {results['meta']['threads']} threads, torch {results['meta']['torch']}, "
-        f"transformers {results['meta']['transformers']}, peft {results['meta']['peft']}; median of "
-        f"{results['meta']['repeats']} runs after a warm-up, systems alternated. N = virtual tokens, L = input "
-        "tokens, B = batch.",
+        (
+            f"{results['meta']['machine']}, {results['meta']['threads']} threads, "
+            f"torch {results['meta']['torch']}, "
+            f"transformers {results['meta']['transformers']}, peft {results['meta']['peft']}; median of "
+            f"{results['meta']['repeats']} runs after a warm-up, systems alternated. "
+            "N = virtual tokens, L = input tokens, B = batch."
+        ),
     ]
     for u in results["meta"].get("updates", []):
         lines.append(
@@ -358,22 +361,27 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
     t = results.get("train")
     if t:
         lines.append(
-            f"| train step (N={t['n']}, L={t['length']}, B={t['batch']}) | {t['seconds']['softprompt']:.2f} s | "
-            f"{t['seconds']['peft_prompt_tuning']:.2f} s | LoRA r=8: {t['seconds'].get('peft_lora_r8', float('nan')):.2f} s | "
+            f"| train step (N={t['n']}, L={t['length']}, B={t['batch']}) | "
+            f"{t['seconds']['softprompt']:.2f} s | "
+            f"{t['seconds']['peft_prompt_tuning']:.2f} s | "
+            f"LoRA r=8: {t['seconds'].get('peft_lora_r8', float('nan')):.2f} s | "
             f"PEFT / ours = **{t['peft_over_ours']:.2f}** | >= 1.25 |"
         )
     f = results.get("forward")
     if f:
         lines.append(
-            f"| forward, no grad (N={f['n']}, L={f['length']}, B={f['batch']}) | {f['seconds']['softprompt']:.3f} s | "
+            f"| forward, no grad (N={f['n']}, L={f['length']}, B={f['batch']}) | "
+            f"{f['seconds']['softprompt']:.3f} s | "
             f"{f['seconds']['peft_prompt_tuning']:.3f} s | bare: {f['seconds']['bare']:.3f} s | "
-            f"ours / bare = **{f['ours_over_bare']:.3f}**, PEFT / bare = {f['peft_over_bare']:.3f} | <= 1.05 |"
+            f"ours / bare = **{f['ours_over_bare']:.3f}**, "
+            f"PEFT / bare = {f['peft_over_bare']:.3f} | <= 1.05 |"
         )
     g = results.get("generate")
     if g:
         tps = g["tokens_per_s"]
         lines.append(
-            f"| greedy generate ({g['new_tokens']} new, B={g['batch']}, L={g['length']}) | {tps['softprompt']:.1f} tok/s | "
+            f"| greedy generate ({g['new_tokens']} new, B={g['batch']}, L={g['length']}) | "
+            f"{tps['softprompt']:.1f} tok/s | "
             f"{tps['peft_prompt_tuning']:.1f} tok/s | bare: {tps['bare']:.1f} tok/s | ours / bare = "
             f"**{g['ours_over_bare']:.3f}**, PEFT / bare = {g['peft_over_bare']:.3f} | >= 0.95 |"
         )
@@ -382,28 +390,33 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
         tps = s["tokens_per_s"]
         lines.append(
             f"| serving {s['adapters']} adapters, 1 request each ({s['new_tokens']} new) | "
-            f"{tps['softprompt_mixed_batch']:.1f} tok/s (one mixed batch) | {tps['peft_one_adapter_at_a_time']:.1f} tok/s "
+            f"{tps['softprompt_mixed_batch']:.1f} tok/s (one mixed batch) | "
+            f"{tps['peft_one_adapter_at_a_time']:.1f} tok/s "
             f"(one adapter at a time) | | ours / PEFT = **{s['ours_over_peft']:.2f}** | >= 3 |"
         )
     m = results.get("memory")
     if m:
         peak = {k: v["peak_rss_mib"] for k, v in m.items()}
         lines.append(
-            f"| peak RSS while running (forward + generate + train step; loading excluded) | {peak['softprompt']:.0f} MiB | "
+            "| peak RSS while running (forward + generate + train step; loading excluded) | "
+            f"{peak['softprompt']:.0f} MiB | "
             f"{peak['peft_prompt_tuning']:.0f} MiB | bare (forward + generate): {peak['bare']:.0f} MiB | | |"
         )
     a = results.get("adapter_bytes")
     if a:
         lines.append(
-            f"| adapter files (N={results['meta']['num_virtual_tokens']}) | {a['softprompt']} B | {a['peft_prompt_tuning']} B | | | |"
+            f"| adapter files (N={results['meta']['num_virtual_tokens']}) | {a['softprompt']} B | "
+            f"{a['peft_prompt_tuning']} B | | | |"
         )
     if g:
         c = g["correctness"]
         lines += [
             "",
-            f"Generation check against a no-cache step-by-step reference: softprompt "
-            f"{'matches' if c['softprompt_equals_reference'] else 'DIFFERS'}, PEFT "
-            f"{'matches' if c['peft_equals_reference'] else 'differs'}.",
+            (
+                "Generation check against a no-cache step-by-step reference: softprompt "
+                f"{'matches' if c['softprompt_equals_reference'] else 'DIFFERS'}, PEFT "
+                f"{'matches' if c['peft_equals_reference'] else 'differs'}."
+            ),
         ]
     sc = results.get("scaling")
     if sc:
@@ -416,7 +429,8 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
         ]
         for row in sc["rows"]:
             lines.append(
-                f"| {row['n']} | {row['length']} | {row['train_peft_over_ours']:.2f} | {row['forward_ours_over_bare']:.3f} | "
+                f"| {row['n']} | {row['length']} | {row['train_peft_over_ours']:.2f} | "
+                f"{row['forward_ours_over_bare']:.3f} | "
                 f"{row['forward_peft_over_bare']:.3f} |"
             )
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")

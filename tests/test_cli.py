@@ -5,6 +5,7 @@ Assertions are on the files and numbers produced, not on printed text.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 
@@ -205,7 +206,7 @@ def test_label_words_option():
         "negative": " awful",
     }
     assert parse_label_words('{"a": " x"}') == {"a": " x"}
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_label_words("nonsense")
 
 

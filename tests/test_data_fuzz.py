@@ -111,8 +111,9 @@ def _csv_cell(value: str, delimiter: str, force_quote: bool) -> str:
 
 # ---------------------------------------------------------------------- JSONL rows
 JSONL_KINDS = [
-    "ok", "ok", "ok", "ok", "ok", "ok", "missing-text", "missing-second", "null-text", "type-text", "type-second",
-    "blank-text", "blank-second", "long-text", "long-second", "not-object", "malformed", "bom", "huge-int", "deep", "blank",
+    "ok", "ok", "ok", "ok", "ok", "ok", "missing-text", "missing-second", "null-text", "type-text",
+    "type-second", "blank-text", "blank-second", "long-text", "long-second", "not-object", "malformed",
+    "bom", "huge-int", "deep", "blank",
 ]  # fmt: skip
 
 
@@ -213,8 +214,8 @@ def jsonl_line(draw, f: Fields) -> Line:
 
 # ---------------------------------------------------------------------- CSV/TSV rows
 CSV_KINDS = [
-    "ok", "ok", "ok", "ok", "ok", "ok", "stray-quote", "blank-text", "blank-second", "long-text", "long-second",
-    "extra-column", "missing-column", "spaces-line", "blank",
+    "ok", "ok", "ok", "ok", "ok", "ok", "stray-quote", "blank-text", "blank-second", "long-text",
+    "long-second", "extra-column", "missing-column", "spaces-line", "blank",
 ]  # fmt: skip
 
 

@@ -260,7 +260,8 @@ class PromptTuningConfig:
                 )
             if not text.strip():
                 raise ValueError(
-                    f"prompt_tuning_init_text is empty ({_show(text)}): TEXT initialisation needs at least one "
+                    f"prompt_tuning_init_text is empty ({_show(text)}): "
+                    "TEXT initialisation needs at least one "
                     "token. Give some text, or use prompt_tuning_init='SAMPLE_VOCAB'."
                 )
         elif init is PromptTuningInit.CLASS_LABELS:
@@ -272,8 +273,8 @@ class PromptTuningConfig:
             bad = [w for w in text if not isinstance(w, str) or not w.strip()]
             if bad:
                 raise ValueError(
-                    f"prompt_tuning_init_text holds empty or non-string label words {_show(bad)}; every label "
-                    "word must be a non-empty string."
+                    "prompt_tuning_init_text holds empty or non-string label words "
+                    f"{_show(bad)}; every label word must be a non-empty string."
                 )
             if len(text) > self.num_virtual_tokens:
                 raise ValueError(
@@ -290,7 +291,8 @@ class PromptTuningConfig:
             )
         if needs_tokenizer and not self.tokenizer_name_or_path:
             raise ValueError(
-                f"prompt_tuning_init={_show(init.value)} needs tokenizer_name_or_path, the tokenizer of the base "
+                f"prompt_tuning_init={_show(init.value)} needs tokenizer_name_or_path, "
+                "the tokenizer of the base "
                 f"model (a hub id or a local folder); got {_show(self.tokenizer_name_or_path)}."
             )
         if self.tokenizer_kwargs is not None:

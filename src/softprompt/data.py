@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class _RowError(Exception):
         self.field = field
 
 
-_Row = Union[Mapping[str, Any], _RowError]
+_Row = Mapping[str, Any] | _RowError
 
 
 def _options(
@@ -155,7 +155,7 @@ def _options(
 def _required(row: Mapping[str, Any], name: str, keyword: str) -> Any:
     value = row.get(name)
     if value is None:
-        fields = sorted(str(k) for k in row.keys())
+        fields = sorted(str(k) for k in row)
         raise _RowError(
             f"missing field {name!r}",
             f"missing (the row has fields {fields}); if it is stored "
@@ -265,7 +265,8 @@ def _decode(path: Path, name: str) -> str:
         # The line holding the bad bytes: count the newlines before them.
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(
-            f"{name}, line {line}: invalid UTF-8 (bytes {data[err.start : err.end + 3]!r}); data files must be "
+            f"{name}, line {line}: invalid UTF-8 (bytes {data[err.start : err.end + 3]!r}); "
+            "data files must be "
             "UTF-8. Convert it, for example with `iconv -f latin1 -t utf-8`.",
             path=name,
             line=line,
