@@ -1,0 +1,250 @@
+"""The serving engine and scheduler in-process: exactness against `SoftPromptModel.generate`
+with requests of several adapters joining mid-decode, seeds, faults, the prompt-KV budget."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("prometheus_client")
+
+from softprompt import PromptTuningConfig, SoftPromptModel
+from softprompt.serve.engine import PLACEHOLDER, BudgetPromptKV, Engine, _Batch
+from softprompt.serve.request import (
+    GenerationRequest,
+    Job,
+    Overloaded,
+    SamplingParams,
+    _stream_safe,
+)
+from softprompt.serve.scheduler import Scheduler
+from tests.tiny import build_model, make_tokenizer
+
+PROMPTS = {"a": 4, "b": 9, "c": 2}
+TEXTS = [
+    "good movie",
+    "the plot was very boring and",
+    "love it",
+    "awful acting so bad the worst film ever",
+    "fun",
+]
+
+
+def _model(arch: str) -> SoftPromptModel:
+    torch.manual_seed(0)
+    model = SoftPromptModel(
+        build_model("CAUSAL_LM", arch),
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1),
+        PLACEHOLDER,
+        trainable=False,
+    )
+    for name, tokens in PROMPTS.items():
+        model.add_adapter(
+            name, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens), trainable=False
+        )
+        with torch.no_grad():
+            model.prompts[name].embedding.normal_(0, 2.0)
+    return model.eval()
+
+
+def _engine(model, tok, **kw) -> Engine:
+    sched = Scheduler(max_batch_size=kw.pop("max_batch_size", 16), max_queue=kw.pop("max_queue", 64))
+    engine = Engine(model, tok, sched, base_id="base", **kw)
+    for name in PROMPTS:  # serve the model's own adapters under their names
+        engine._served[name] = name
+    return engine
+
+
+def _request(engine, tok, text, adapter, max_tokens, **kw):
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), **kw.pop("params", {})
+    )
+    return GenerationRequest(
+        adapter,
+        tok(text, add_special_tokens=False)["input_ids"],
+        params,
+        n=kw.pop("n", 1),
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        stop_token_ids=engine.stop_token_ids,
+        **kw,
+    )
+
+
+def _expected(model, req) -> list[int]:
+    ids = torch.tensor([req.prompt_ids])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        adapter_names=[req.adapter or "__base__"],
+        max_new_tokens=req.params.max_tokens,
+        do_sample=False,
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def _matches(tokens: list[int], expected: list[int], stops) -> bool:
+    """generate pads after EOS: compare up to and including the first stop token."""
+    cut = next((i + 1 for i, t in enumerate(expected) if t in stops), len(expected))
+    return tokens == expected[:cut]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_equals_generate_with_adapters_joining_mid_decode(arch):
+    tok = make_tokenizer()
+    model = _model(arch)
+    engine = _engine(model, tok)
+    engine.start()
+    try:
+        reqs = []
+        for j, text in enumerate(TEXTS * 3):
+            adapter = ["a", "b", "c", None][j % 4]
+            reqs.append(_request(engine, tok, text, adapter, 4 + 3 * (j % 5), n=1 + (j % 3 == 0)))
+        for r in reqs:  # staggered: later ones join while earlier ones decode
+            engine.scheduler.submit(r)
+            time.sleep(0.004)
+        for r in reqs:
+            assert r.done.wait(60)
+        assert engine.steps > 0
+        for r in reqs:
+            assert r.error is None
+            expected = _expected(model, r)
+            for c in r.choices:
+                assert _matches(c.tokens, expected, engine.stop_token_ids), (r.adapter, c.tokens, expected)
+    finally:
+        engine.stop(5)
+
+
+def test_batch_merging_keeps_rows_aligned():
+    b = _Batch()
+    k1 = torch.arange(2 * 3, dtype=torch.float).view(1, 1, 6, 1)[:, :, :3].expand(2, 1, 3, 1)
+    b.add([object(), object()], [(k1, k1)])
+    k2 = torch.ones(1, 1, 5, 1)
+    rows = [type("R", (), {"length": 3})(), type("R", (), {"length": 3})(), type("R", (), {"length": 5})()]
+    b.rows = rows[:2]
+    b.add([rows[2]], [(k2, k2)])
+    assert b.width == 5 and b.kv[0][0].shape == (3, 1, 5, 1)
+    assert b.kv[0][0][0, 0, :2].abs().sum() == 0  # left padding
+    b.keep([0, 1])
+    assert b.width == 3 and torch.equal(b.kv[0][0][0], k1[0])
+
+
+def test_seeded_sampling_reproduces_and_n_shares_the_prefill():
+    tok = make_tokenizer()
+    model = _model("llama")
+    engine = _engine(model, tok)
+    engine.start()
+    try:
+
+        def run(seed):
+            r = _request(
+                engine, tok, "good movie", "b", 12, temperature=0.9, n=3, params={"seed": seed, "top_p": 0.9}
+            )
+            engine.scheduler.submit(r)
+            assert r.done.wait(30) and r.error is None
+            return [c.tokens for c in r.choices]
+
+        first, again, other = run(7), run(7), run(8)
+        assert first == again
+        assert first != other
+        assert len({tuple(t) for t in first}) > 1  # the n choices differ
+    finally:
+        engine.stop(5)
+
+
+def test_a_request_that_raises_in_the_worker_fails_alone():
+    tok = make_tokenizer()
+    model = _model("gpt2")
+    engine = _engine(model, tok)
+    engine.start()
+    try:
+        good = [_request(engine, tok, t, a, 10) for t, a in zip(TEXTS, ["a", "b", "c", None, "a"])]
+        bad = _request(engine, tok, "fun movie", "b", 10)
+
+        def explode(ids):
+            if len(ids) >= 2:
+                raise RuntimeError("boom")
+            return ""
+
+        bad.decode = explode
+        for r in [*good[:2], bad, *good[2:]]:
+            engine.scheduler.submit(r)
+        for r in [*good, bad]:
+            assert r.done.wait(30)
+        assert bad.error is not None and "boom" in bad.error.message and bad.error.status == 500
+        for r in good:
+            assert r.error is None
+            assert _matches(r.choices[0].tokens, _expected(model, r), engine.stop_token_ids)
+        assert engine.alive
+    finally:
+        engine.stop(5)
+
+
+def test_unloading_an_adapter_mid_request_finishes_on_its_prompt(tmp_path):
+    tok = make_tokenizer()
+    model = _model("llama")
+    model.save_pretrained(tmp_path / "b", selected_adapters=["b"])
+    reference = _request(None or _engine(model, tok), tok, "good movie", "b", 40)
+    expected = _expected(model, reference)
+    engine = _engine(model, tok)
+    engine.load_adapter_now("bb", tmp_path / "b")
+    engine.start()
+    try:
+        r = _request(engine, tok, "good movie", "bb", 40)
+        engine.scheduler.submit(r)
+        deadline = time.monotonic() + 20
+        while not r.choices[0].tokens and time.monotonic() < deadline:
+            time.sleep(0.001)
+        job = Job(lambda: engine.unload_adapter_now("bb"))
+        engine.scheduler.submit_job(job)
+        assert job.done.wait(20) and job.error is None
+        assert r.done.wait(30) and r.error is None
+        assert _matches(r.choices[0].tokens, expected, engine.stop_token_ids)
+        late = _request(engine, tok, "good movie", "bb", 4)
+        engine.scheduler.submit(late)
+        assert late.done.wait(10) and late.error is not None and late.error.status == 404
+    finally:
+        engine.stop(5)
+
+
+def test_prompt_cache_budget_evicts_least_recently_used_and_recomputes():
+    tok = make_tokenizer()
+    model = _model("gpt2")
+    engine = _engine(model, tok, prompt_cache_mb=0.008)  # the KVs of a and b (8.3 kB), not all three
+    store = model.prompt_kv
+    assert isinstance(store, BudgetPromptKV)
+    engine.start()
+    try:
+        for rounds in range(2):
+            for name in ["a", "b", "c"]:
+                r = _request(engine, tok, "good movie", name, 3)
+                engine.scheduler.submit(r)
+                assert r.done.wait(20) and r.error is None
+                assert _matches(r.choices[0].tokens, _expected(model, r), engine.stop_token_ids)
+        assert store.used_bytes <= store.budget
+        assert store.evictions > 0
+    finally:
+        engine.stop(5)
+
+
+def test_scheduler_bounds_the_queue_and_keeps_order():
+    s = Scheduler(max_batch_size=4, max_queue=2)
+    reqs = [GenerationRequest("a", [1], SamplingParams(max_tokens=1), n=n) for n in (3, 2, 1)]
+    s.submit(reqs[0])
+    s.submit(reqs[1])
+    with pytest.raises(Overloaded) as err:
+        s.submit(reqs[2])
+    assert err.value.status == 429 and err.value.retry_after >= 1
+    assert s.admit(0) == [reqs[0]]  # the next (n=2) does not fit beside it: it waits, in order
+    assert s.admit(3) == []
+    s.cancel(reqs[1])
+    assert reqs[1].done.is_set() and s.queue_depth == 0
+    with pytest.raises(Exception, match="batch size"):
+        s.submit(GenerationRequest("a", [1], SamplingParams(max_tokens=1), n=5))
+
+
+def test_stream_safe_holds_back_a_possible_stop_string():
+    assert _stream_safe("hello wor", ("world",)) == len("hello ")
+    assert _stream_safe("hello", ("xyz",)) == 5
+    assert _stream_safe("ab\ufffd", ()) == 2
