@@ -134,3 +134,65 @@ def test_summed_cross_entropy_equals_torch(dtype, monkeypatch):
         )
     none = torch.full((11,), -100)  # every target ignored: zero loss and gradient, no NaN
     assert SummedCrossEntropy.apply(logits, none).item() == 0
+
+
+def _by_hand(model, base, row: torch.Tensor, name: str):
+    """The bare base model fed the prompt's embeddings in front of the user's tokens (one row,
+    no padding): its per-token outputs at the user's columns, `(len(row), ...)`."""
+    prompt = model.get_prompt(name)  # (N, hidden)
+    embeds = torch.cat([prompt, base.get_input_embeddings()(row)]).unsqueeze(0)
+    out = base(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
+    n = prompt.shape[0]
+    if hasattr(out, "start_logits"):
+        return out.start_logits[0, n:], out.end_logits[0, n:]
+    return out.logits[0, n:]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("task,arch", [(t, a) for t, a in TASK_ARCHS if t in ("TOKEN_CLS", "QUESTION_ANS")])
+def test_labels_and_positions_index_the_user_s_tokens(task, arch, side):
+    """TOKEN_CLS labels and QA start/end positions, checked against a loss computed by hand
+    from the bare model's outputs on the user's columns (the prompt in front, by hand)."""
+    import torch.nn.functional as F
+
+    model = _model(task, arch)
+    base = model.base_model
+    rows = _rows(seed=4)
+    ids, mask = _pad(rows, side)
+    width = ids.shape[1]
+    cols = [slice(width - len(r), width) if side == "left" else slice(0, len(r)) for r in rows]
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        hand = [_by_hand(model, base, r, a) for r, a in zip(rows, ADAPTERS)]
+        if task == "TOKEN_CLS":
+            labels = torch.full(ids.shape, -100)
+            per_row = [torch.randint(0, 3, (len(r),), generator=g) for r in rows]
+            per_row[1][0] = -100  # an ignored token
+            for i, c in enumerate(cols):
+                labels[i, c] = per_row[i]
+            out = model(input_ids=ids, attention_mask=mask, adapter_names=ADAPTERS, labels=labels)
+            logits = torch.cat(hand)  # (real tokens, 3)
+            want = F.cross_entropy(logits, torch.cat(per_row), ignore_index=-100)
+            for i, c in enumerate(cols):
+                torch.testing.assert_close(out.logits[i, c], hand[i], atol=ATOL, rtol=0)
+        else:
+            # token k of each row: the last token of rows 0 and 2, the first of row 1 ...
+            start_k, end_k = [4, 0, 5], [4, 2, 3]
+            # ... given as a column of the padded input, as for the bare model
+            start = torch.tensor([c.start + k for c, k in zip(cols, start_k)])
+            end = torch.tensor([c.start + k for c, k in zip(cols, end_k)])
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                adapter_names=ADAPTERS,
+                start_positions=start,
+                end_positions=end,
+            )
+            # the softmax runs over each row's real user tokens only
+            starts = torch.stack([F.cross_entropy(h[0], torch.tensor(k)) for h, k in zip(hand, start_k)])
+            ends = torch.stack([F.cross_entropy(h[1], torch.tensor(k)) for h, k in zip(hand, end_k)])
+            want = (starts.mean() + ends.mean()) / 2
+            for i, c in enumerate(cols):
+                torch.testing.assert_close(out.start_logits[i, c], hand[i][0], atol=ATOL, rtol=0)
+                torch.testing.assert_close(out.end_logits[i, c], hand[i][1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.loss, want, atol=1e-5, rtol=0)
