@@ -22,18 +22,18 @@ def model_dir(tmp_path_factory):
 
 
 def _config(tmp_path, model_dir, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        model=model_dir,
-        data=_rows(48, 1),
-        dev_data=_rows(12, 2),
-        max_steps=4,
-        batch_size=8,
-        eval_every=2,
-        eval_samples=None,
-        num_virtual_tokens=3,
-        zero_shot=False,
-    )
+    base = {
+        "output_dir": str(tmp_path / "run"),
+        "model": model_dir,
+        "data": _rows(48, 1),
+        "dev_data": _rows(12, 2),
+        "max_steps": 4,
+        "batch_size": 8,
+        "eval_every": 2,
+        "eval_samples": None,
+        "num_virtual_tokens": 3,
+        "zero_shot": False,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -120,12 +120,12 @@ def test_schedules():
 @pytest.mark.parametrize(
     "bad",
     [
-        dict(lr=-1),
-        dict(batch_size=0),
-        dict(optimizer="sgd"),
-        dict(schedule="step"),
-        dict(init="FANCY"),
-        dict(output_dir=""),
+        {"lr": -1},
+        {"batch_size": 0},
+        {"optimizer": "sgd"},
+        {"schedule": "step"},
+        {"init": "FANCY"},
+        {"output_dir": ""},
     ],
 )
 def test_bad_options_are_refused(bad):
@@ -199,3 +199,31 @@ def test_bf16_default_follows_the_hardware(tmp_path, model_dir):
         _config(tmp_path, model_dir, output_dir=str(tmp_path / "off"), max_steps=2, eval_every=0, bf16=False)
     )
     assert json.loads((tmp_path / "off" / "run_config.json").read_text())["resolved"]["bf16"] is False
+
+
+def test_best_holds_the_prompt_of_the_best_dev_evaluation(tmp_path, model_dir):
+    """`best/` is the prompt of the first evaluation with the highest dev metric (ties keep the
+    earlier one), as saved at that step, whatever came after."""
+    from safetensors.torch import load_file
+
+    result = train(
+        _config(
+            tmp_path, model_dir, max_steps=12, eval_every=2, checkpoint_every=2, keep_checkpoints=100, lr=0.05
+        )
+    )
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["dev_accuracy"]) for r in records if r.get("event") == "eval"]
+    assert [s for s, _ in evals] == [2, 4, 6, 8, 10, 12]
+    top = max(v for _, v in evals)
+    best_step = next(s for s, v in evals if v == top)
+    assert result.best_step == best_step
+
+    def prompt(folder):
+        return load_file(folder / "adapter_model.safetensors")["prompt_embeddings"]
+
+    best = prompt(run / "best")
+    assert torch.equal(best, prompt(run / "checkpoints" / f"step-{best_step:08d}"))
+    for step, _ in evals:
+        if step != best_step:  # the checkpoints differ, so the comparison above picks one step
+            assert not torch.equal(best, prompt(run / "checkpoints" / f"step-{step:08d}")), step
