@@ -80,6 +80,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base model and its tokenizer, ready to wrap with a soft prompt.
 
@@ -102,6 +103,8 @@ def load_model(
             `softprompt.paths.cache_dir("models") / DEFAULT_MODEL`).
         revision: Hub revision (branch, tag or commit); ignored, with a warning, for the
             default model and local folders.
+        device: Where the model is put once loaded (None: the CPU). Load in `dtype` to keep
+            a float32 copy out of memory.
 
     Returns:
         `(model, tokenizer)`: the model in eval mode; the tokenizer with `pad_token` set
@@ -113,6 +116,12 @@ def load_model(
             what was tried and how to fix it.
         ValueError, TypeError: An argument is invalid.
     """
+    if device is not None:
+        model, tokenizer = load_model(
+            name_or_path, task_type=task_type, num_labels=num_labels, dtype=dtype, cache_dir=cache_dir,
+            revision=revision,
+        )  # fmt: skip
+        return model.to(torch.device(device)), tokenizer
     task = TaskType.parse(task_type, "task_type")
     _check_args(task, num_labels, dtype, revision)
     if name_or_path is None or (isinstance(name_or_path, str) and _is_default_alias(name_or_path)):

@@ -259,12 +259,23 @@ def _run_settings(adapters: list[tuple[str, Path]]) -> AdapterRun:
     return AdapterRun()
 
 
-def _load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]]):
+def _load_with_adapters(
+    model_name: str | None,
+    adapters: list[tuple[str, Path]],
+    device: str | None = None,
+    dtype: str | None = None,
+):
     from .base_models import load_model
     from .config import PromptTuningConfig
     from .model import SoftPromptModel
 
-    base, tokenizer = load_model(model_name)
+    if device is None:  # the CPU in float32
+        base, tokenizer = load_model(model_name)
+    else:
+        from .distributed import resolve_device, resolve_dtype
+
+        where = resolve_device(device)
+        base, tokenizer = load_model(model_name, dtype=resolve_dtype(dtype, where), device=where)
     if adapters:
         first_name, first_path = adapters[0]
         model = SoftPromptModel.from_pretrained(base, first_path, adapter_name=first_name)
@@ -290,7 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     values.update(template=args.template or run.template, label_words=args.label_words or run.label_words)
     config = DataConfig(**values)
     examples, spec = _eval_examples(config, args.split)
-    model, tokenizer = _load_with_adapters(model_name, adapters)
+    model, tokenizer = _load_with_adapters(model_name, adapters, args.device, args.dtype)
     objective = build_objective(
         DataSpec(spec.task, examples, None, None, spec.template, spec.label_words),
         examples,
@@ -359,7 +370,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     adapters = _adapter_specs(args.adapter)
     run = _run_settings(adapters)
-    model, tokenizer = _load_with_adapters(args.model or run.model, adapters)
+    model, tokenizer = _load_with_adapters(args.model or run.model, adapters, args.device, args.dtype)
     template = args.template or run.template or "{text}"
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
@@ -371,7 +382,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     rows = encode(tokenizer, texts, template, args.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = left_pad(rows, pad)
+    ids, mask = left_pad(rows, pad, model.device)
     results = []
     for name in names:
         torch.manual_seed(args.seed)
@@ -563,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*", help="Input texts (default: one per line on standard input).")
     p.add_argument("--adapter", action="append", help="Adapter folder, or name=folder; repeat for several.")
     p.add_argument("--zero-shot", action="store_true", help="Also answer with the bare model.")
-    _model_and_data_options(p, only=("model", "template", "max_length", "max_new_tokens"))
+    _model_and_data_options(p, only=("model", "device", "dtype", "template", "max_length", "max_new_tokens"))
     p.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

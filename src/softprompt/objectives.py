@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .evaluate import Verbalizer, class_logits, classify, encode, generation_metrics, left_pad
 from .model import BASE, SoftPromptModel
 
@@ -75,17 +76,35 @@ class ClassificationObjective:
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, float]:
         idx = list(range(len(self.rows))) if indices is None else list(indices)
+        return self.metrics(idx, self.predict(model, idx, adapter, batch_size, progress))
+
+    def predict(
+        self,
+        model: SoftPromptModel,
+        indices: Sequence[int],
+        adapter: str | None = None,
+        batch_size: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[torch.Tensor]:
+        """The label scores of each example of `indices` (one row of floats each)."""
+        if not indices:
+            return []
         scores = classify(
             model,
-            [self.rows[i] for i in idx],
+            [self.rows[i] for i in indices],
             self.verbalizer,
             self.pad_id,
             adapter=adapter,
             batch_size=batch_size,
             progress=progress,
         )
+        return list(scores.detach().cpu())
+
+    def metrics(self, indices: Sequence[int], predictions: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Accuracy and per-class recall of `predictions` (from `predict`) for `indices`."""
+        idx = list(indices)
         gold = torch.tensor([self.gold[i] for i in idx])
-        pred = scores.argmax(dim=1)
+        pred = torch.stack(list(predictions)).argmax(dim=1) if idx else gold
         out = {
             "accuracy": float((pred == gold).float().mean()) if idx else float("nan"),
             "examples": len(idx),
@@ -158,8 +177,23 @@ class GenerationObjective:
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, float]:
         idx = list(range(len(self.prompts))) if indices is None else list(indices)
-        predictions = self.generate(model, [self.prompts[i] for i in idx], adapter, batch_size, progress)
-        out = generation_metrics(predictions, [self.target_texts[i] for i in idx])
+        return self.metrics(idx, self.predict(model, idx, adapter, batch_size, progress))
+
+    def predict(
+        self,
+        model: SoftPromptModel,
+        indices: Sequence[int],
+        adapter: str | None = None,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """The greedy generation of each example of `indices`."""
+        return self.generate(model, [self.prompts[i] for i in indices], adapter, batch_size, progress)
+
+    def metrics(self, indices: Sequence[int], predictions: Sequence[str]) -> dict[str, float]:
+        """Exact match / F1 of `predictions` (from `predict`) for `indices`."""
+        idx = list(indices)
+        out = generation_metrics(list(predictions), [self.target_texts[i] for i in idx])
         out["examples"] = len(idx)
         return out
 
@@ -208,6 +242,29 @@ def _pad_id(tokenizer: Any) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+def evaluate(
+    objective: Objective,
+    model: SoftPromptModel,
+    indices: Sequence[int] | None = None,
+    adapter: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """`objective.evaluate`, with the examples shared out over the ranks of a distributed run:
+    each rank predicts its shard, the predictions are gathered in the original order, and
+    every rank computes the metrics of all of them, so they equal the 1-process numbers."""
+    idx = list(range(len(objective))) if indices is None else list(indices)
+    if distributed.world_size() == 1:
+        return objective.evaluate(model, idx, adapter=adapter, progress=progress, **kwargs)
+    positions = distributed.shard(range(len(idx)))
+    mine = objective.predict(model, [idx[p] for p in positions], adapter, progress=progress, **kwargs)
+    predictions: list[Any] = [None] * len(idx)
+    for where, preds in distributed.gather_objects((positions, mine)):
+        for p, pred in zip(where, preds):
+            predictions[p] = pred
+    return objective.metrics(idx, predictions)
 
 
 def length_grouped_batches(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import distributed
 from ._io import atomic_write_text
 from .bf16 import resolve_bf16
 from .config import PromptTuningConfig, PromptTuningInit
@@ -64,18 +65,33 @@ def check_output_dir(config: TrainConfig) -> None:
     saved = out / "run_config.json"
     if saved.exists():
         try:
-            previous = json.loads(saved.read_text(encoding="utf-8"))["config"]
-        except (OSError, ValueError, KeyError):
-            previous = None
+            saved_info = json.loads(saved.read_text(encoding="utf-8"))
+            previous = saved_info["config"]
+            previous_world = int(saved_info.get("resolved", {}).get("world_size", 1))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            previous, previous_world = None, 1
         if config.resume:
             if previous is None:
                 raise _error(
                     f"{saved} is unreadable, so the run cannot be resumed safely; use another output_dir."
                 )
             mine = config.to_dict()
-            diff = [k for k in RUN_IDENTITY if previous.get(k) != mine.get(k)]
-            if diff:
-                details = ", ".join(f"{k}: {previous.get(k)!r} -> {mine.get(k)!r}" for k in diff)
+            diff = [k for k in RUN_IDENTITY if k != "grad_accum" and previous.get(k) != mine.get(k)]
+            changes = [f"{k}: {previous.get(k)!r} -> {mine.get(k)!r}" for k in diff]
+            # The global batch is batch_size x grad_accum x processes: another number of processes
+            # continues the same run when grad_accum x processes is the same.
+            world = distributed.world_size()
+            before, now = previous.get("grad_accum", 1) * previous_world, config.grad_accum * world
+            if before != now:
+                need = before / world
+                hint = f" (resume with --grad-accum {int(need)})" if need == int(need) and need >= 1 else ""
+                was, is_ = (
+                    f"{previous.get('grad_accum')} x {previous_world}",
+                    f"{config.grad_accum} x {world}",
+                )
+                changes.append(f"grad_accum x processes: {was} -> {is_}{hint}")
+            details = ", ".join(changes)
+            if details:
                 raise _error(
                     f"--resume with different settings than the run in {out} ({details}). "
                     "Resume with the same settings, or start a new run in another folder."
@@ -273,9 +289,17 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     """Check the output folder, load data and model, attach a fresh prompt, write run_config.json."""
     import softprompt
 
-    check_output_dir(config)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():  # rank 0 checks (and with --overwrite clears) the folder
+        try:
+            check_output_dir(config)
+            out.mkdir(parents=True, exist_ok=True)
+        except Exception as err:
+            distributed.broadcast_object(str(err))  # the other ranks stop with the same error
+            raise
+        distributed.broadcast_object(None)
+    elif (error := distributed.broadcast_object(None)) is not None:
+        raise _error(f"(rank 0) {error}")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     notify("phase", {"message": f"loading data {config.data}"})
@@ -285,7 +309,9 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     notify("phase", {"message": f"loading model {config.model or 'SmolLM2-135M-Instruct (packaged)'}"})
     from .base_models import load_model
 
-    base, tokenizer = load_model(config.model)
+    device = distributed.resolve_device(config.device)
+    dtype = distributed.resolve_dtype(config.dtype, device)
+    base, tokenizer = load_model(config.model, dtype=dtype, device=device)
     if config.gradient_checkpointing:
         # transformers 5.x renamed it (the old name warns and goes in v6)
         (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
@@ -300,7 +326,11 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     info = {
         "config": config.to_dict(),
         "resolved": {
-            "bf16": resolve_bf16(config.bf16, model.device),
+            # bf16 autocast is for float32 weights; weights loaded in 16 bits compute in their dtype
+            "bf16": resolve_bf16(config.bf16, model.device) if dtype == torch.float32 else bool(config.bf16),
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "world_size": distributed.world_size(),
             "task": spec.task,
             "template": spec.template,
             "label_words": spec.label_words,
@@ -316,6 +346,6 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
             "transformers": __import__("transformers").__version__,
         },
     }
-    if not (config.resume and (out / "run_config.json").exists()):
+    if distributed.is_main() and not (config.resume and (out / "run_config.json").exists()):
         atomic_write_text(out / "run_config.json", json.dumps(info, indent=2, default=str) + "\n")
     return Run(model, tokenizer, train_obj, dev_obj, test_obj, info)

@@ -62,8 +62,26 @@ class ModelConfig:
         "AVX512-BF16, CUDA GPUs with bf16).",
     )
 
+    device: str = option(
+        "auto",
+        "auto, cpu, cuda, cuda:N or mps. auto: the first GPU if there is one (under torchrun or "
+        "accelerate launch, the GPU of the process's LOCAL_RANK), else the CPU.",
+    )
+    dtype: str = option(
+        "auto",
+        "Dtype the frozen model is loaded in: auto, float32, bfloat16 or float16 (float16 trains "
+        "with loss scaling). auto: bfloat16 on a GPU that has it, float16 on one that does not, "
+        "float32 on the CPU (see --bf16). The prompt and its optimizer state stay float32.",
+    )
+
     def _validate_model(self) -> None:
-        pass
+        self.device = (self.device or "auto").strip().lower()
+        self.dtype = (self.dtype or "auto").strip().lower()
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}.")
+        kind = self.device.split(":")[0]
+        if kind not in ("auto", "cpu", "cuda", "mps") or (self.device.count(":") and kind != "cuda"):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}.")
 
 
 @dataclass
@@ -183,8 +201,16 @@ class OutputConfig:
     resume: bool = option(False, "Continue an interrupted run from its newest checkpoint.")
     overwrite: bool = option(False, "Replace a finished or different run in output_dir.")
     log_every: int = option(10, "Write training loss to metrics.jsonl every N steps.")
+    report_to: str = option(
+        "none",
+        "Also log training loss, learning rate, throughput and dev metrics to: tensorboard "
+        "(events in output_dir/tensorboard; pip install 'softprompt[tracking]') or none.",
+    )
 
     def _validate_output(self) -> None:
+        self.report_to = (self.report_to or "none").strip().lower()
+        if self.report_to not in ("none", "tensorboard"):
+            raise ValueError(f"report_to must be tensorboard or none; got {self.report_to!r}.")
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder where the run is written.")
         _at_least_one(self, ("keep_checkpoints",))

@@ -13,6 +13,15 @@ The loop is a `Trainer` in parts a reader can find and a distributed run can hoo
 `setup` (data, model, optimizer, resume), `step` (one optimizer step), `evaluate` (dev
 score, `best/`), `save` (a resumable checkpoint) and `finish` (final scores, plot), with
 the run's mutable state in one `TrainState`.
+
+Started by `torchrun --nproc_per_node N -m softprompt train ...` (or `accelerate launch`),
+each optimizer step takes `grad_accum x N` consecutive micro-batches of the data order and
+process r computes micro-batches r, r+N, ...; every loss is divided by the step's number of
+micro-batches and the prompt's gradients are summed over the processes, so N processes with
+`grad_accum=G` compute exactly the step of one process with `grad_accum=G x N` (the same
+data, order and update; float sums in another order: allclose, not bit-identical). Dev and
+test examples are shared out and their predictions gathered: the metrics are the
+1-process numbers. Only rank 0 writes files and reports progress. See `distributed`.
 """
 
 from __future__ import annotations
@@ -30,11 +39,12 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from ._io import atomic_write_text
 from .adapter_files import load_weights_into
 from .attention import attention_implementation, training_attention
 from .bf16 import bf16_weight_copies
-from .objectives import Objective, length_grouped_batches
+from .objectives import Objective, evaluate, length_grouped_batches
 from .runs import Run, prepare_run
 from .settings import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted
 from .train_checkpoints import Position, load_latest, rng_state, save_checkpoint, set_rng_state
@@ -135,8 +145,16 @@ class TrainState:
 class _Metrics:
     """metrics.jsonl, appended line by line; on resume cut back to the checkpoint's step."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
+    def __init__(
+        self, path: Path, resume_step: int | None, enabled: bool = True, report_to: str = "none"
+    ) -> None:
+        self.path, self.enabled = path, enabled
+        self.records: list[dict[str, Any]] = []
+        self.reporter = (
+            _TensorBoard(path.parent / "tensorboard") if enabled and report_to == "tensorboard" else None
+        )
+        if not enabled:  # not rank 0: nothing is written
+            return
         kept: list[str] = []
         if resume_step is not None and path.exists():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -149,9 +167,47 @@ class _Metrics:
         self.records = [json.loads(k) for k in kept]
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.reporter is not None:
+            self.reporter.log(record)
+
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+
+
+class _TensorBoard:
+    """`--report-to tensorboard`: the metrics lines as TensorBoard scalars (train/loss,
+    train/lr, train/examples_per_s, dev/<metric>), in output_dir/tensorboard."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainingError(
+                "--report-to tensorboard needs the tensorboard package: pip install 'softprompt[tracking]'."
+            ) from None
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = int(record.get("step", 0))
+        if record.get("event") == "eval":
+            items = [(f"dev/{k[4:]}", v) for k, v in record.items() if k.startswith("dev_")]
+        elif "loss" in record:
+            items = [(f"train/{k}", record[k]) for k in ("loss", "lr", "examples_per_s") if k in record]
+        else:
+            return
+        for tag, value in items:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class _Window:
@@ -191,31 +247,50 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.started = time.time()
         self.stop_reason = "max_steps"
+        self.stop_agreed = False  # a distributed run: some rank got Ctrl-C (agreed at each step)
+        self._stop: _StopOnSignal | None = None
+        self._owns_group = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         """Prepare the run (folder, data, model, prompt), the optimizer, and resume if asked."""
         config, out = self.config, self.out
+        if distributed.launched() and not distributed.active():
+            self._owns_group = distributed.init(distributed.resolve_device(config.device))
+        self.main, self.world = distributed.is_main(), distributed.world_size()
+        if not self.main:  # progress shows on rank 0 only
+            self.notify = lambda event, info: None
         self.run: Run = prepare_run(config, self.notify)
         self.model, self.objective, self.dev = self.run.model, self.run.train, self.run.dev
-        per_step = config.batch_size * config.grad_accum
+        self.params = self.model.trainable_parameters()
+        distributed.broadcast_parameters(self.params)  # every rank starts from rank 0's prompt
+        per_step = config.batch_size * config.grad_accum * self.world
         self.total_steps = config.max_steps or max(
             1, math.ceil(config.epochs * len(self.objective) / per_step)
         )
         optimizer = make_optimizer(config, self.model.trainable_parameters())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, self.total_steps))
         self.state = TrainState(optimizer, scheduler)
-        resumed = load_latest(out / "checkpoints") if config.resume else None
+        resumed = load_latest(out / "checkpoints") if config.resume and self.main else None
+        if self.world > 1 and config.resume:  # rank 0 read the checkpoint: the others get it from there
+            resumed = distributed.broadcast_object(resumed)
+            if resumed is not None and self.main:
+                load_weights_into(self.model, self.adapter, resumed[0])
+            distributed.broadcast_parameters(self.params)
+        elif resumed is not None:
+            load_weights_into(self.model, self.adapter, resumed[0])
         if resumed is not None:
             folder, payload = resumed
-            load_weights_into(self.model, self.adapter, folder)
             self.state.load_state_dict(payload, config.lr)
             step = self.state.position.step
-            logger.info("resuming from %s (step %d)", folder, step)
+            if self.main:
+                logger.info("resuming from %s (step %d)", folder, step)
             self.notify("phase", {"message": f"resuming from {folder.name} (step {step})"})
         elif config.resume:
             self.notify("phase", {"message": "no checkpoint found: starting from the beginning"})
-        self.metrics = _Metrics(out / "metrics.jsonl", self.state.position.step if resumed else None)
+        self.metrics = _Metrics(
+            out / "metrics.jsonl", self.state.position.step if resumed else None, self.main, config.report_to
+        )
         if resumed is None:
             self.metrics.write(
                 {
@@ -229,6 +304,9 @@ class Trainer:
         self.dev_indices = _dev_subset(self.dev, config)
         self.device = self.model.device
         self.bf16 = self.run.info["resolved"]["bf16"]
+        # float16 weights: the loss is scaled so small gradients survive the backward pass
+        fp16 = self.run.info["resolved"].get("dtype") == "float16"
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast for the frozen model where the run uses it (else a no-op)."""
@@ -245,18 +323,35 @@ class Trainer:
             TrainingDiverged: A loss is NaN or infinite (its checkpoint is dropped first).
         """
         lengths, state = self.objective.lengths, self.state
-        step_loss = 0.0
-        for indices in group:
+        step_loss, bad = 0.0, None
+        for indices in distributed.shard(group):  # this rank's micro-batches (all of them in one process)
             positions = max(lengths[i] for i in indices) + self.config.num_virtual_tokens
             attention = training_attention(self.model.base_model, self.bf16, self.device, positions)
             with attention_implementation(self.model.base_model, attention):
                 with self.autocast():
                     loss = self.objective.loss(self.model, indices) / len(group)
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(_diverged(loss, state.position, state.scheduler, self.out))
-                loss.backward()
+                    if self.world == 1:
+                        raise TrainingDiverged(_diverged(loss, state.position, state.scheduler, self.out))
+                    bad = loss.detach()  # every rank must learn of it in the all-reduce below
+                    break
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             step_loss += float(loss.detach())
-        state.optimizer.step()
+        if self.world > 1:  # one collective: the prompt's gradient, the loss, Ctrl-C, divergence
+            stop = bool(self._stop is not None and self._stop.requested)
+            flags = distributed.reduce_gradients(
+                self.params, [step_loss, float(stop), float(bad is not None)]
+            )
+            step_loss, self.stop_agreed = flags[0], self.stop_agreed or flags[1] > 0
+            if flags[2] > 0:
+                value = bad if bad is not None else torch.tensor(float("nan"))
+                message = _diverged(value, state.position, state.scheduler, self.out, remove=self.main)
+                raise TrainingDiverged(message)
+        if self.scaler is not None:
+            self.scaler.step(state.optimizer)
+            self.scaler.update()
+        else:
+            state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
         state.position.batch += len(group)
@@ -268,12 +363,13 @@ class Trainer:
         """Score the prompt on dev; a new best is saved to `best/`. Returns whether it improved."""
         state, dev = self.state, self.dev
         with self.autocast():
-            scores = dev.evaluate(self.model, self.dev_indices, adapter=self.adapter)
+            scores = evaluate(dev, self.model, self.dev_indices, adapter=self.adapter)
         value = scores[dev.primary_metric]
         improved = state.best_metric is None or value > state.best_metric
         if improved:
             state.best_metric, state.best_step = value, state.position.step
-            self.model.save_pretrained(self.out / "best", overwrite=True)
+            if self.main:
+                self.model.save_pretrained(self.out / "best", overwrite=True)
             state.patience = 0
         else:
             state.patience += 1
@@ -283,7 +379,9 @@ class Trainer:
         return improved
 
     def save(self) -> Path:
-        """Write a resumable checkpoint of the current state; returns its folder."""
+        """Write a resumable checkpoint of the current state (rank 0); returns its folder."""
+        if not self.main:
+            return self.out / "checkpoints" / f"step-{self.state.position.step:08d}"
         return save_checkpoint(
             self.out / "checkpoints",
             self.model,
@@ -303,17 +401,19 @@ class Trainer:
         self.model.train()
         window = _Window()
         with _StopOnSignal() as stop, bf16_weight_copies(self.model.base_model, self.bf16):
+            self._stop = stop
             while position.step < self.total_steps:
                 batches = length_grouped_batches(self.objective.lengths, config.batch_size, config.seed,
                                                  position.epoch)  # fmt: skip
                 while position.batch < len(batches) and position.step < self.total_steps:
-                    if stop.requested:  # Ctrl-C: only ever between two optimizer steps
+                    if stop.requested if self.world == 1 else self.stop_agreed:  # Ctrl-C: between steps
                         folder = self.save()
+                        distributed.barrier()  # the others wait for rank 0's checkpoint
                         raise TrainingInterrupted(
                             f"interrupted at step {position.step}; checkpoint saved to {folder}. "
                             "Run the same command with --resume to continue."
                         )
-                    group = batches[position.batch : position.batch + config.grad_accum]
+                    group = batches[position.batch : position.batch + config.grad_accum * self.world]
                     loss = self.step(group)
                     examples = sum(len(g) for g in group)
                     window.add(loss, examples)
@@ -348,9 +448,10 @@ class Trainer:
         if self.dev is not None and not self._due(config.eval_every):
             self.evaluate()
         self.save()
-        self.model.save_pretrained(out / "last", overwrite=True)
-        if state.best_step is None:  # no dev set: the last prompt is the best we know
-            self.model.save_pretrained(out / "best", overwrite=True)
+        if self.main:
+            self.model.save_pretrained(out / "last", overwrite=True)
+            if state.best_step is None:  # no dev set: the last prompt is the best we know
+                self.model.save_pretrained(out / "best", overwrite=True)
         final = self.final_scores()
         final.update(
             {
@@ -362,10 +463,15 @@ class Trainer:
             }
         )
         self.metrics.write({"step": state.position.step, "event": "end", **final})
-        from .plot import plot_metrics
+        self.metrics.close()
+        if self.main:
+            from .plot import plot_metrics
 
-        plot_metrics(self.metrics.records, out / "plot.png", self.objective.primary_metric)
+            plot_metrics(self.metrics.records, out / "plot.png", self.objective.primary_metric)
         self.notify("end", final)
+        distributed.barrier()  # no rank leaves before rank 0 has written everything
+        if self._owns_group:
+            distributed.close()
         return TrainResult(out, state.position.step, final, state.best_step, time.time() - self.started)
 
     def final_scores(self) -> dict[str, Any]:
@@ -375,8 +481,9 @@ class Trainer:
         if data is None:
             return {}
         best = self.out / "best"
-        if (best / "adapter_config.json").exists():
+        if self.main and (best / "adapter_config.json").exists():
             load_weights_into(self.model, self.adapter, best)
+        distributed.broadcast_parameters(self.params)  # rank 0 read best/: no shared disk needed
         results: dict[str, Any] = {"final_split": split}
         names = [("tuned", self.adapter)] + ([("zero_shot", None)] if self.config.zero_shot else [])
         for label, name in names:
@@ -385,11 +492,12 @@ class Trainer:
                 "phase", {"message": f"scoring {who} on {split} ({len(data)} examples)", "total": len(data)}
             )
             with self.autocast():
-                scores = data.evaluate(
-                    self.model, None, adapter=name, progress=lambda n: self.notify("progress", {"n": n})
+                scores = evaluate(
+                    data, self.model, None, adapter=name, progress=lambda n: self.notify("progress", {"n": n})
                 )
             results[label] = scores
-        atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
+        if self.main:
+            atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
         return results
 
 
@@ -409,15 +517,17 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     return Trainer(config, callback).fit()
 
 
-def _diverged(loss: torch.Tensor, position: Position, scheduler: Any, out: Path) -> str:
-    """Drop the checkpoint of the state that produced the bad loss; say what to do next."""
+def _diverged(loss: torch.Tensor, position: Position, scheduler: Any, out: Path, remove: bool = True) -> str:
+    """Drop the checkpoint of the state that produced the bad loss (if `remove`: rank 0);
+    say what to do next."""
     import shutil
 
     from .train_checkpoints import list_checkpoints
 
     ckpts = list_checkpoints(out / "checkpoints")
     if ckpts and int(ckpts[-1].name.split("-")[1]) >= position.step:
-        shutil.rmtree(ckpts[-1], ignore_errors=True)  # its prompt is what gave the NaN
+        if remove:
+            shutil.rmtree(ckpts[-1], ignore_errors=True)  # its prompt is what gave the NaN
         ckpts = ckpts[:-1]
     where = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no good checkpoint was written yet"
     lr = scheduler.get_last_lr()[0]

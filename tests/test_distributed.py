@@ -1,0 +1,253 @@
+"""Several processes, for real: `torchrun` (gloo, CPU) runs of a tiny model against 1-process
+runs of the same global batch, resuming with another number of processes, and a rank that
+dies. Every wait is bounded.
+
+The equivalence tested (and documented in softprompt.train): N processes with
+`--grad-accum G` take the same steps as 1 process with `--grad-accum G*N` (the same
+micro-batches of `--batch-size` examples, in the same order, the same normalisation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_cli import _rows
+from tests.tiny import build_model, make_tokenizer
+
+STEPS = 8
+TIMEOUT = 240  # seconds any one run may take here (they take ~10-20 s)
+DIST_TIMEOUT = "20"  # SOFTPROMPT_DIST_TIMEOUT: how long a rank waits for a dead peer
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is needed",
+)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    build_model("CAUSAL_LM", "llama", initializer_range=0.5).save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    for name, n, seed in (("train", 64, 1), ("dev", 13, 2), ("test", 11, 3)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
+    return root
+
+
+def _train_args(ws: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return [
+        "train",
+        "--model", str(ws / "model"),
+        "--data", str(ws / "train.jsonl"),
+        "--dev-data", str(ws / "dev.jsonl"),
+        "--test-data", str(ws / "test.jsonl"),
+        "--output", str(out),
+        "--max-steps", str(steps),
+        "--batch-size", "4",
+        "--eval-every", "4",
+        "--checkpoint-every", "1",
+        "--keep-checkpoints", "2",
+        "--num-virtual-tokens", "4",
+        "--lr", "0.05",
+        "--warmup-steps", "2",
+        "--no-zero-shot",
+        "--seed", "3",
+        "--device", "cpu",
+        *extra,
+    ]  # fmt: skip
+
+
+def _one(ws: Path, out: Path, *extra: str, **kw) -> list[str]:
+    return [sys.executable, "-m", "softprompt", *_train_args(ws, out, *extra, **kw)]
+
+
+def _torchrun(ws: Path, out: Path, *extra: str, n: int = 2, **kw) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "-m", "softprompt", *_train_args(ws, out, *extra, **kw)]  # fmt: skip
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"})
+    env["SOFTPROMPT_DIST_TIMEOUT"] = DIST_TIMEOUT
+    env["PYTHONPATH"] = (
+        str(Path(__file__).resolve().parent.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    )
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _prompt(folder: Path) -> torch.Tensor:
+    return load_file(folder / "adapter_model.safetensors")["prompt_embeddings"]
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _evals(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k.startswith("dev_") or k == "step"} for r in _records(out)
+            if r.get("event") == "eval"]  # fmt: skip
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    found = [p.name for p in root.iterdir()] if root.is_dir() else []
+    return sorted(int(name.split("-")[1]) for name in found if name.startswith("step-"))
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = TIMEOUT) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture(scope="module")
+def one_process(ws):
+    """The reference: one process, grad_accum 2 (the global batch of 2 processes x grad_accum 1)."""
+    out = ws / "one-process"
+    _run(_one(ws, out, "--grad-accum", "2"))
+    return out
+
+
+def test_two_processes_train_the_prompt_of_one_process_with_the_same_global_batch(ws, one_process):
+    out = ws / "two-processes"
+    result = _run(_torchrun(ws, out))
+    torch.testing.assert_close(_prompt(out / "last"), _prompt(one_process / "last"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_prompt(out / "best"), _prompt(one_process / "best"), rtol=1e-5, atol=1e-6)
+    # dev metrics reduced over the ranks (13 examples: 7 + 6) are the 1-process numbers, as are test scores
+    assert _evals(out) == _evals(one_process) and len(_evals(out)) == 2
+    assert [e["dev_examples"] for e in _evals(out)] == [13, 13]
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads((one_process / "results.json").read_text())
+    assert results["tuned"]["examples"] == 11
+    # rank 0 alone wrote the run and showed progress: one start and one end record, one line per eval
+    records = _records(out)
+    assert [r["event"] for r in records if "event" in r] == ["start", "eval", "eval", "end"]
+    assert sum(r.get("loss") is not None for r in records) == 1  # log_every 10: the last step only
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses == pytest.approx([r["loss"] for r in _records(one_process) if "loss" in r], rel=1e-5)
+    assert result.stderr.count("step 4: dev_accuracy") == 1, result.stderr[-3000:]
+    info = json.loads((out / "run_config.json").read_text())
+    assert info["resolved"]["world_size"] == 2 and info["resolved"]["device"] == "cpu"
+    assert _checkpoint_steps(out) == [STEPS - 1, STEPS]
+
+
+def test_two_processes_killed_then_resumed_with_one_process(ws, one_process):
+    out = ws / "two-then-one"
+    proc = subprocess.Popen(_torchrun(ws, out), env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert _wait_for(lambda: any(s >= 3 for s in _checkpoint_steps(out)), proc), "no checkpoint came"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, at once
+        proc.wait(timeout=60)
+    assert not (out / "last").exists()
+    newest = max(_checkpoint_steps(out))
+    assert newest < STEPS
+    # one process with grad_accum 1 would be another global batch: refused, with the fix
+    wrong = subprocess.run(
+        _one(ws, out, "--resume"), check=False, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert wrong.returncode != 0 and "resume with --grad-accum 2" in wrong.stderr, wrong.stderr[-2000:]
+    result = _run(_one(ws, out, "--resume", "--grad-accum", "2"))
+    assert "resuming from step-" in result.stderr
+    torch.testing.assert_close(_prompt(out / "last"), _prompt(one_process / "last"), rtol=1e-5, atol=1e-6)
+    assert _evals(out) == _evals(one_process)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_rank_stops_the_others_with_an_error_and_the_checkpoint_is_intact(ws):
+    """The env:// launch torchrun does, by hand, so the surviving rank's own exit is observed."""
+    from softprompt.train_checkpoints import load_latest
+
+    out = ws / "dead-rank"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = _env(
+            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        )
+        procs.append(subprocess.Popen(_one(ws, out, steps=400), env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    survivor, victim = procs
+    try:
+        assert _wait_for(lambda: any(s >= 3 for s in _checkpoint_steps(out)), survivor), "no checkpoint came"
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+        started = time.time()
+        _, err = survivor.communicate(timeout=float(DIST_TIMEOUT) + 60)
+        waited = time.time() - started
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=60)
+    assert survivor.returncode not in (0, None), err[-2000:]
+    assert "another process of the run died or stopped answering" in err, err[-2000:]
+    assert "--resume" in err and "Traceback" not in err, err[-2000:]
+    assert waited < float(DIST_TIMEOUT) + 30
+    assert not (out / "last").exists()
+    newest = max(_checkpoint_steps(out))
+    folder, state = load_latest(out / "checkpoints")
+    assert folder.name == f"step-{newest:08d}" and state["position"]["step"] == newest
+    assert torch.isfinite(_prompt(folder)).all()
+
+
+def test_one_process_is_a_no_op():
+    from softprompt import distributed
+
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.is_main() and distributed.shard([5, 6, 7]) == [5, 6, 7]
+    t = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum(t) is t and torch.equal(
+        distributed.all_reduce_mean(t), torch.tensor([1.0, 2.0])
+    )
+    assert distributed.gather_objects("x") == ["x"] and distributed.broadcast_object(3) == 3
+    assert distributed.reduce_gradients([], [1.0, 0.0]) == [1.0, 0.0]
+    distributed.barrier()
+
+
+def test_device_and_dtype_options(monkeypatch):
+    from softprompt import distributed
+    from softprompt.settings import TrainConfig
+
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    assert distributed.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert distributed.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        assert distributed.resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            distributed.resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="device must be"):
+        TrainConfig(output_dir="x", device="tpu")
+    with pytest.raises(ValueError, match="dtype must be"):
+        TrainConfig(output_dir="x", dtype="int8")
+    assert TrainConfig(output_dir="x", device="CUDA:0").device == "cuda:0"
