@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 
 import pytest
@@ -28,6 +29,34 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def softprompt_cache(tmp_path_factory):
+    """One temporary `$SOFTPROMPT_CACHE` for the whole session: slow tests convert the default
+    model and parse the built-in data there, never in the user's cache. The vaderSentiment
+    sdist is copied from the user's cache when it is there (no network; the loader checks
+    its SHA-256), else downloaded with pip as on first use."""
+    from softprompt import paths
+    from softprompt.builtin_data import SDIST_NAME
+
+    user_sdist = paths.cache_dir("data") / "downloads" / SDIST_NAME  # before the override
+    root = tmp_path_factory.mktemp("softprompt-cache")
+    if user_sdist.is_file():
+        (root / "data" / "downloads").mkdir(parents=True)
+        shutil.copyfile(user_sdist, root / "data" / "downloads" / SDIST_NAME)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SOFTPROMPT_CACHE", str(root))
+    yield root
+    patch.undo()
+
+
+def pytest_collection_modifyitems(items):
+    # Every slow test runs inside the session's temporary cache, set up before its other
+    # fixtures (module-scoped model loaders included).
+    for item in items:
+        if item.get_closest_marker("slow") and "softprompt_cache" not in item.fixturenames:
+            item.fixturenames.insert(0, "softprompt_cache")
 
 
 @pytest.fixture(scope="session")

