@@ -68,7 +68,7 @@ def test_save_refuses_to_overwrite_a_different_adapter(tmp_path):
 
 
 def test_interrupted_save_between_the_two_renames_loads_the_new_adapter(tmp_path, caplog):
-    old, folder = _saved(tmp_path)
+    _old, folder = _saved(tmp_path)
     new = wrap(build_model("SEQ_CLS", "llama"), PromptTuningConfig(num_virtual_tokens=6))
     stale_config = (folder / CONFIG_NAME).read_text()
     new.save_pretrained(folder, overwrite=True)
@@ -128,7 +128,7 @@ def test_wrong_dtype_and_non_finite(tmp_path):
 def test_half_precision_file_is_accepted(tmp_path):
     _, folder = _saved(tmp_path)
     _rewrite(folder, {"prompt_embeddings": torch.ones(4, 32, dtype=torch.bfloat16)})
-    config, tensors = read_adapter(folder)
+    _config, tensors = read_adapter(folder)
     assert tensors["prompt_embeddings"].dtype == torch.float32
 
 

@@ -151,13 +151,44 @@ def config_for(arch: str, **extra) -> T.PretrainedConfig:
 
 
 _CLASSES = {
-    "CAUSAL_LM": {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"},
-    "SEQ_2_SEQ_LM": {"t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration"},
-    "SEQ_CLS": {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification", "bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification"},
-    "TOKEN_CLS": {"gpt2": "GPT2ForTokenClassification", "llama": "LlamaForTokenClassification", "bert": "BertForTokenClassification", "roberta": "RobertaForTokenClassification"},
-    "QUESTION_ANS": {"gpt2": "GPT2ForQuestionAnswering", "llama": "LlamaForQuestionAnswering", "bert": "BertForQuestionAnswering", "roberta": "RobertaForQuestionAnswering"},
-    "FEATURE_EXTRACTION": {"gpt2": "GPT2Model", "llama": "LlamaModel", "bert": "BertModel", "roberta": "RobertaModel", "t5": "T5EncoderModel"},
-}  # fmt: skip
+    "CAUSAL_LM": {
+        "gpt2": "GPT2LMHeadModel",
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "opt": "OPTForCausalLM",
+        "gpt_neox": "GPTNeoXForCausalLM",
+    },
+    "SEQ_2_SEQ_LM": {
+        "t5": "T5ForConditionalGeneration",
+        "bart": "BartForConditionalGeneration",
+    },
+    "SEQ_CLS": {
+        "gpt2": "GPT2ForSequenceClassification",
+        "llama": "LlamaForSequenceClassification",
+        "qwen2": "Qwen2ForSequenceClassification",
+        "bert": "BertForSequenceClassification",
+        "roberta": "RobertaForSequenceClassification",
+    },
+    "TOKEN_CLS": {
+        "gpt2": "GPT2ForTokenClassification",
+        "llama": "LlamaForTokenClassification",
+        "bert": "BertForTokenClassification",
+        "roberta": "RobertaForTokenClassification",
+    },
+    "QUESTION_ANS": {
+        "gpt2": "GPT2ForQuestionAnswering",
+        "llama": "LlamaForQuestionAnswering",
+        "bert": "BertForQuestionAnswering",
+        "roberta": "RobertaForQuestionAnswering",
+    },
+    "FEATURE_EXTRACTION": {
+        "gpt2": "GPT2Model",
+        "llama": "LlamaModel",
+        "bert": "BertModel",
+        "roberta": "RobertaModel",
+        "t5": "T5EncoderModel",
+    },
+}
 
 TASK_ARCHS = [(task, arch) for task, archs in _CLASSES.items() for arch in archs]
 
