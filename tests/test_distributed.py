@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -251,3 +252,105 @@ def test_device_and_dtype_options(monkeypatch):
     with pytest.raises(ValueError, match="dtype must be"):
         TrainConfig(output_dir="x", dtype="int8")
     assert TrainConfig(output_dir="x", device="CUDA:0").device == "cuda:0"
+
+
+def test_ctrl_c_on_one_rank_stops_both_at_the_same_step_and_rank_0_saves_once(ws):
+    out = ws / "interrupted"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = _env(
+            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        )
+        procs.append(
+            subprocess.Popen(
+                _one(ws, out, "--checkpoint-every", "1000", steps=400),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        metrics = out / "metrics.jsonl"
+        assert _wait_for(lambda: metrics.exists() and "eval" in metrics.read_text(), procs[0]), "no eval came"
+        procs[1].send_signal(signal.SIGINT)  # the other rank learns of it in the next all-reduce
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=60)
+    assert [p.returncode for p in procs] == [130, 130], [e[-1500:] for e in errs]
+    steps = {int(s) for e in errs for s in re.findall(r"interrupted at step (\d+)", e)}
+    assert len(steps) == 1, errs  # both ranks stopped after the same step
+    assert _checkpoint_steps(out) == sorted(steps), "one checkpoint, written once, at that step"
+    assert "Traceback" not in errs[0] and "--resume" in errs[0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_16_bit_model_trains_a_float32_prompt(ws, tmp_path, dtype):
+    from softprompt.train import TrainConfig, Trainer
+
+    config = TrainConfig(
+        output_dir=str(tmp_path / dtype),
+        model=str(ws / "model"),
+        data=str(ws / "train.jsonl"),
+        dev_data=str(ws / "dev.jsonl"),
+        max_steps=3,
+        batch_size=4,
+        eval_every=0,
+        num_virtual_tokens=4,
+        zero_shot=False,
+        device="cpu",
+        dtype=dtype,
+    )
+    trainer = Trainer(config)
+    result = trainer.fit()
+    assert next(trainer.model.base_model.parameters()).dtype == getattr(torch, dtype)
+    assert trainer.model.prompts["default"].embedding.dtype == torch.float32
+    state = trainer.state.optimizer.state_dict()["state"]
+    assert all(v.dtype == torch.float32 for s in state.values() for k, v in s.items() if k != "step")
+    assert (trainer.scaler is not None) == (dtype == "float16")
+    saved = torch.load(
+        tmp_path / dtype / "checkpoints" / "step-00000003" / "trainer_state.pt", weights_only=True
+    )
+    assert ("scaler" in saved) == (dtype == "float16")  # a resumed float16 run keeps its loss scale
+    assert result.steps == 3 and torch.isfinite(_prompt(tmp_path / dtype / "last")).all()
+    assert json.loads((tmp_path / dtype / "run_config.json").read_text())["resolved"]["dtype"] == dtype
+
+
+def _worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of `rank` (a child of `launcher` with RANK=rank), if any."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, StopIteration, ValueError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_torchrun_job_with_a_killed_rank_ends_non_zero_within_the_timeout(ws):
+    out = ws / "torchrun-dead-rank"
+    proc = subprocess.Popen(_torchrun(ws, out, steps=400), env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert _wait_for(lambda: any(s >= 2 for s in _checkpoint_steps(out)), proc), "no checkpoint came"
+        victim = _worker_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=float(DIST_TIMEOUT) + 60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert "rank      : 1" in err or "another process of the run died" in err, err[-2000:]
+    assert not (out / "last").exists() and max(_checkpoint_steps(out)) >= 2

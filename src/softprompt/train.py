@@ -271,6 +271,9 @@ class Trainer:
         optimizer = make_optimizer(config, self.model.trainable_parameters())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, self.total_steps))
         self.state = TrainState(optimizer, scheduler)
+        # float16 weights: the loss is scaled so small gradients survive the backward pass
+        fp16 = self.run.info["resolved"].get("dtype") == "float16"
+        self.scaler = torch.amp.GradScaler(self.model.device.type) if fp16 else None
         resumed = load_latest(out / "checkpoints") if config.resume and self.main else None
         if self.world > 1 and config.resume:  # rank 0 read the checkpoint: the others get it from there
             resumed = distributed.broadcast_object(resumed)
@@ -282,6 +285,8 @@ class Trainer:
         if resumed is not None:
             folder, payload = resumed
             self.state.load_state_dict(payload, config.lr)
+            if self.scaler is not None and "scaler" in payload:
+                self.scaler.load_state_dict(payload["scaler"])
             step = self.state.position.step
             if self.main:
                 logger.info("resuming from %s (step %d)", folder, step)
@@ -304,9 +309,6 @@ class Trainer:
         self.dev_indices = _dev_subset(self.dev, config)
         self.device = self.model.device
         self.bf16 = self.run.info["resolved"]["bf16"]
-        # float16 weights: the loss is scaled so small gradients survive the backward pass
-        fp16 = self.run.info["resolved"].get("dtype") == "float16"
-        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast for the frozen model where the run uses it (else a no-op)."""
@@ -386,7 +388,7 @@ class Trainer:
             self.out / "checkpoints",
             self.model,
             self.adapter,
-            self.state.state_dict(),
+            {**self.state.state_dict(), **({"scaler": self.scaler.state_dict()} if self.scaler else {})},
             self.config.keep_checkpoints,
         )
 
