@@ -288,6 +288,8 @@ def main() -> None:
             model_name, adapters = make_adapters(work, args.adapters_count, args.tiny)
             models = sorted(x.name for x in adapters.iterdir())[: args.adapters_count]
             proc, url = start_server(model_name, adapters, args.max_batch_size, work / "server.log")
+        # warm-up, not measured: every adapter's prompt KV, the client's first-call costs
+        asyncio.run(load_level(url, models, prompts, len(models), len(models), None, 2, 0))
         levels = []
         for c in args.concurrency:
             level = asyncio.run(
