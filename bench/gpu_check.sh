@@ -36,6 +36,8 @@ if [ "$NGPU" -ge 2 ]; then
     "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m softprompt train \
         --output "$OUT/gpu-demo2-$STAMP" --overwrite --batch-size 16
     echo "2-GPU demo seconds: $(( $(date +%s) - start ))"
+    "$PY" -m accelerate.commands.launch --multi_gpu --num_processes 2 -m softprompt train \
+        --output "$OUT/gpu-demo2acc-$STAMP" --overwrite --batch-size 16
     "$PY" -m softprompt train --output "$OUT/gpu-demo1-$STAMP" --overwrite --batch-size 16 --grad-accum 2
     "$PY" - "$OUT/gpu-demo2-$STAMP" "$OUT/gpu-demo1-$STAMP" <<'PY'
 import json, sys, torch
