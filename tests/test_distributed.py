@@ -354,3 +354,36 @@ def test_torchrun_job_with_a_killed_rank_ends_non_zero_within_the_timeout(ws):
     assert proc.returncode != 0
     assert "rank      : 1" in err or "another process of the run died" in err, err[-2000:]
     assert not (out / "last").exists() and max(_checkpoint_steps(out)) >= 2
+
+
+def test_sharded_evaluation_gathers_the_1_process_metrics(monkeypatch):
+    """Both objectives: predictions of two shards, gathered, score as one process does (the
+    collectives replaced by what rank 1 would send)."""
+    from softprompt import PromptTuningConfig, distributed, objectives, wrap
+    from softprompt.objectives import ClassificationObjective, GenerationObjective
+
+    tokenizer = make_tokenizer()
+    rows = _rows(11, 5)
+    texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
+    words = {"negative": " negative", "positive": " positive"}
+    model = wrap(
+        build_model("CAUSAL_LM", "llama", initializer_range=0.5), PromptTuningConfig(num_virtual_tokens=3)
+    )
+    built = [
+        ClassificationObjective.build(tokenizer, texts, labels, "{text}", words, 64),
+        GenerationObjective.build(tokenizer, texts, labels, "{text}", 64, max_new_tokens=2),
+    ]
+    indices = [0, 2, 3, 5, 6, 7, 8, 10]
+    for objective in built:
+        whole = objectives.evaluate(objective, model, indices, adapter="default")
+        with monkeypatch.context() as m:
+            m.setattr(distributed, "world_size", lambda: 2)
+            m.setattr(distributed, "shard", lambda items: list(items)[0::2])
+
+            def gather(mine, objective=objective):
+                theirs = list(range(len(indices)))[1::2]
+                return [mine, (theirs, objective.predict(model, [indices[p] for p in theirs], "default"))]
+
+            m.setattr(distributed, "gather_objects", gather)
+            assert objectives.evaluate(objective, model, indices, adapter="default") == whole
+        assert whole["examples"] == len(indices)
