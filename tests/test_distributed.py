@@ -387,3 +387,24 @@ def test_sharded_evaluation_gathers_the_1_process_metrics(monkeypatch):
             m.setattr(distributed, "gather_objects", gather)
             assert objectives.evaluate(objective, model, indices, adapter="default") == whole
         assert whole["examples"] == len(indices)
+
+
+def test_ctrl_c_on_torchrun_saves_once_on_rank_0(ws):
+    """A terminal's Ctrl-C reaches torchrun, which passes SIGINT on to its workers."""
+    out = ws / "torchrun-interrupted"
+    command = _torchrun(ws, out, "--checkpoint-every", "1000", steps=400)
+    proc = subprocess.Popen(command, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        metrics = out / "metrics.jsonl"
+        assert _wait_for(lambda: metrics.exists() and "eval" in metrics.read_text(), proc), "no eval came"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert proc.returncode != 0
+    steps = _checkpoint_steps(out)
+    assert len(steps) == 1 and 4 <= steps[0] < 400, (steps, err[-2000:])  # the interrupt's checkpoint only
+    assert not (out / "last").exists()

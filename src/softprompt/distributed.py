@@ -83,8 +83,10 @@ def init(device: torch.device | str | None = None) -> bool:
     if not dist.is_available():
         raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed.")
     if not dist.is_initialized():
-        kind = torch.device(device).type if device is not None else "cpu"
-        backend = "nccl" if kind == "cuda" else "gloo"
+        where = torch.device(device) if device is not None else torch.device("cpu")
+        backend = "nccl" if where.type == "cuda" else "gloo"
+        if where.type == "cuda" and where.index is not None:
+            torch.cuda.set_device(where)  # nccl's object collectives and barriers use the current device
         seconds = timeout_s()
         try:
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
