@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("prometheus_client")
 
 from softprompt import PromptTuningConfig, SoftPromptModel
-from softprompt.serve.engine import PLACEHOLDER, BudgetPromptKV, Engine, _Batch
+from softprompt.prefix import PromptKV
+from softprompt.serve.engine import PLACEHOLDER, Engine, _Batch
 from softprompt.serve.request import (
     GenerationRequest,
     Job,
@@ -213,7 +214,7 @@ def test_prompt_cache_budget_evicts_least_recently_used_and_recomputes():
     model = _model("gpt2")
     engine = _engine(model, tok, prompt_cache_mb=0.008)  # the KVs of a and b (8.3 kB), not all three
     store = model.prompt_kv
-    assert isinstance(store, BudgetPromptKV)
+    assert isinstance(store, PromptKV)
     engine.start()
     try:
         for rounds in range(2):
@@ -222,7 +223,7 @@ def test_prompt_cache_budget_evicts_least_recently_used_and_recomputes():
                 engine.scheduler.submit(r)
                 assert r.done.wait(20) and r.error is None
                 assert _matches(r.choices[0].tokens, _expected(model, r), engine.stop_token_ids)
-        assert store.used_bytes <= store.budget
+        assert store.nbytes <= store.budget_bytes
         assert store.evictions > 0
     finally:
         engine.stop(5)

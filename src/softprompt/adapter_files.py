@@ -11,6 +11,13 @@ to and a SHA-256 of its tensors. A save interrupted between the two renames ther
 leaves a folder whose weights file is complete and self-describing: the reader notices
 the stale `adapter_config.json`, uses the configuration stored with the weights and says
 so. Bit flips in a file we wrote are caught by the digest.
+
+The metadata also records which base model the adapter was made for (`base_fingerprint`):
+its architecture-defining config fields and a fixed sample of its embedding rows. Loading
+onto a different base of the same width (where the shapes alone would not notice) is
+refused unless `allow_base_mismatch=True`. PEFT reads only the tensors of the file, so
+its files and ours stay interchangeable; files without a fingerprint (PEFT's, older
+ones) load with a notice.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +49,159 @@ PROMPT_KEY = "prompt_embeddings"
 HEAD_PREFIX = "base_model."
 META_CONFIG = "softprompt.config"
 META_DIGEST = "softprompt.sha256"
+META_BASE = "softprompt.base"
 MAX_CONFIG_BYTES = 1 << 20
 
 
 class AdapterFileError(ValueError):
     """An adapter folder or file is missing, damaged or does not fit the model."""
+
+
+class BaseModelMismatch(AdapterFileError):
+    """The adapter was saved from a different base model (of the same width)."""
+
+
+# ---------------------------------------------------------------------- base fingerprint
+_ARCH_FIELDS = {
+    "model_type": ("model_type",),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "vocab_size": ("vocab_size",),
+}
+# Rows sampled from the input embeddings: fixed indices (those below the vocabulary size),
+# so a resized vocabulary keeps its first rows' sample. Columns: 8 spread over the width.
+_SAMPLE_ROWS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597, 2584, 4181, 6765)
+_SAMPLE_COLUMNS = 8
+# bf16 keeps 8 significant bits: a float32 base and its bf16 (or fp16) copy differ by at most
+# 2^-8 relative per value; different bases differ by far more than 2^-6 almost everywhere.
+_SAMPLE_RTOL = 2.0**-6
+_SAMPLE_ATOL = 1e-5
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _text_config(base: Any) -> Any:
+    config = base.config
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _arch_fields(base: Any) -> dict[str, Any]:
+    config = _text_config(base)
+    out: dict[str, Any] = {}
+    for field_name, names in _ARCH_FIELDS.items():
+        value = next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+        out[field_name] = value if isinstance(value, (int, str)) else None
+    if out["model_type"] is None:
+        out["model_type"] = getattr(base.config, "model_type", None) or type(base).__name__
+    return out
+
+
+def base_fingerprint(base: Any) -> dict[str, Any] | None:
+    """What identifies the base model an adapter is made for (cached per model object).
+
+    A dict with `name_or_path` (informational), `config` (the architecture-defining config
+    fields: model type, hidden size, layers, heads, vocabulary size), `sample` (hex of
+    float32 little-endian bytes of `(rows, 8)` values sampled from the input embeddings at
+    fixed rows and columns) and `fingerprint` (a short hash of both, for people). The
+    sample is compared with a tolerance (see `same_base`), so a bf16 or fp16 copy of a
+    float32 base, on any device, is the same base. None when the model has no readable
+    input embeddings (a meta-device model).
+    """
+    import numpy as np
+
+    embeddings = base.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.device.type == "meta":
+        return None
+    stamp = (id(weight), weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape), weight._version)
+    cached = _FINGERPRINTS.get(base)
+    if cached is not None and cached[0] == stamp:
+        return dict(cached[1])
+    rows = [r for r in _SAMPLE_ROWS if r < weight.shape[0]]
+    width = weight.shape[1]
+    columns = sorted({round(j * (width - 1) / (_SAMPLE_COLUMNS - 1)) for j in range(_SAMPLE_COLUMNS)})
+    with torch.no_grad():
+        index = torch.tensor(rows, device=weight.device)
+        sample = weight.detach().index_select(0, index)[:, columns].to("cpu", torch.float32).contiguous()
+    sample_bytes = np.ascontiguousarray(sample.numpy(), dtype="<f4").tobytes()
+    fields = _arch_fields(base)
+    config_text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    # The short hash rounds the sample to bf16 first, so that it reads the same for a float32
+    # base and its bf16 copy in most cases; the check itself compares values, not this hash.
+    rounded = sample.to(torch.bfloat16).to(torch.float32).numpy().astype("<f4").tobytes()
+    short = hashlib.sha256(config_text.encode() + b"|" + rounded).hexdigest()[:16]
+    name = getattr(base.config, "_name_or_path", None) or getattr(base, "name_or_path", None) or ""
+    result = {
+        "config": fields,
+        "fingerprint": short,
+        "name_or_path": str(name),
+        "sample": sample_bytes.hex(),
+        "sample_shape": [len(rows), len(columns)],
+    }
+    _FINGERPRINTS[base] = (stamp, result)
+    return dict(result)
+
+
+def same_base(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether two fingerprints (see `base_fingerprint`) describe the same base model."""
+    import numpy as np
+
+    if saved.get("config") != current.get("config") or saved.get("sample_shape") != current.get(
+        "sample_shape"
+    ):
+        return False
+    try:
+        a = np.frombuffer(bytes.fromhex(saved["sample"]), dtype="<f4").astype(np.float64)
+        b = np.frombuffer(bytes.fromhex(current["sample"]), dtype="<f4").astype(np.float64)
+    except (KeyError, TypeError, ValueError):
+        return False
+    if a.shape != b.shape:
+        return False
+    return bool(np.all(np.abs(a - b) <= _SAMPLE_ATOL + _SAMPLE_RTOL * np.maximum(np.abs(a), np.abs(b))))
+
+
+def _describe_base(fp: dict[str, Any], other: dict[str, Any]) -> str:
+    name = fp.get("name_or_path") or "(no name_or_path)"
+    config, theirs = fp.get("config") or {}, other.get("config") or {}
+    differ = {k: v for k, v in config.items() if theirs.get(k) != v}
+    return f"{name} (fingerprint {fp.get('fingerprint')}{f', {differ}' if differ else ''})"
+
+
+def check_base(meta: dict[str, str], base: Any, path: Any, *, allow_base_mismatch: bool = False) -> None:
+    """Refuse an adapter saved from a different base model (see `base_fingerprint`).
+
+    Raises:
+        BaseModelMismatch: The file's fingerprint is not `base`'s and `allow_base_mismatch`
+            is False.
+    """
+    text = meta.get(META_BASE)
+    if text is None:
+        logger.warning(
+            "%s records no base-model fingerprint (a PEFT or older adapter); not checking that it was "
+            "made for this model.",
+            path,
+        )
+        return
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise AdapterFileError(f"{path}: the base-model fingerprint in its metadata is not a JSON object.")
+    current = base_fingerprint(base)
+    if current is None or same_base(saved, current):
+        return
+    message = (
+        f"{path} was saved from base model {_describe_base(saved, current)}, but this model is "
+        f"{_describe_base(current, saved)}. A prompt trained on one base model means nothing to another of "
+        "the same width. Load it onto the model it was trained on, or pass allow_base_mismatch=True "
+        "(--allow-base-mismatch) to load it anyway."
+    )
+    if allow_base_mismatch:
+        logger.warning("%s (loading anyway: allow_base_mismatch=True)", message.split(". A prompt")[0])
+        return
+    raise BaseModelMismatch(message)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -131,6 +287,9 @@ def save_adapter(
             "or save into another folder."
         )
     metadata = {"format": "pt", META_CONFIG: config_text, META_DIGEST: digest}
+    fingerprint = base_fingerprint(model.base_model)
+    if fingerprint is not None:
+        metadata[META_BASE] = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
 
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata))
@@ -235,6 +394,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[PromptTuningConfig, dict[str,
     Raises:
         AdapterFileError: missing, damaged or inconsistent files, with the file named.
     """
+    config, tensors, _ = _read(path)
+    return config, tensors
+
+
+def _read(path: str | os.PathLike) -> tuple[PromptTuningConfig, dict[str, torch.Tensor], dict[str, str]]:
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterFileError(f"adapter folder {folder} does not exist (or is not a folder).")
@@ -274,7 +438,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[PromptTuningConfig, dict[str,
         )
     _check_tensors(config, tensors, weights_file)
     tensors[PROMPT_KEY] = tensors[PROMPT_KEY].to(torch.float32)
-    return config, tensors
+    return config, tensors, meta
 
 
 def _check_tensors(config: PromptTuningConfig, tensors: dict[str, torch.Tensor], file: Path) -> None:
@@ -419,6 +583,8 @@ def plan_load(
     path: str | os.PathLike,
     base: Any,
     resolve: Callable[[PromptTuningConfig], PromptTuningConfig] | None = None,
+    *,
+    allow_base_mismatch: bool = False,
 ) -> LoadPlan:
     """Read an adapter folder and check it against `base` before anything is attached.
 
@@ -428,21 +594,34 @@ def plan_load(
         resolve: How the wrapping model completes the config (its default heads), so head
             tensors are matched against the heads it will create; None matches them against
             the file's own `modules_to_save`.
+        allow_base_mismatch: Load an adapter saved from a different base model (of the
+            same width) instead of raising `BaseModelMismatch`.
     """
-    config, tensors = read_adapter(path)
+    config, tensors, meta = _read(path)
     config = fit_to_model(config, tensors, base, path)
+    check_base(meta, base, path, allow_base_mismatch=allow_base_mismatch)
     heads_config = resolve(config) if resolve is not None else config
     plan = match_head_tensors(base, heads_config, tensors, path)
     return LoadPlan(config, tensors[PROMPT_KEY], tensors, plan)
 
 
 def load_adapter(
-    model: SoftPromptModel, path: str | os.PathLike, adapter_name: str, *, trainable: bool = False
+    model: SoftPromptModel,
+    path: str | os.PathLike,
+    adapter_name: str,
+    *,
+    trainable: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> None:
-    """Read an adapter folder and attach it to `model` under `adapter_name` (all or nothing)."""
+    """Read an adapter folder and attach it to `model` under `adapter_name` (all or nothing).
+
+    Raises:
+        BaseModelMismatch: The adapter was saved from a different base model (see
+            `base_fingerprint`) and `allow_base_mismatch` is False.
+    """
     if adapter_name in model.prompts:
         raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pick another name.")
-    plan = plan_load(path, model.base_model, model.resolve_config)
+    plan = plan_load(path, model.base_model, model.resolve_config, allow_base_mismatch=allow_base_mismatch)
     model.add_adapter(adapter_name, plan.config, trainable=trainable, init=plan.prompt)
     plan.apply_heads(model, adapter_name)
 

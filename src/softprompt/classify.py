@@ -14,16 +14,9 @@ from typing import Any
 
 import torch
 
-from .evaluate import Verbalizer, classify, encode
+from .evaluate import Verbalizer, classify, encode, pad_id
 
 __all__ = ["classify_texts", "run_settings"]
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def classify_texts(
@@ -56,7 +49,7 @@ def classify_texts(
         return []
     verbalizer = Verbalizer.build(tokenizer, label_words)
     rows = encode(tokenizer, list(texts), template, max_length)
-    scores = classify(model, rows, verbalizer, _pad_id(tokenizer), adapter=adapter, batch_size=batch_size)
+    scores = classify(model, rows, verbalizer, pad_id(tokenizer), adapter=adapter, batch_size=batch_size)
     probs = torch.softmax(scores.double(), dim=1)
     out = []
     for row in probs.tolist():

@@ -264,6 +264,7 @@ def _load_with_adapters(
     adapters: list[tuple[str, Path]],
     device: str | None = None,
     dtype: str | None = None,
+    allow_base_mismatch: bool = False,
 ):
     from .base_models import load_model
     from .config import PromptTuningConfig
@@ -278,9 +279,11 @@ def _load_with_adapters(
         base, tokenizer = load_model(model_name, dtype=resolve_dtype(dtype, where), device=where)
     if adapters:
         first_name, first_path = adapters[0]
-        model = SoftPromptModel.from_pretrained(base, first_path, adapter_name=first_name)
+        model = SoftPromptModel.from_pretrained(
+            base, first_path, adapter_name=first_name, allow_base_mismatch=allow_base_mismatch
+        )
         for name, path in adapters[1:]:
-            model.load_adapter(path, name)
+            model.load_adapter(path, name, allow_base_mismatch=allow_base_mismatch)
     else:  # the bare model only: a placeholder prompt that is never used
         model = SoftPromptModel(
             base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1), "unused", trainable=False
@@ -301,7 +304,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     values.update(template=args.template or run.template, label_words=args.label_words or run.label_words)
     config = DataConfig(**values)
     examples, spec = _eval_examples(config, args.split)
-    model, tokenizer = _load_with_adapters(model_name, adapters, args.device, args.dtype)
+    model, tokenizer = _load_with_adapters(
+        model_name, adapters, args.device, args.dtype, args.allow_base_mismatch
+    )
     objective = build_objective(
         DataSpec(spec.task, examples, None, None, spec.template, spec.label_words),
         examples,
@@ -370,7 +375,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     adapters = _adapter_specs(args.adapter)
     run = _run_settings(adapters)
-    model, tokenizer = _load_with_adapters(args.model or run.model, adapters, args.device, args.dtype)
+    model, tokenizer = _load_with_adapters(
+        args.model or run.model, adapters, args.device, args.dtype, args.allow_base_mismatch
+    )
     template = args.template or run.template or "{text}"
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
@@ -411,7 +418,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     adapters = _adapter_specs([args.adapter] + ([args.compare] if args.compare else []))
     run = _run_settings(adapters)
-    model, tokenizer = _load_with_adapters(args.model or run.model, adapters)
+    model, tokenizer = _load_with_adapters(
+        args.model or run.model, adapters, allow_base_mismatch=args.allow_base_mismatch
+    )
     report: dict[str, Any] = {
         "adapter": str(adapters[0][1]),
         "tokens": nearest_tokens(model, tokenizer, adapters[0][0], top_k=args.top_k),
@@ -478,7 +487,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
         rows = [{args.text_field: t} for t in texts]
     if not rows:
         raise ValueError("no input: give texts as arguments, --data FILE, or lines on standard input.")
-    model, tokenizer = _load_with_adapters(args.model or run.get("model"), adapters)
+    model, tokenizer = _load_with_adapters(
+        args.model or run.get("model"), adapters, allow_base_mismatch=args.allow_base_mismatch
+    )
     results = classify_texts(
         model,
         tokenizer,
@@ -522,6 +533,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         prompt_cache_mb=args.prompt_cache_mb,
         allow_adapter_updates=args.allow_adapter_updates,
+        allow_base_mismatch=args.allow_base_mismatch,
         api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
         max_body_bytes=int(args.max_body_mb * 2**20),
         drain_seconds=args.drain_seconds,
@@ -568,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="Examples per forward pass.")
     p.add_argument("--limit", type=int, default=None, help="Score only the first N examples.")
     p.add_argument("--output", default=None, help="Write the results as JSON here.")
+    _allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="Text in, text out, through one or more adapters.")
@@ -579,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="Print JSON.")
+    _allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="What a prompt learned: nearest tokens, norms, similarity.")
@@ -587,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_and_data_options(p, only=("model",))
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="Print JSON.")
+    _allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("classify", help="Label new texts with a classification prompt (no labels needed).")
@@ -605,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="Longest templated input " + _FROM_RUN)
     p.add_argument("--batch-size", type=int, default=64, help="Texts per forward pass.")
     p.add_argument("--json", action="store_true", help="Print JSON.")
+    _allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server: one model, many soft prompts.")
@@ -622,11 +638,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="Require this bearer key (or SOFTPROMPT_API_KEY).")
     p.add_argument("--max-body-mb", type=float, default=1.0, help="Larger request bodies get 413.")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="Time running requests get at shutdown.")
+    _allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_serve)
     return parser
 
 
 _FROM_RUN = "(default: the adapter's run)"
+
+
+def _allow_base_mismatch_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="Load adapters saved from a different base model of the same width (refused by default).",
+    )
+
+
 _RUN_NOTES = {
     "model": "With an adapter: the model of its run.",
     "template": _FROM_RUN,

@@ -87,6 +87,14 @@ def encode(tokenizer: Any, texts: Sequence[str], template: str, max_length: int)
     return out
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its end-of-text token, else 0."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def left_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

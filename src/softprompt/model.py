@@ -619,11 +619,17 @@ class SoftPromptModel(nn.Module):
         adapter_name: str,
         *,
         trainable: bool = False,
+        allow_base_mismatch: bool = False,
     ) -> None:
-        """Load an adapter folder (ours or PEFT's) under a new name."""
+        """Load an adapter folder (ours or PEFT's) under a new name.
+
+        Args:
+            allow_base_mismatch: Load an adapter saved from a different base model of the
+                same width (refused by default, see `adapter_files.base_fingerprint`).
+        """
         from .adapter_files import load_adapter
 
-        load_adapter(self, path, adapter_name, trainable=trainable)
+        load_adapter(self, path, adapter_name, trainable=trainable, allow_base_mismatch=allow_base_mismatch)
 
     @classmethod
     def from_pretrained(
@@ -633,15 +639,19 @@ class SoftPromptModel(nn.Module):
         adapter_name: str = "default",
         *,
         trainable: bool = False,
+        allow_base_mismatch: bool = False,
     ) -> SoftPromptModel:
         """Wrap `base_model` with the adapter saved in `path`.
 
         Args:
             trainable: True resumes training the loaded prompt (PEFT refuses this).
+            allow_base_mismatch: Load an adapter saved from a different base model of the
+                same width (refused by default, see `adapter_files.base_fingerprint`).
         """
         from .adapter_files import plan_load
 
-        plan = plan_load(path, base_model)  # checked before touching base_model
+        # checked before touching base_model
+        plan = plan_load(path, base_model, allow_base_mismatch=allow_base_mismatch)
         model = cls(base_model, plan.config, adapter_name, trainable=trainable, init=plan.prompt)
         plan.apply_heads(model, adapter_name)
         return model

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .evaluate import Verbalizer, class_logits, classify, encode, generation_metrics, left_pad
+from .evaluate import Verbalizer, class_logits, classify, encode, generation_metrics, left_pad, pad_id
 from .model import BASE, SoftPromptModel
 
 
@@ -238,10 +238,7 @@ Objective = ClassificationObjective | GenerationObjective
 
 
 def _pad_id(tokenizer: Any) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value)
-    return 0
+    return pad_id(tokenizer)
 
 
 def evaluate(

@@ -21,6 +21,7 @@ calls that ask for per-token outputs of the prompt columns (`full_sequence=True`
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,18 +74,74 @@ class PromptState:
     values: torch.Tensor | None = None  # a copy of the prompt it was computed from
 
 
-class PromptKV:
-    """Computes and (for inference) remembers each adapter's prompt KV."""
+def state_nbytes(state: PromptState) -> int:
+    """Bytes held by a remembered prompt state (its KV, logits and prompt copy)."""
+    tensors = [t for pair in state.kv for t in pair] + [state.last_logits, state.values]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def __init__(self) -> None:
-        self._store: dict[str, PromptState] = {}
+
+class PromptKV:
+    """Computes and (for inference) remembers each adapter's prompt KV.
+
+    Args:
+        budget_bytes: At most this many bytes of remembered prompt states (None: no
+            limit). Past it the least recently used adapters' states are dropped and
+            computed again on their next use; a state larger than the whole budget is
+            used but not kept.
+
+    Attributes:
+        hits: Calls served from a remembered state.
+        misses: Calls that computed the state (first use, a changed prompt, an eviction).
+        evictions: States dropped to stay within the budget.
+    """
+
+    def __init__(self, budget_bytes: int | None = None) -> None:
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be None or >= 0, got {budget_bytes}.")
+        self.budget_bytes = budget_bytes
+        self._store: OrderedDict[str, tuple[PromptState, int]] = OrderedDict()  # least recent first
+        self._nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __contains__(self, adapter: object) -> bool:
+        return adapter in self._store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the remembered prompt states."""
+        return self._nbytes
+
+    def evict(self, adapter: str) -> bool:
+        """Forget one adapter's remembered state; whether there was one."""
+        entry = self._store.pop(adapter, None)
+        if entry is not None:
+            self._nbytes -= entry[1]
+        return entry is not None
 
     def clear(self, adapter: str | None = None) -> None:
         """Forget remembered prompt KV (all adapters, or one)."""
         if adapter is None:
             self._store.clear()
+            self._nbytes = 0
         else:
-            self._store.pop(adapter, None)
+            self.evict(adapter)
+
+    def _remember(self, adapter: str, state: PromptState) -> None:
+        self.evict(adapter)
+        size = state_nbytes(state)
+        if self.budget_bytes is not None and size > self.budget_bytes:
+            return  # alone over budget: used for this call, not kept
+        self._store[adapter] = (state, size)
+        self._nbytes += size
+        while self.budget_bytes is not None and self._nbytes > self.budget_bytes:
+            oldest = next(iter(self._store))
+            self.evict(oldest)
+            self.evictions += 1
 
     @staticmethod
     def _key(prompt: torch.Tensor, dtype: torch.dtype, base: nn.Module) -> tuple:
@@ -104,7 +161,8 @@ class PromptKV:
         prompt = model.prompts[adapter].embedding
         grad = torch.is_grad_enabled() and prompt.requires_grad
         key = self._key(prompt, dtype, model.base_model)
-        cached = self._store.get(adapter)
+        entry = self._store.get(adapter)
+        cached = entry[0] if entry is not None else None
         if (
             not grad
             and cached is not None
@@ -112,13 +170,16 @@ class PromptKV:
             and (cached.last_logits is not None or not with_logits)
             and torch.equal(cached.values, prompt.detach())
         ):  # any change, `.data` writes included
+            self._store.move_to_end(adapter)
+            self.hits += 1
             return cached
         state = self._compute(model, adapter, dtype, with_logits)
         if grad:
             return state
+        self.misses += 1
         state.key = key
         state.values = prompt.detach().clone()
-        self._store[adapter] = state
+        self._remember(adapter, state)
         return state
 
     @staticmethod

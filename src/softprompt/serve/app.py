@@ -75,6 +75,8 @@ class ServeConfig:
         max_queue: Requests waiting at most (more get 429).
         prompt_cache_mb: Memory budget of the prompts' KV (None: unbounded).
         allow_adapter_updates: Enable `/v1/load_adapter` and `/v1/unload_adapter`.
+        allow_base_mismatch: Serve adapters saved from a different base model of the same
+            width (refused by default: 400 `base_model_mismatch` at load time).
         api_key: Require `Authorization: Bearer <key>` on /v1 routes.
         max_body_bytes: Larger request bodies get 413.
         drain_seconds: At shutdown, how long running requests may take to finish.
@@ -89,6 +91,7 @@ class ServeConfig:
     max_queue: int = 256
     prompt_cache_mb: float | None = None
     allow_adapter_updates: bool = False
+    allow_base_mismatch: bool = False
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     drain_seconds: float = 30.0
@@ -136,6 +139,7 @@ class _Server:
                 metrics=self.metrics,
                 prompt_cache_mb=self.config.prompt_cache_mb,
                 adapters_dirs=[Path(d) for d in self.config.adapters_dirs],
+                allow_base_mismatch=self.config.allow_base_mismatch,
             )
             for root in self.config.adapters_dirs:
                 for name, path in scan_adapters(Path(root)).items():
@@ -292,6 +296,8 @@ def create_app(config: ServeConfig, loader: Callable[[], tuple[Any, Any]] | None
         from .metrics import CONTENT_TYPE
 
         server.metrics.queue.set(server.scheduler.queue_depth)
+        if server.engine is not None:
+            server.metrics.prompt_cache(server.engine.model.prompt_kv)
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")

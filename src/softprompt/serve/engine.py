@@ -23,14 +23,14 @@ import random
 import re
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..adapter_files import BaseModelMismatch
 from ..model import BASE
-from ..prefix import PromptKV, PromptState, cache_tensors, make_cache, supports_prefix_cache
+from ..prefix import PromptKV, cache_tensors, make_cache, supports_prefix_cache
 from .request import (
     GenerationRequest,
     InternalError,
@@ -44,66 +44,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 PLACEHOLDER = "_serve_placeholder_"
-
-
-# ---------------------------------------------------------------------- prompt KV budget
-def _state_bytes(state: PromptState) -> int:
-    total = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in state.kv)
-    for t in (state.last_logits, state.values):
-        if t is not None:
-            total += t.numel() * t.element_size()
-    return total
-
-
-class BudgetPromptKV(PromptKV):
-    """`PromptKV` with a memory budget: the least recently used prompts' KV are dropped
-    (and recomputed by `PromptKV.get` on their next use)."""
-
-    def __init__(self, budget_bytes: int | None) -> None:
-        super().__init__()
-        self.budget = budget_bytes
-        self._lru: OrderedDict[str, int] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(self._lru.values())
-
-    def get(self, model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState:
-        before = self._store.get(adapter)
-        state = super().get(model, adapter, dtype, with_logits)
-        if state is before:
-            self.hits += 1
-        else:
-            self.misses += 1
-        if self._store.get(adapter) is state:
-            self._lru[adapter] = _state_bytes(state)
-            self._lru.move_to_end(adapter)
-            self._evict(keep=adapter)
-        return state
-
-    def _evict(self, keep: str) -> None:
-        if self.budget is None:
-            return
-        while self.used_bytes > self.budget and len(self._lru) > 1:
-            oldest = next(iter(self._lru))
-            if oldest == keep:
-                break
-            self._lru.pop(oldest)
-            self._store.pop(oldest, None)
-            self.evictions += 1
-        if self.used_bytes > self.budget:  # one prompt alone is over budget: do not keep it
-            self._lru.pop(keep, None)
-            self._store.pop(keep, None)
-
-    def clear(self, adapter: str | None = None) -> None:
-        super().clear(adapter)
-        if adapter is None:
-            self._lru.clear()
-        else:
-            self._lru.pop(adapter, None)
 
 
 # ---------------------------------------------------------------------- adapters on disk
@@ -202,6 +142,9 @@ class Engine:
         base_id: The name clients use for the bare model.
         metrics: A `softprompt.serve.metrics.Metrics` (or None).
         prompt_cache_mb: Memory budget for the prompts' KV (None: unbounded).
+        adapters_dirs: Folders searched for adapters requested by name (just in time).
+        allow_base_mismatch: Load adapters saved from a different base model of the same
+            width (refused by default, see `softprompt.adapter_files.base_fingerprint`).
     """
 
     def __init__(
@@ -214,6 +157,7 @@ class Engine:
         metrics: Any = None,
         prompt_cache_mb: float | None = None,
         adapters_dirs: list[Path] | tuple[Path, ...] = (),
+        allow_base_mismatch: bool = False,
     ) -> None:
         if model.task_type.value != "CAUSAL_LM":
             raise ValueError(f"serving needs a CAUSAL_LM model; this one does {model.task_type.value}.")
@@ -228,8 +172,9 @@ class Engine:
         self.base_id = base_id
         self.metrics = metrics
         self.adapters_dirs = [Path(d) for d in adapters_dirs]
+        self.allow_base_mismatch = allow_base_mismatch
         budget = None if prompt_cache_mb is None else int(prompt_cache_mb * 2**20)
-        model.prompt_kv = BudgetPromptKV(budget)
+        model.prompt_kv = PromptKV(budget)
         self.dtype = model.base_model.get_input_embeddings().weight.dtype
         config = model.base_model.config
         self.context_length = int(
@@ -295,7 +240,13 @@ class Engine:
             settings = {}
         internal = f"a{next(self._counter)}"
         try:
-            self.model.load_adapter(folder, internal)
+            self.model.load_adapter(folder, internal, allow_base_mismatch=self.allow_base_mismatch)
+        except BaseModelMismatch as err:
+            if internal in self.model.prompts:
+                self.model.delete_adapter(internal)
+            raise ServeError(
+                f"cannot load adapter {name!r}: {err}", param="path", code="base_model_mismatch"
+            ) from err
         except Exception as err:
             if internal in self.model.prompts:
                 self.model.delete_adapter(internal)

@@ -39,6 +39,17 @@ class Metrics:
         self.failed = Counter(
             "softprompt_failed_requests", "Requests ended by an error.", ["model"], registry=r
         )
+        self.prompt_kv = Gauge(
+            "softprompt_prompt_kv", "The prompts' KV cache: hits, misses, evictions, entries, bytes.",
+            ["what"], registry=r,
+        )  # fmt: skip
+
+    def prompt_cache(self, store: Any) -> None:
+        """Copy a `softprompt.prefix.PromptKV`'s counters (read when /metrics is scraped)."""
+        for what in ("hits", "misses", "evictions"):
+            self.prompt_kv.labels(what).set(getattr(store, what))
+        self.prompt_kv.labels("entries").set(len(store))
+        self.prompt_kv.labels("bytes").set(store.nbytes)
 
     def request(self, endpoint: str, model: str, status: int) -> None:
         self.requests.labels(endpoint, model, str(status)).inc()
