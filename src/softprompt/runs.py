@@ -154,12 +154,12 @@ def load_data(config: DataConfig, seed: int = 0) -> DataSpec:
         spec = BUILTIN[config.data]
         if config.task == "generation":
             raise _error(f"{config.data} is a classification data set; task must be classification.")
-        opts = dict(
-            task="classification",
-            text_field=config.text_field,
-            label_field=config.label_field,
-            skip_invalid=config.skip_invalid,
-        )
+        opts = {
+            "task": "classification",
+            "text_field": config.text_field,
+            "label_field": config.label_field,
+            "skip_invalid": config.skip_invalid,
+        }
         return DataSpec(
             task="classification",
             train=load_builtin(config.data, "train"),
@@ -177,13 +177,13 @@ def load_data(config: DataConfig, seed: int = 0) -> DataSpec:
             f"data {config.data!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing file."
         )
     task = config.task or _sniff_task(config.data, config)
-    opts = dict(
-        task=task,
-        text_field=config.text_field,
-        label_field=config.label_field,
-        target_field=config.target_field,
-        skip_invalid=config.skip_invalid,
-    )
+    opts = {
+        "task": task,
+        "text_field": config.text_field,
+        "label_field": config.label_field,
+        "target_field": config.target_field,
+        "skip_invalid": config.skip_invalid,
+    }
     train, report = read_examples(config.data, **opts)
     skipped = dict(report.skipped)
     if config.dev_data:

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +48,9 @@ from .objectives import Objective, evaluate, length_grouped_batches
 from .runs import Run, prepare_run
 from .settings import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted
 from .train_checkpoints import Position, load_latest, rng_state, save_checkpoint, set_rng_state
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
@@ -543,7 +546,7 @@ class _StopOnSignal:
     """Turn the first Ctrl-C into a request honoured between optimizer steps (a second one
     interrupts at once). Outside the main thread signals cannot be caught: no-op there."""
 
-    def __enter__(self) -> _StopOnSignal:
+    def __enter__(self) -> Self:
         import signal
         import threading
 
