@@ -463,6 +463,36 @@ def test_load_replace_unload_adapters_at_run_time(world, client):
     _good(world)
 
 
+def test_an_adapter_of_another_base_model_is_refused_at_load_and_just_in_time(world):
+    from softprompt import PromptTuningConfig, SoftPromptModel
+    from tests.tiny import build_model
+
+    url = world["server"].url
+    other = SoftPromptModel(  # the served base is seed 1: same architecture and width, other weights
+        build_model("CAUSAL_LM", "llama", seed=2),
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "x",
+    )
+    other.save_pretrained(world["extra"] / "alien")
+    r = httpx.post(
+        url + "/v1/load_adapter",
+        json={"name": "alien", "path": str(world["extra"] / "alien")},
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "base_model_mismatch" and error["param"] == "path"
+    assert "was saved from base model" in error["message"] and "--allow-base-mismatch" in error["message"]
+    jit = world["adapters"] / "alien_jit"
+    other.save_pretrained(jit)
+    try:
+        r = httpx.post(url + "/v1/completions", json={"model": "alien_jit", "prompt": "x"}, timeout=TIMEOUT)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "base_model_mismatch", r.text
+    finally:
+        shutil.rmtree(jit)
+    _good(world)
+
+
 def test_unloading_an_adapter_while_it_streams(world):
     url = world["server"].url
     folder = world["extra"] / "copy_of_qa"
