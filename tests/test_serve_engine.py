@@ -249,3 +249,26 @@ def test_stream_safe_holds_back_a_possible_stop_string():
     assert _stream_safe("hello wor", ("world",)) == len("hello ")
     assert _stream_safe("hello", ("xyz",)) == 5
     assert _stream_safe("ab\ufffd", ()) == 2
+
+
+def test_prompt_kv_budget_keeps_the_most_recently_used_and_counts():
+    model = _model("llama")
+    with torch.no_grad():
+        probe = PromptKV()
+        for name in PROMPTS:
+            probe.get(model, name, torch.float32, True)
+        total = probe.nbytes
+        assert len(probe) == 3 and all(n in probe for n in PROMPTS) and probe.misses == 3
+        store = PromptKV(budget_bytes=total - 1)  # everything but the least recently used fits
+        for name in ["a", "b", "c"]:
+            store.get(model, name, torch.float32, True)
+        assert "a" not in store and "b" in store and "c" in store and store.evictions == 1
+        store.get(model, "b", torch.float32, True)  # a hit: b becomes the most recently used
+        assert store.hits == 1
+        store.get(model, "a", torch.float32, True)  # a miss: evicts c, now the least recent
+        assert "c" not in store and {"a", "b"} <= {n for n in PROMPTS if n in store}
+        assert store.nbytes <= store.budget_bytes and store.misses == 4 and store.evictions == 2
+        assert store.evict("a") and not store.evict("a") and "a" not in store
+        tiny = PromptKV(budget_bytes=1)  # one state alone over budget: used, not kept
+        state = tiny.get(model, "b", torch.float32, True)
+        assert state.kv and len(tiny) == 0 and tiny.nbytes == 0
