@@ -248,347 +248,381 @@ def _check_key(server: _Server, request: Request) -> None:
         raise _Unauthorized("a valid API key is required (Authorization: Bearer <key>).")
 
 
+# ---------------------------------------------------------------------- shared by the routes
+def _server(request: Request) -> _Server:
+    return request.app.state.server
+
+
+async def _run_job(server: _Server, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on the model worker's thread (between decode steps) and await its result."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def done(job: Job) -> None:
+        def settle() -> None:
+            if not future.done():
+                future.set_result(job)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed (shutdown)
+            pass
+
+    server.scheduler.submit_job(Job(fn, on_done=done))
+    job = await future
+    if job.error is not None:
+        if isinstance(job.error, ServeError):
+            raise job.error
+        raise ServeError(f"{type(job.error).__name__}: {job.error}")
+    return job.result
+
+
+async def _resolve_model(server: _Server, name: str) -> str | None:
+    """The served adapter for a request's `model` (None: the bare model); a folder added
+    under `--adapters` after start-up is loaded here, on its first request."""
+    engine = server.ready_engine()
+    if name == server.base_id:
+        return None
+    if engine.has_adapter(name):
+        return name
+    path = engine.find_on_disk(name)
+    if path is not None:
+
+        def load() -> None:
+            if not engine.has_adapter(name):
+                engine.load_adapter_now(name, path)
+
+        await _run_job(server, load)
+        return name
+    raise NotFound(f"the model {name!r} does not exist; GET /v1/models lists the served ones.", param="model")
+
+
+def _allowed_path(server: _Server, path: str) -> Path:
+    """`path` resolved, if it lies under a folder this server may load adapters from."""
+    target = Path(path).expanduser().resolve()
+    for root in server.roots:
+        if target == root or root in target.parents:
+            return target
+    raise _Forbidden(
+        f"{path!r} is not under a folder this server may load from "
+        f"({', '.join(map(str, server.roots)) or 'none: start with --adapters or --adapter-root'}).",
+        param="path",
+    )
+
+
+def _check_updates_allowed(server: _Server) -> None:
+    if not server.config.allow_adapter_updates:
+        raise _Forbidden("adapter updates are off; start the server with --allow-adapter-updates.")
+
+
+# ---------------------------------------------------------------------- generation requests
+def _encode_prompt(server: _Server, prompt: Any) -> list[int]:
+    """Token ids of a prompt given as text or as ids (checked against the vocabulary)."""
+    if isinstance(prompt, str):
+        ids = server.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        ids = list(prompt)
+        vocab = len(server.tokenizer)
+        if any(i < 0 or i >= vocab for i in ids):
+            raise ServeError(f"prompt token ids must lie in [0, {vocab}).", param="prompt")
+    if not ids:
+        raise ServeError("the prompt is empty.", param="prompt")
+    return ids
+
+
+def _plan_requests(
+    server: _Server,
+    body: CompletionRequest | ChatCompletionRequest,
+    adapter: str | None,
+    prompts: list[list[int]],
+    default_max: int | None,
+    max_tokens: int | None,
+) -> list[GenerationRequest]:
+    """One `GenerationRequest` per prompt, its length and sampling checked against the model."""
+    engine = server.engine
+    room = engine.context_length - engine.prompt_length(adapter)
+    longest = max(len(p) for p in prompts)
+    if longest >= room:
+        raise ServeError(
+            f"the prompt is {longest} tokens; this model takes at most {room - 1} with this adapter.",
+            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None and longest + max_tokens > room:
+        raise ServeError(
+            f"max_tokens={max_tokens} is too many: the prompt takes {longest} of the model's {room} "
+            f"positions (with this adapter), so at most {room - longest} tokens can be generated.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    n = body.n or 1
+    if n > server.scheduler.max_batch_size:
+        raise ServeError(
+            f"n={n} is more than this server's batch size ({server.scheduler.max_batch_size}).", param="n"
+        )
+    temperature = 1.0 if body.temperature is None else body.temperature
+    out = []
+    for ids in prompts:
+        limit = max_tokens if max_tokens is not None else min(default_max or room, room - len(ids))
+        if isinstance(body, CompletionRequest):
+            logprobs = body.logprobs
+        else:
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = SamplingParams(
+            max_tokens=limit,
+            temperature=temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            stop=body.stops,
+            seed=body.seed,
+            logprobs=logprobs,
+        )
+        out.append(
+            GenerationRequest(
+                adapter,
+                ids,
+                params,
+                n=n,
+                decode=lambda t: server.tokenizer.decode(t, skip_special_tokens=True),
+                stop_token_ids=engine.stop_token_ids,
+            )
+        )
+    return out
+
+
+async def _generate(
+    server: _Server,
+    request: Request,
+    body: Any,
+    reqs: list[GenerationRequest],
+    kind: str,
+    endpoint: str,
+    label: str,
+) -> Response:
+    """Queue `reqs`, then answer with one JSON body or a stream of server-sent events."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, req in enumerate(reqs):
+
+        def sink(event: Event, i: int = i) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+            except RuntimeError:  # the loop is closed (shutdown)
+                pass
+
+        req.sink = sink
+    try:
+        for req in reqs:
+            server.scheduler.submit(req)
+    except ServeError:
+        for req in reqs:
+            server.scheduler.cancel(req)
+        raise
+    rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    if body.stream:
+        stream = _stream(server, request, body, reqs, queue, kind, rid, created, endpoint, label)
+        return StreamingResponse(
+            stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    try:
+        open_ = len(reqs)
+        while open_:
+            try:
+                _, event = await asyncio.wait_for(queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError from None
+                continue
+            if event.kind in ("done", "error"):
+                open_ -= 1
+    finally:
+        for req in reqs:
+            if not req.done.is_set():
+                server.scheduler.cancel(req)
+    for req in reqs:
+        if req.error is not None:
+            server.metrics.request(endpoint, label, req.error.status)
+            raise req.error
+    server.metrics.request(endpoint, label, 200)
+    return JSONResponse(_final(server, body, reqs, kind, rid, created).model_dump())
+
+
+# ---------------------------------------------------------------------- routes
+async def _health(request: Request) -> Response:
+    try:
+        _server(request).ready_engine()
+    except ServeError as err:
+        return _error(err)
+    return JSONResponse({"status": "ok"})
+
+
+async def _metrics(request: Request) -> Response:
+    from .metrics import CONTENT_TYPE
+
+    server = _server(request)
+    server.metrics.queue.set(server.scheduler.queue_depth)
+    if server.engine is not None:
+        server.metrics.prompt_cache(server.engine.model.prompt_kv)
+    return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _models(request: Request) -> Response:
+    from .engine import scan_adapters
+
+    server = _server(request)
+    _check_key(server, request)
+    engine = server.ready_engine()
+    length = engine.context_length
+    cards = [ModelCard(id=server.base_id, created=server.created, root=server.base_id, max_model_len=length)]
+    listed = engine.adapters()
+    for root in server.config.adapters_dirs:  # not loaded yet: served on their first request
+        for name, path in scan_adapters(Path(root)).items():
+            listed.setdefault(name, path)
+    for name, path in sorted(listed.items()):
+        cards.append(
+            ModelCard(
+                id=name, created=server.created, root=str(path), parent=server.base_id, max_model_len=length
+            )
+        )
+    return JSONResponse(ModelList(data=cards).model_dump())
+
+
+async def _completions(request: Request) -> Response:
+    server = _server(request)
+    _check_key(server, request)
+    body: CompletionRequest = await _parse(request, CompletionRequest, server.config.max_body_bytes)
+    adapter = await _resolve_model(server, body.model)
+    server.ready_engine()
+    p = body.prompt
+    raw = [p] if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else list(p)
+    if not raw:
+        raise ServeError("the prompt is empty.", param="prompt")
+    if len(raw) * (body.n or 1) > server.scheduler.max_batch_size * 4:
+        raise ServeError("too many prompts in one request.", param="prompt")
+    prompts = await asyncio.to_thread(lambda: [_encode_prompt(server, x) for x in raw])
+    reqs = _plan_requests(server, body, adapter, prompts, 16, body.max_tokens)
+    return await _generate(server, request, body, reqs, "completion", "completions", body.model)
+
+
+async def _chat(request: Request) -> Response:
+    server = _server(request)
+    _check_key(server, request)
+    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest, server.config.max_body_bytes)
+    adapter = await _resolve_model(server, body.model)
+    server.ready_engine()
+    tokenizer = server.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ServeError(f"{server.base_id} has no chat template; use /v1/completions.", param="messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+
+    def render() -> list[int]:
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001  (templates raise anything)
+            raise ServeError(f"the chat template refused these messages: {err}", param="messages") from None
+        return _encode_prompt(server, text)
+
+    ids = await asyncio.to_thread(render)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    reqs = _plan_requests(server, body, adapter, [ids], None, max_tokens)
+    return await _generate(server, request, body, reqs, "chat", "chat_completions", body.model)
+
+
+async def _classify(request: Request) -> Response:
+    server = _server(request)
+    _check_key(server, request)
+    body: ClassifyRequest = await _parse(request, ClassifyRequest, server.config.max_body_bytes)
+    adapter = await _resolve_model(server, body.model)
+    if adapter is None:
+        raise ServeError(
+            "classify needs an adapter trained for classification, not the base model.", param="model"
+        )
+    engine = server.engine
+    texts = body.texts
+    results = await _run_job(server, lambda: engine.classify(adapter, texts, body.max_length))
+    server.metrics.request("classify", body.model, 200)
+    data = [
+        {"index": i, "label": r["label"], "probs": r["probs"], "text": t}
+        for i, (t, r) in enumerate(zip(texts, results))
+    ]
+    return JSONResponse({"object": "list", "model": body.model, "data": data})
+
+
+async def _load_adapter(request: Request) -> Response:
+    server = _server(request)
+    _check_key(server, request)
+    _check_updates_allowed(server)
+    body: LoadAdapterRequest = await _parse(request, LoadAdapterRequest, server.config.max_body_bytes)
+    engine = server.ready_engine()
+    path = _allowed_path(server, body.path)
+    await _run_job(server, lambda: engine.load_adapter_now(body.name, path))
+    return JSONResponse({"status": "ok", "name": body.name, "path": str(path)})
+
+
+async def _unload_adapter(request: Request) -> Response:
+    server = _server(request)
+    _check_key(server, request)
+    _check_updates_allowed(server)
+    body: UnloadAdapterRequest = await _parse(request, UnloadAdapterRequest, server.config.max_body_bytes)
+    engine = server.ready_engine()
+    await _run_job(server, lambda: engine.unload_adapter_now(body.name))
+    return JSONResponse({"status": "ok", "name": body.name})
+
+
+ROUTES: list[tuple[str, str, Callable[[Request], Any]]] = [
+    ("GET", "/health", _health),
+    ("GET", "/metrics", _metrics),
+    ("GET", "/v1/models", _models),
+    ("POST", "/v1/completions", _completions),
+    ("POST", "/v1/chat/completions", _chat),
+    ("POST", "/v1/classify", _classify),
+    ("POST", "/v1/load_adapter", _load_adapter),
+    ("POST", "/v1/unload_adapter", _unload_adapter),
+]
+"""Every route: method, path, handler (each handler finds the `_Server` on `app.state`)."""
+
+
 # ---------------------------------------------------------------------- the app
+async def _on_serve_error(request: Request, err: ServeError) -> JSONResponse:
+    return _error(err)
+
+
+async def _on_http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(err.detail), kind, None, None), err.status_code)
+
+
+async def _on_unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    logger.exception("unhandled error")
+    return JSONResponse(error_body(f"internal error: {err}", "server_error", None, "internal_error"), 500)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load the model in the background (/health answers 503 meanwhile); drain at shutdown."""
+    server: _Server = app.state.server
+    thread = threading.Thread(target=server.load, name="softprompt-load", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.state = "stopping" if server.state == "ready" else server.state
+        if server.engine is not None:
+            await asyncio.to_thread(server.engine.stop, server.config.drain_seconds)
+
+
 def create_app(config: ServeConfig, loader: Callable[[], tuple[Any, Any]] | None = None) -> FastAPI:
     """The FastAPI application. `loader` gives `(SoftPromptModel, tokenizer)` (default: load
     `config.model` with a placeholder adapter); it runs in the background at start-up,
     while `/health` answers 503."""
-    server = _Server(config, loader)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        thread = threading.Thread(target=server.load, name="softprompt-load", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            server.state = "stopping" if server.state == "ready" else server.state
-            if server.engine is not None:
-                await asyncio.to_thread(server.engine.stop, config.drain_seconds)
-
-    app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = server
-
-    @app.exception_handler(ServeError)
-    async def _serve_error(request: Request, err: ServeError) -> JSONResponse:
-        return _error(err)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(err.detail), kind, None, None), err.status_code)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {err}", "server_error", None, "internal_error"), 500)
-
-    @app.get("/health")
-    async def health() -> Response:
-        try:
-            server.ready_engine()
-        except ServeError as err:
-            return _error(err)
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        from .metrics import CONTENT_TYPE
-
-        server.metrics.queue.set(server.scheduler.queue_depth)
-        if server.engine is not None:
-            server.metrics.prompt_cache(server.engine.model.prompt_kv)
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        _check_key(server, request)
-        engine = server.ready_engine()
-        cards = [
-            ModelCard(
-                id=server.base_id,
-                created=server.created,
-                root=server.base_id,
-                max_model_len=engine.context_length,
-            )
-        ]
-        listed = engine.adapters()
-        from .engine import scan_adapters
-
-        for root in config.adapters_dirs:
-            for name, path in scan_adapters(Path(root)).items():
-                listed.setdefault(name, path)
-        for name, path in sorted(listed.items()):
-            cards.append(
-                ModelCard(
-                    id=name,
-                    created=server.created,
-                    root=str(path),
-                    parent=server.base_id,
-                    max_model_len=engine.context_length,
-                )
-            )
-        return JSONResponse(ModelList(data=cards).model_dump())
-
-    async def run_job(fn: Callable[[], Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-
-        def done(job: Job) -> None:
-            def settle() -> None:
-                if not future.done():
-                    future.set_result(job)
-
-            try:
-                loop.call_soon_threadsafe(settle)
-            except RuntimeError:  # the loop is closed (shutdown)
-                pass
-
-        server.scheduler.submit_job(Job(fn, on_done=done))
-        job = await future
-        if job.error is not None:
-            if isinstance(job.error, ServeError):
-                raise job.error
-            raise ServeError(f"{type(job.error).__name__}: {job.error}")
-        return job.result
-
-    async def resolve_model(name: str) -> str | None:
-        """The served adapter for a request's `model` (None: the bare model)."""
-        engine = server.ready_engine()
-        if name == server.base_id:
-            return None
-        if engine.has_adapter(name):
-            return name
-        path = engine.find_on_disk(name)
-        if path is not None:  # just in time: a folder added under --adapters after start-up
-
-            def load() -> None:
-                if not engine.has_adapter(name):
-                    engine.load_adapter_now(name, path)
-
-            await run_job(load)
-            return name
-        raise NotFound(
-            f"the model {name!r} does not exist; GET /v1/models lists the served ones.", param="model"
-        )
-
-    # ------------------------------------------------------------------ generation
-    def encode_prompt(prompt: Any, engine: Any) -> list[int]:
-        if isinstance(prompt, str):
-            ids = server.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            ids = list(prompt)
-            vocab = len(server.tokenizer)
-            if any(i < 0 or i >= vocab for i in ids):
-                raise ServeError(f"prompt token ids must lie in [0, {vocab}).", param="prompt")
-        if not ids:
-            raise ServeError("the prompt is empty.", param="prompt")
-        return ids
-
-    def plan(
-        body: Any,
-        adapter: str | None,
-        prompts: list[list[int]],
-        default_max: int | None,
-        max_tokens: int | None,
-    ) -> list[GenerationRequest]:
-        engine = server.engine
-        room = engine.context_length - engine.prompt_length(adapter)
-        longest = max(len(p) for p in prompts)
-        if longest >= room:
-            raise ServeError(
-                f"the prompt is {longest} tokens; this model takes at most {room - 1} with this adapter.",
-                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-                code="context_length_exceeded",
-            )
-        if max_tokens is not None and longest + max_tokens > room:
-            raise ServeError(
-                f"max_tokens={max_tokens} is too many: the prompt takes {longest} of the model's {room} "
-                f"positions (with this adapter), so at most {room - longest} tokens can be generated.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        n = body.n or 1
-        if n > server.scheduler.max_batch_size:
-            raise ServeError(
-                f"n={n} is more than this server's batch size ({server.scheduler.max_batch_size}).", param="n"
-            )
-        temperature = 1.0 if body.temperature is None else body.temperature
-        out = []
-        for ids in prompts:
-            limit = max_tokens if max_tokens is not None else min(default_max or room, room - len(ids))
-            if isinstance(body, CompletionRequest):
-                logprobs = body.logprobs
-            else:
-                logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            params = SamplingParams(
-                max_tokens=limit,
-                temperature=temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                stop=body.stops,
-                seed=body.seed,
-                logprobs=logprobs,
-            )
-            out.append(
-                GenerationRequest(
-                    adapter,
-                    ids,
-                    params,
-                    n=n,
-                    decode=lambda t: server.tokenizer.decode(t, skip_special_tokens=True),
-                    stop_token_ids=engine.stop_token_ids,
-                )
-            )
-        return out
-
-    async def generate(
-        request: Request, body: Any, reqs: list[GenerationRequest], kind: str, endpoint: str, label: str
-    ) -> Response:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        for i, req in enumerate(reqs):
-
-            def sink(event: Event, i: int = i) -> None:
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, event))
-                except RuntimeError:  # the loop is closed (shutdown)
-                    pass
-
-            req.sink = sink
-        try:
-            for req in reqs:
-                server.scheduler.submit(req)
-        except ServeError:
-            for req in reqs:
-                server.scheduler.cancel(req)
-            raise
-        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        if body.stream:
-            stream = _stream(server, request, body, reqs, queue, kind, rid, created, endpoint, label)
-            return StreamingResponse(
-                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        try:
-            open_ = len(reqs)
-            while open_:
-                try:
-                    _, event = await asyncio.wait_for(queue.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
-                    continue
-                if event.kind in ("done", "error"):
-                    open_ -= 1
-        finally:
-            for req in reqs:
-                if not req.done.is_set():
-                    server.scheduler.cancel(req)
-        for req in reqs:
-            if req.error is not None:
-                server.metrics.request(endpoint, label, req.error.status)
-                raise req.error
-        server.metrics.request(endpoint, label, 200)
-        return JSONResponse(_final(server, body, reqs, kind, rid, created).model_dump())
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        _check_key(server, request)
-        body: CompletionRequest = await _parse(request, CompletionRequest, config.max_body_bytes)
-        adapter = await resolve_model(body.model)
-        engine = server.ready_engine()
-        p = body.prompt
-        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
-            raw = [p]
-        else:
-            raw = list(p)
-        if not raw:
-            raise ServeError("the prompt is empty.", param="prompt")
-        if len(raw) * (body.n or 1) > server.scheduler.max_batch_size * 4:
-            raise ServeError("too many prompts in one request.", param="prompt")
-        prompts = await asyncio.to_thread(lambda: [encode_prompt(x, engine) for x in raw])
-        reqs = plan(body, adapter, prompts, 16, body.max_tokens)
-        return await generate(request, body, reqs, "completion", "completions", body.model)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        _check_key(server, request)
-        body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest, config.max_body_bytes)
-        adapter = await resolve_model(body.model)
-        engine = server.ready_engine()
-        tokenizer = server.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ServeError(f"{server.base_id} has no chat template; use /v1/completions.", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-
-        def render() -> list[int]:
-            try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as err:  # noqa: BLE001  (templates raise anything)
-                raise ServeError(
-                    f"the chat template refused these messages: {err}", param="messages"
-                ) from None
-            return encode_prompt(text, engine)
-
-        ids = await asyncio.to_thread(render)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        reqs = plan(body, adapter, [ids], None, max_tokens)
-        return await generate(request, body, reqs, "chat", "chat_completions", body.model)
-
-    # ------------------------------------------------------------------ classify and adapters
-    @app.post("/v1/classify")
-    async def classify(request: Request) -> Response:
-        _check_key(server, request)
-        body: ClassifyRequest = await _parse(request, ClassifyRequest, config.max_body_bytes)
-        adapter = await resolve_model(body.model)
-        if adapter is None:
-            raise ServeError(
-                "classify needs an adapter trained for classification, not the base model.", param="model"
-            )
-        engine = server.engine
-        texts = body.texts
-        results = await run_job(lambda: engine.classify(adapter, texts, body.max_length))
-        server.metrics.request("classify", body.model, 200)
-        data = [
-            {"index": i, "label": r["label"], "probs": r["probs"], "text": t}
-            for i, (t, r) in enumerate(zip(texts, results))
-        ]
-        return JSONResponse({"object": "list", "model": body.model, "data": data})
-
-    def allowed_path(path: str) -> Path:
-        target = Path(path).expanduser().resolve()
-        for root in server.roots:
-            if target == root or root in target.parents:
-                return target
-        raise _Forbidden(
-            f"{path!r} is not under a folder this server may load from "
-            f"({', '.join(map(str, server.roots)) or 'none: start with --adapters or --adapter-root'}).",
-            param="path",
-        )
-
-    def updates_allowed() -> None:
-        if not config.allow_adapter_updates:
-            raise _Forbidden("adapter updates are off; start the server with --allow-adapter-updates.")
-
-    @app.post("/v1/load_adapter")
-    async def load_adapter(request: Request) -> Response:
-        _check_key(server, request)
-        updates_allowed()
-        body: LoadAdapterRequest = await _parse(request, LoadAdapterRequest, config.max_body_bytes)
-        engine = server.ready_engine()
-        path = allowed_path(body.path)
-        await run_job(lambda: engine.load_adapter_now(body.name, path))
-        return JSONResponse({"status": "ok", "name": body.name, "path": str(path)})
-
-    @app.post("/v1/unload_adapter")
-    async def unload_adapter(request: Request) -> Response:
-        _check_key(server, request)
-        updates_allowed()
-        body: UnloadAdapterRequest = await _parse(request, UnloadAdapterRequest, config.max_body_bytes)
-        engine = server.ready_engine()
-        await run_job(lambda: engine.unload_adapter_now(body.name))
-        return JSONResponse({"status": "ok", "name": body.name})
-
+    app = FastAPI(title="softprompt", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = _Server(config, loader)
+    # Every error leaves as OpenAI's envelope: {"error": {"message", "type", "param", "code"}}.
+    app.add_exception_handler(ServeError, _on_serve_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+    for method, path, handler in ROUTES:
+        app.add_api_route(path, handler, methods=[method])
     return app
 
 
