@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from softprompt import AdapterFileError, PromptTuningConfig, PromptTuningInit, TaskType, wrap
 from softprompt.adapter_files import CONFIG_NAME, META_DIGEST, PROMPT_KEY, WEIGHTS_NAME, read_adapter
-from softprompt.config import MAX_VIRTUAL_TOKENS
+from softprompt.config import MAX_VIRTUAL_TOKENS, PromptPosition
 from tests.tiny import build_model
 
 FIELDS = [f.name for f in dataclasses.fields(PromptTuningConfig)]
@@ -161,6 +161,7 @@ VALID = {
     "tokenizer_name_or_path": st.none() | _names,
     "tokenizer_kwargs": st.none() | _tokenizer_kwargs,
     "modules_to_save": st.none() | _module_names,
+    "prompt_position": _enum_spellings(PromptPosition),
     "peft_type": st.just("PROMPT_TUNING"),
 }
 assert sorted(VALID) == sorted(FIELDS)
@@ -256,7 +257,9 @@ def _freeze(value):
 
 def _assert_round_trips(config: PromptTuningConfig) -> None:
     data = config.to_dict()
-    assert set(FIELDS) <= set(data)
+    # prompt_position is not a PEFT field: written only when it is not the default PREFIX.
+    assert set(FIELDS) - {"prompt_position"} <= set(data)
+    assert ("prompt_position" in data) == (config.prompt_position is not PromptPosition.PREFIX)
     again = PromptTuningConfig.from_dict(data)
     assert again == config
     assert again.to_dict() == data

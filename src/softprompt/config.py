@@ -92,6 +92,20 @@ class PromptTuningInit(_StrEnum):
     RANDOM = "RANDOM"
 
 
+class PromptPosition(_StrEnum):
+    """Where an adapter's virtual tokens go in the input.
+
+    - ``PREFIX``: in front of the input (PEFT's prompt tuning; the default).
+    - ``MARKER``: at a per-row index inside the input, given with every call as
+      `prompt_positions` (see `softprompt.compose.tokenize_template` for templates such as
+      ``"Review: {text}\n{prompt}Sentiment:"``). PEFT ignores this key when it loads the
+      file, so a PEFT-loaded adapter is a prefix.
+    """
+
+    PREFIX = "PREFIX"
+    MARKER = "MARKER"
+
+
 class TaskType(_StrEnum):
     """What the wrapped model does; decides how inputs, labels and outputs are adjusted."""
 
@@ -202,6 +216,9 @@ class PromptTuningConfig:
             CLASS_LABELS only; `trust_remote_code` is refused).
         modules_to_save: Heads trained and saved with the prompt. None: the task's new
             head (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) is trained; [] freezes it.
+        prompt_position: Where the prompt goes, a `PromptPosition` or its name: ``PREFIX``
+            (in front of the input) or ``MARKER`` (at `prompt_positions` given per call).
+            Not a PEFT field: written to `adapter_config.json` only when not PREFIX.
     """
 
     task_type: TaskType | str | None = None
@@ -218,6 +235,7 @@ class PromptTuningConfig:
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict[str, Any] | None = None
     modules_to_save: list[str] | None = None
+    prompt_position: PromptPosition | str = PromptPosition.PREFIX
     peft_type: str = field(default=PEFT_TYPE, repr=False)
 
     def __post_init__(self) -> None:
@@ -247,6 +265,7 @@ class PromptTuningConfig:
         self.prompt_tuning_init = PromptTuningInit.parse(self.prompt_tuning_init, "prompt_tuning_init")
         self._check_init()
         self._check_modules_to_save()
+        self.prompt_position = PromptPosition.parse(self.prompt_position, "prompt_position")
 
     def _check_init(self) -> None:
         init = self.prompt_tuning_init
@@ -352,6 +371,8 @@ class PromptTuningConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "prompt_position" and value is PromptPosition.PREFIX:
+                continue  # PEFT's files (and ours for a prefix) stay free of keys PEFT warns about
             if isinstance(value, Enum):
                 value = value.value
             elif isinstance(value, (list, dict)):

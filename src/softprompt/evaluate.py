@@ -115,6 +115,8 @@ def class_logits(
     verbalizer: Verbalizer,
     pad_id: int,
     adapter_names: Any = None,
+    *,
+    prompt_positions: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of each label word after each input, `(B, num_labels)`; differentiable.
 
@@ -124,12 +126,18 @@ def class_logits(
         verbalizer: Labels and label words.
         pad_id: Padding id (any id; padded columns are masked).
         adapter_names: As for `model.forward` (`softprompt.BASE` for the bare model).
+        prompt_positions: Per row, the index in `rows[i]` before which a prompt placed at a
+            marker goes (see `softprompt.compose.tokenize_template`).
     """
     device = model.device
     if verbalizer.single_token:
         ids, mask = left_pad(rows, pad_id, device)
         logits = model(
-            input_ids=ids, attention_mask=mask, adapter_names=adapter_names, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=adapter_names,
+            prompt_positions=_shifted(prompt_positions, rows, ids.shape[1], device),
+            logits_to_keep=1,
         ).logits
         logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
         label_ids = torch.tensor([t[0] for t in verbalizer.token_ids], device=logprobs.device)
@@ -140,9 +148,16 @@ def class_logits(
     names = adapter_names
     if isinstance(adapter_names, (list, tuple)):
         names = list(adapter_names) * num_labels
+    positions = list(prompt_positions) * num_labels if prompt_positions is not None else None
     ids, mask = left_pad(seqs, pad_id, device)
     longest = max(len(w) for w in verbalizer.token_ids)
-    logits = model(input_ids=ids, attention_mask=mask, adapter_names=names, logits_to_keep=longest + 1).logits
+    logits = model(
+        input_ids=ids,
+        attention_mask=mask,
+        adapter_names=names,
+        prompt_positions=_shifted(positions, seqs, ids.shape[1], device),
+        logits_to_keep=longest + 1,
+    ).logits
     logprobs = F.log_softmax(logits.float(), dim=-1)  # (C*B, longest+1, V)
     scores = torch.zeros(num_labels * batch, device=logprobs.device)
     for c, word in enumerate(verbalizer.token_ids):
@@ -153,6 +168,17 @@ def class_logits(
         target = torch.tensor(word, device=logprobs.device).expand(batch, n)
         scores[rows_c] = pred.gather(2, target.unsqueeze(-1)).squeeze(-1).sum(dim=1)
     return scores.view(num_labels, batch).t()
+
+
+def _shifted(
+    positions: Sequence[int] | None, rows: Sequence[Sequence[int]], width: int, device: Any
+) -> torch.Tensor | None:
+    """Prompt positions within rows, moved by the rows' left padding to `width` columns."""
+    if positions is None:
+        return None
+    if len(positions) != len(rows):
+        raise ValueError(f"prompt_positions has {len(positions)} entries for {len(rows)} rows.")
+    return torch.tensor([width - len(r) + int(p) for r, p in zip(rows, positions)], device=device)
 
 
 def classify(

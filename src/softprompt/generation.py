@@ -5,6 +5,10 @@ The prompt is laid out once, in front of the user's tokens, and handed to
 step feeds the newly generated token alone and reuses the cache, so the prompt is never
 inserted twice. Position ids are given explicitly (counting attended columns), which
 keeps left-padded batches and absolute-position models such as GPT-2 exact.
+
+Prompts placed at a marker inside the input (`prompt_positions`) and combinations of
+prompts are laid out the same way and run without the prompts' cached KV (the prefill
+processes prompt and input together); prefixes of single adapters start from it.
 """
 
 from __future__ import annotations
@@ -25,17 +29,21 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
     *,
-    adapter_names: list[str] | str | None = None,
+    adapter_names: list[str | tuple[str, ...] | None] | str | None = None,
+    prompt_positions: torch.Tensor | list[int] | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Generate with each row's prompt in front of its input.
+    """Generate with each row's prompt in front of its input (or at its marker).
 
     Args:
         model: A CAUSAL_LM or SEQ_2_SEQ_LM `SoftPromptModel`.
         input_ids: `(B, L)`; decoder-only batches should be left-padded, as for the bare model.
         attention_mask: `(B, L)`.
         inputs_embeds: `(B, L, H)` instead of `input_ids`.
-        adapter_names: One adapter for all rows or one per row.
+        adapter_names: One adapter for all rows or one entry per row (a name, a tuple of
+            names whose prompts are concatenated, or `softprompt.BASE`).
+        prompt_positions: `(B,)` for rows whose adapters are placed at a marker: the input
+            column before which the prompt goes (see `SoftPromptModel.forward`).
         **kwargs: Anything `transformers`' `generate` takes (`max_new_tokens`, `do_sample`,
             `temperature`, `num_beams`, `generation_config`...).
 
@@ -55,7 +63,7 @@ def generate(
             raise ValueError(f"{key} cannot be passed to generate; softprompt builds it for the prompt.")
     embeds = model.embed(input_ids, inputs_embeds)
     batch_size, length = embeds.shape[:2]
-    layout, _ = model.layout(embeds, attention_mask, adapter_names, batch_size, length)
+    layout, _ = model.layout(embeds, attention_mask, adapter_names, batch_size, length, prompt_positions)
     base = model.base_model
     gen: dict[str, Any] = {"inputs_embeds": layout.inputs_embeds, "attention_mask": layout.attention_mask}
     if not introspect.is_encoder_decoder(base):
@@ -63,7 +71,7 @@ def generate(
             gen["position_ids"] = layout.position_ids
         if input_ids is not None:
             gen["input_ids"] = input_ids.to(embeds.device)
-        if model.uses_prompt_cache(adapter_names, batch_size):
+        if model.uses_prompt_cache(adapter_names, batch_size, prompt_positions):
             # Start from the prompts' cached KV: the prefill then runs on the user's tokens only
             # (generate skips the columns the cache already holds).
             gen[introspect.cache_kwarg(base)] = _prompt_cache(

@@ -18,6 +18,11 @@ attended columns only, so a padded row gives exactly the numbers it gives alone:
   then see exactly the unpadded sequence, and poolers that read column 0 (BERT's [CLS]
   pooler) read the first prompt token in every row. Outputs are mapped back to the
   user's columns. Causal decoders are never compacted: generation appends at the right.
+
+A prompt can also sit inside the input (`insert_at`, a per-row index into the user's
+columns): the row is then `[user[:m]][prompt-pad][prompt][user[m:]]`, a reordering of the
+same columns, so masks, positions, labels and output maps all follow from the one
+permutation `Layout.perm` (composed with the compaction above where that applies).
 """
 
 from __future__ import annotations
@@ -131,12 +136,32 @@ class Layout:
         return torch.empty_like(lab).scatter_(1, order, nxt)
 
 
+def insertion_order(insert_at: torch.Tensor, width: int, length: int) -> torch.Tensor:
+    """The column order that moves the prompt block inside each row, `(B, P + L)` long.
+
+    Concatenated columns are `[prompt block (P)][user (L)]`; model column `j` of row `b`
+    holds concatenated column `order[b, j]`, so the row reads
+    `[user[:m]][prompt block][user[m:]]` with `m = insert_at[b]`.
+
+    Args:
+        insert_at: `(B,)` the user column before which the prompt goes, `0 <= m <= L`.
+        width: P, the prompt columns.
+        length: L, the user's columns.
+    """
+    cols = torch.arange(width + length, device=insert_at.device).unsqueeze(0)  # (1, T)
+    m = insert_at.long().unsqueeze(1)  # (B, 1)
+    before = cols < m  # user columns in front of the prompt
+    inside = (cols >= m) & (cols < m + width)  # the prompt block
+    return torch.where(before, cols + width, torch.where(inside, cols - m, cols))
+
+
 def build_layout(
     style: PositionStyle,
     prompt_mask: torch.Tensor,
     user_mask: torch.Tensor,
     prompts: torch.Tensor | None = None,
     user_embeds: torch.Tensor | None = None,
+    insert_at: torch.Tensor | None = None,
 ) -> Layout:
     """Lay out prompts and user tokens for the base model.
 
@@ -146,6 +171,8 @@ def build_layout(
         user_mask: `(B, L)` the user's attention mask.
         prompts: `(B, P, H)` right-aligned prompts, already in the model's dtype.
         user_embeds: `(B, L, H)` the user's token embeddings.
+        insert_at: `(B,)` per row, the user column before which the prompt goes
+            (`0..L`; L: after the last column). None: in front of every row.
     """
     mask = torch.cat([prompt_mask.to(user_mask.device, torch.long), user_mask.long()], dim=1)
     embeds = None
@@ -153,12 +180,19 @@ def build_layout(
         embeds = torch.cat([prompts.to(user_embeds.dtype), user_embeds], dim=1)
     width, length = int(prompt_mask.shape[1]), int(user_mask.shape[1])
     perm = inv = None
-    # Reorder only when some padding precedes an attended column.
-    if style.compact and not bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        perm = torch.sort((mask == 0).int(), dim=1, stable=True).indices
-        inv = torch.argsort(perm, dim=1)
+    if insert_at is not None:
+        perm = insertion_order(insert_at.to(mask.device), width, length)
         mask = mask.gather(1, perm)
         if embeds is not None:
             embeds = _gather_columns(embeds, perm)
+    # Reorder only when some padding precedes an attended column.
+    if style.compact and not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        order = torch.sort((mask == 0).int(), dim=1, stable=True).indices
+        perm = order if perm is None else perm.gather(1, order)
+        mask = mask.gather(1, order)
+        if embeds is not None:
+            embeds = _gather_columns(embeds, order)
+    if perm is not None:
+        inv = torch.argsort(perm, dim=1)
     positions = positions_from_mask(mask, style) if style.pass_ids else None
     return Layout(embeds, mask, positions, width, length, user_mask, perm, inv)

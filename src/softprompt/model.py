@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import attention, introspect
-from .config import PromptTuningConfig, TaskType
+from .config import PromptPosition, PromptTuningConfig, TaskType
 from .heads import HeadSwitch, find_module, routed
 from .init import initial_prompt
 from .layout import Layout, build_layout
@@ -25,7 +25,12 @@ logger = logging.getLogger(__name__)
 
 #: An `adapter_names` entry meaning "no prompt for this row" (the bare model).
 BASE = "__base__"
-AdapterNames = list[str | None] | str | None
+#: One row's prompt: an adapter name, a tuple of names (their prompts concatenated in that
+#: order), or None (no prompt).
+RowPrompt = str | tuple[str, ...] | None
+AdapterNames = list[str | tuple[str, ...] | None] | str | None
+#: Per row, the user column before which a MARKER-placed prompt goes: `(B,)` or B ints.
+PromptPositions = torch.Tensor | list[int] | tuple[int, ...] | None
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -287,11 +292,14 @@ class SoftPromptModel(nn.Module):
         embed = self.base_model.get_input_embeddings()
         return embed(input_ids.to(embed.weight.device))
 
-    def resolve_adapters(self, adapter_names: AdapterNames, batch_size: int) -> list[str | None]:
-        """Each row's adapter name (None: no prompt), from `adapter_names` as `forward` takes it.
+    def resolve_adapters(self, adapter_names: AdapterNames, batch_size: int) -> list[RowPrompt]:
+        """Each row's prompt, from `adapter_names` as `forward` takes it: an adapter name, a
+        tuple of two or more names (a combination; a 1-tuple becomes the name, an empty
+        tuple None), or None (no prompt).
 
         Raises:
-            ValueError: The number of names does not match `batch_size`.
+            ValueError: The number of entries does not match `batch_size`, or a combination
+                holds something other than loaded adapter names.
             KeyError: A name is not loaded.
         """
         if self._disabled:
@@ -300,21 +308,63 @@ class SoftPromptModel(nn.Module):
             return [self.active_adapter] * batch_size
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names] * batch_size
-        names = [None if n == BASE else n for n in adapter_names]
+        names = [_row_prompt(n) for n in adapter_names]
         if len(names) != batch_size:
             raise ValueError(
                 f"adapter_names has {len(names)} entries but the batch has {batch_size} rows; "
                 "give one adapter name per row."
             )
         for n in dict.fromkeys(names):
-            if n is not None:
-                self._require(n)
+            for part in (n,) if isinstance(n, str) else n or ():
+                self._require(part)
+            if isinstance(n, tuple):
+                placements = {self.peft_config[part].prompt_position for part in n}
+                if len(placements) > 1:
+                    raise ValueError(
+                        f"the combination {n!r} mixes prompt placements "
+                        f"({', '.join(sorted(p.value for p in placements))}); the prompts of one row "
+                        "are concatenated into one block, so they must share a prompt_position."
+                    )
         return names
 
-    def prompt_width(self, names: list[str | None]) -> int:
+    def prompt_length(self, row: RowPrompt) -> int:
+        """The virtual tokens of one row's prompt (a combination: the sum; None: 0)."""
+        if row is None:
+            return 0
+        if isinstance(row, str):
+            return self.prompts[row].num_virtual_tokens
+        return sum(self.prompts[n].num_virtual_tokens for n in row)
+
+    def prompt_width(self, names: list[RowPrompt]) -> int:
         """The longest prompt among rows `names` (0 when no row has one): the columns the
         prompts take in front of the user's tokens."""
-        return max((self.prompts[n].num_virtual_tokens for n in names if n is not None), default=0)
+        return max((self.prompt_length(n) for n in names if n is not None), default=0)
+
+    def placement(self, row: RowPrompt) -> PromptPosition:
+        """Where one row's prompt goes (see `PromptTuningConfig.prompt_position`)."""
+        if row is None:
+            return PromptPosition.PREFIX
+        first = row if isinstance(row, str) else row[0]
+        return self.peft_config[first].prompt_position
+
+    def _head_adapter(self, row: RowPrompt) -> str | None:
+        """The adapter whose heads a row uses: for a combination, the last one that has
+        head copies (the task prompt goes last, e.g. `("domain", "task")`)."""
+        if not isinstance(row, tuple):
+            return row
+        with_heads = [n for n in row if any(n in switch.copies for switch in self.heads.values())]
+        return with_heads[-1] if with_heads else row[-1]
+
+    def _row_prompt_tensor(
+        self, row: RowPrompt, dtype: torch.dtype, device: torch.device, hidden: int
+    ) -> torch.Tensor:
+        """One row's prompt `(N, H)`: an adapter's, a combination's prompts one after the
+        other, or `(0, H)`."""
+        if row is None:
+            return torch.zeros(0, hidden, dtype=dtype, device=device)
+        if isinstance(row, str):
+            return self.prompts[row](dtype).to(device)
+        return torch.cat([self.prompts[n](dtype).to(device) for n in row], dim=0)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -334,7 +384,7 @@ class SoftPromptModel(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str | None, torch.Tensor | None]]]:
-        """Every row's prompt, right-aligned.
+        """Every row's prompt (a combination's prompts concatenated), right-aligned.
 
         Returns:
             prompts `(B, P, H)` in `dtype` (P = longest prompt in the batch), prompt mask
@@ -348,23 +398,20 @@ class SoftPromptModel(nn.Module):
             if unique[0] is None:
                 prompts = torch.zeros(batch_size, 0, hidden, dtype=dtype, device=device)
             else:
-                p = self.prompts[unique[0]](dtype).to(device)  # (N, H)
+                p = self._row_prompt_tensor(unique[0], dtype, device, hidden)  # (N, H)
                 prompts = p.unsqueeze(0).expand(batch_size, -1, -1)
             mask = torch.ones(batch_size, prompts.shape[1], dtype=torch.long, device=device)
-            return prompts, mask, [(unique[0], None)]
+            return prompts, mask, [(self._head_adapter(unique[0]), None)]
         width = self.prompt_width(names)
-        table = [
-            self.prompts[u](dtype).to(device)
-            if u is not None
-            else torch.zeros(0, hidden, dtype=dtype, device=device)
-            for u in unique
-        ]
+        table = [self._row_prompt_tensor(u, dtype, device, hidden) for u in unique]
         which = torch.tensor([unique.index(n) for n in names], device=device)
         prompts = right_aligned(table, which, width, dim=0)  # (B, P, H)
-        lengths = torch.tensor([self.prompts[n].num_virtual_tokens if n else 0 for n in names], device=device)
+        lengths = torch.tensor([self.prompt_length(n) for n in names], device=device)
         mask = (torch.arange(width, device=device).unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()
+        heads = [self._head_adapter(n) for n in names]
         routing = [
-            (u, torch.tensor([i for i, n in enumerate(names) if n == u], device=device)) for u in unique
+            (h, torch.tensor([i for i, n in enumerate(heads) if n == h], device=device))
+            for h in dict.fromkeys(heads)
         ]
         return prompts, mask, routing
 
@@ -375,8 +422,11 @@ class SoftPromptModel(nn.Module):
         adapter_names: AdapterNames,
         batch_size: int,
         user_len: int,
+        prompt_positions: PromptPositions = None,
     ) -> tuple[Layout, list[tuple[str, torch.Tensor | None]]]:
-        """Lay out a batch (see `softprompt.layout`); `embeds` None lays out masks only."""
+        """Lay out a batch (see `softprompt.layout`); `embeds` None lays out masks only.
+
+        `prompt_positions` places the prompts of MARKER rows (see `insert_positions`)."""
         device = embeds.device if embeds is not None else self.device
         dtype = embeds.dtype if embeds is not None else self.base_model.get_input_embeddings().weight.dtype
         prompts, prompt_mask, routing = self.prompt_batch(adapter_names, batch_size, dtype, device)
@@ -387,14 +437,65 @@ class SoftPromptModel(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs are "
                 f"({batch_size}, {user_len}); give one mask value per input token."
             )
+        insert_at = self.insert_positions(adapter_names, batch_size, user_len, prompt_positions, device)
         layout = build_layout(
             self.position_style,
             prompt_mask,
             attention_mask.to(device),
             prompts if embeds is not None else None,
             embeds,
+            insert_at,
         )
         return layout, routing
+
+    def insert_positions(
+        self,
+        adapter_names: AdapterNames,
+        batch_size: int,
+        user_len: int,
+        prompt_positions: PromptPositions,
+        device: torch.device | None = None,
+    ) -> torch.Tensor | None:
+        """Per row, the user column before which its prompt goes, `(B,)` long; None when
+        every prompt is a prefix.
+
+        Rows whose prompt is placed at a marker (`prompt_position="MARKER"`) take their
+        entry of `prompt_positions`; every other row keeps its prompt in front (its entry
+        is not used), so a PEFT adapter stays a prefix in any batch.
+
+        Raises:
+            ValueError: A MARKER row without `prompt_positions`, or positions of the wrong
+                shape or outside `0..user_len`.
+        """
+        names = self.resolve_adapters(adapter_names, batch_size)
+        marker = [self.placement(n) is PromptPosition.MARKER for n in names]
+        positions = None
+        if prompt_positions is not None:
+            positions = torch.as_tensor(prompt_positions, device=device)
+            if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+                raise TypeError(f"prompt_positions must hold integers; got dtype {positions.dtype}.")
+            if tuple(positions.shape) != (batch_size,):
+                raise ValueError(
+                    f"prompt_positions has shape {tuple(positions.shape)}; give one index per row, "
+                    f"shape ({batch_size},)."
+                )
+            if positions.numel() and not bool(((positions >= 0) & (positions <= user_len)).all()):
+                raise ValueError(
+                    f"prompt_positions {positions.tolist()} must lie in 0..{user_len}: the index of "
+                    f"the input column before which the prompt goes ({user_len}: after the last)."
+                )
+        if not any(marker):
+            return None
+        if positions is None:
+            row = names[marker.index(True)]
+            raise ValueError(
+                f"adapter {row!r} is placed at a marker (prompt_position='MARKER'): pass "
+                "prompt_positions, per row the input column before which the prompt goes "
+                "(softprompt.compose.tokenize_template gives them for a template with {prompt})."
+            )
+        rows = torch.tensor(marker, device=positions.device)
+        insert_at = torch.where(rows, positions.long(), 0)
+        return insert_at if bool(insert_at.any()) else None
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -405,12 +506,13 @@ class SoftPromptModel(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         adapter_names: AdapterNames = None,
+        prompt_positions: PromptPositions = None,
         token_type_ids: torch.Tensor | None = None,
         full_sequence: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run the base model with each row's prompt in front of its tokens.
+        """Run the base model with each row's prompt in front of its tokens (or at its marker).
 
         Args:
             input_ids: `(B, L)` token ids (or `inputs_embeds` `(B, L, H)`).
@@ -418,7 +520,12 @@ class SoftPromptModel(nn.Module):
             labels: As for the bare model: `(B, L)` for causal LM / token classification
                 (-100 ignored; labels at padded positions are ignored too), `(B,)` for
                 sequence classification, decoder labels for seq2seq.
-            adapter_names: One adapter for the whole batch, or one name per row.
+            adapter_names: One adapter for the whole batch, or one entry per row: a name, a
+                tuple of names (their prompts concatenated in that order), or
+                `softprompt.BASE` / None (no prompt).
+            prompt_positions: `(B,)` for rows whose adapters are placed at a marker
+                (`prompt_position="MARKER"`): the index of the input column before which
+                the prompt goes (`L`: after the last). Other rows keep a prefix.
             token_type_ids: `(B, L)`; the prompt gets segment 0.
             full_sequence: Return per-token outputs for the prompt columns too.
             num_items_in_batch: Token-loss normaliser for gradient accumulation.
@@ -445,13 +552,15 @@ class SoftPromptModel(nn.Module):
 
         past = cache.get_seq_length() if cache is not None else 0
         if past:
-            return self._continue(embeds, attention_mask, adapter_names, cache, cache_key, labels, kwargs)
+            return self._continue(
+                embeds, attention_mask, adapter_names, cache, cache_key, labels, kwargs, prompt_positions
+            )
 
         if (
             cache is None
             and encoder_outputs is None
             and not full_sequence
-            and self.uses_prompt_cache(adapter_names, batch_size)
+            and self.uses_prompt_cache(adapter_names, batch_size, prompt_positions)
         ):
             layout, routing, inputs, prompt_logits = self._cached_prompt_inputs(
                 embeds, attention_mask, adapter_names, labels, token_type_ids, cache_key
@@ -459,7 +568,12 @@ class SoftPromptModel(nn.Module):
         else:
             prompt_logits = None
             layout, routing = self.layout(
-                embeds if encoder_outputs is None else None, attention_mask, adapter_names, batch_size, length
+                embeds if encoder_outputs is None else None,
+                attention_mask,
+                adapter_names,
+                batch_size,
+                length,
+                prompt_positions,
             )
             inputs = _plain_inputs(layout, token_type_ids, cache, cache_key)
         inputs.update(kwargs)
@@ -474,15 +588,26 @@ class SoftPromptModel(nn.Module):
             return self.spec.forward(call)
 
     # ------------------------------------------------------------------ prompt KV cache
-    def uses_prompt_cache(self, adapter_names: AdapterNames, batch_size: int) -> bool:
-        """Whether a call for these rows starts from the prompts' cached KV (see `softprompt.prefix`)."""
+    def uses_prompt_cache(
+        self, adapter_names: AdapterNames, batch_size: int, prompt_positions: PromptPositions = None
+    ) -> bool:
+        """Whether a call for these rows starts from the prompts' cached KV (see `softprompt.prefix`).
+
+        Only prefixes of single adapters do: a prompt at a marker attends to the input in
+        front of it, and a combination's later prompts attend to its earlier ones, so both
+        take the plain path (the same results)."""
         if not self.prefix_cache or not self._prefix_supported:
             return False
         if self.training and any(
             getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules()
         ):
             return False  # transformers returns no cache while checkpointing activations
-        return self.prompt_width(self.resolve_adapters(adapter_names, batch_size)) > 0
+        names = self.resolve_adapters(adapter_names, batch_size)
+        if any(isinstance(n, tuple) for n in names):
+            return False
+        if any(self.placement(n) is PromptPosition.MARKER for n in names):
+            return False
+        return self.prompt_width(names) > 0
 
     def _cached_prompt_inputs(
         self,
@@ -552,11 +677,13 @@ class SoftPromptModel(nn.Module):
         cache_key: str,
         labels: torch.Tensor | None,
         kwargs: dict[str, Any],
+        prompt_positions: PromptPositions = None,
     ) -> Any:
         """One step of a hand-written decoding loop: the cache already holds the prompt.
 
         `attention_mask` covers the user's tokens so far plus the new ones (as with the bare
         model); the prompt columns are added here and the prompt is not inserted again.
+        `prompt_positions` (MARKER rows) are those of the first call.
         """
         if not self.spec.generative or introspect.is_encoder_decoder(self.base_model):
             raise ValueError("continuing from a cache is only supported for CAUSAL_LM models.")
@@ -574,7 +701,7 @@ class SoftPromptModel(nn.Module):
                 f"({width} of them the prompt) and {new} new tokens it must cover the {user_len} user "
                 "tokens so far (without the prompt), as for the bare model."
             )
-        layout, _ = self.layout(None, attention_mask, adapter_names, batch_size, user_len)
+        layout, _ = self.layout(None, attention_mask, adapter_names, batch_size, user_len, prompt_positions)
         inputs: dict[str, Any] = {
             "inputs_embeds": embeds,
             "attention_mask": layout.attention_mask,
@@ -655,6 +782,23 @@ class SoftPromptModel(nn.Module):
         model = cls(base_model, plan.config, adapter_name, trainable=trainable, init=plan.prompt)
         plan.apply_heads(model, adapter_name)
         return model
+
+
+def _row_prompt(entry: Any) -> RowPrompt:
+    """One `adapter_names` entry as a row prompt: BASE/None -> None, a 1-tuple -> its name."""
+    if entry is None or entry == BASE:
+        return None
+    if isinstance(entry, (tuple, list)):
+        parts = tuple(entry)
+        if not all(isinstance(p, str) and p != BASE for p in parts):
+            raise ValueError(
+                f"a combination of prompts must list adapter names; got {entry!r} "
+                "(use BASE or None alone for a row without a prompt)."
+            )
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else parts
+    return entry
 
 
 def _plain_inputs(
