@@ -343,6 +343,29 @@ def test_combination_generation_equals_the_concatenated_prompt():
     )
 
 
+def test_classification_combination_uses_the_head_of_its_last_adapter_with_one():
+    torch.manual_seed(0)
+    model = wrap(
+        build_model("SEQ_CLS", "gpt2"),
+        PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3, modules_to_save=[]),
+        "domain",
+    )
+    model.add_adapter("task", PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    both = _combined(model, ["domain", "task"], "both")
+    copies = model.heads["score"].copies
+    with torch.no_grad():
+        copies["task"].weight.normal_()
+        copies[both].load_state_dict(copies["task"].state_dict())
+    rows = _rows([5, 3, 4])
+    ids, mask, _ = _pad(rows, [0, 0, 0], "left")
+    with torch.no_grad():
+        got = model(
+            input_ids=ids, attention_mask=mask, adapter_names=[("domain", "task"), "task", BASE]
+        ).logits
+        want = model(input_ids=ids, attention_mask=mask, adapter_names=[both, "task", BASE]).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 def test_training_one_prompt_of_a_combination_leaves_the_other_frozen():
     torch.manual_seed(0)
     model = wrap(
@@ -476,10 +499,14 @@ def test_template_ids_are_the_two_sides_tokenized_apart(pieces, prompt_first, te
 
 
 @PROPERTY
-@given(texts=st.lists(_text, min_size=1, max_size=4), side=st.sampled_from(["left", "right"]))
-def test_templated_batches_equal_rows_alone(texts, side):
+@given(
+    texts=st.lists(_text, min_size=1, max_size=4),
+    side=st.sampled_from(["left", "right"]),
+    template=st.sampled_from(["review {text} {prompt} sentiment", "{prompt}review {text}", "{text}{prompt}"]),
+)
+def test_templated_batches_equal_rows_alone(texts, side, template):
     model = _property_model()
-    rows = tokenize_template(TOK, "review {text} {prompt} sentiment", texts)
+    rows = tokenize_template(TOK, template, texts)
     ids, mask, positions = pad_templated(rows, PAD, side=side)
     assert torch.equal(ids[mask.bool()], torch.tensor([i for r in rows for i in r.ids], dtype=torch.long))
     with torch.no_grad():
