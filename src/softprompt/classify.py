@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .evaluate import Verbalizer, classify, encode, pad_id
+from .evaluate import Verbalizer, classify, encode_template, pad_id
 
 __all__ = ["classify_texts", "run_settings"]
 
@@ -37,7 +37,8 @@ def classify_texts(
         tokenizer: Its tokenizer.
         texts: Texts to label (no gold labels needed).
         adapter: The adapter to use (None: the bare model).
-        template: The run's template, with a `{text}` placeholder.
+        template: The run's template, with a `{text}` placeholder (and ``{prompt}`` where the
+            prompt goes, for an adapter placed at a marker).
         label_words: Label name -> label word (as it follows the template).
         max_length: Longest templated input in tokens (longer texts are shortened).
         batch_size: Texts per forward pass.
@@ -48,8 +49,16 @@ def classify_texts(
     if not texts:
         return []
     verbalizer = Verbalizer.build(tokenizer, label_words)
-    rows = encode(tokenizer, list(texts), template, max_length)
-    scores = classify(model, rows, verbalizer, pad_id(tokenizer), adapter=adapter, batch_size=batch_size)
+    rows, positions = encode_template(tokenizer, list(texts), template, max_length)
+    scores = classify(
+        model,
+        rows,
+        verbalizer,
+        pad_id(tokenizer),
+        adapter=adapter,
+        batch_size=batch_size,
+        prompt_positions=positions,
+    )
     probs = torch.softmax(scores.double(), dim=1)
     out = []
     for row in probs.tolist():

@@ -50,6 +50,19 @@ def parse_label_words(value: str) -> dict[str, str]:
     return out
 
 
+def parse_seeds(value: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]: distinct integer seeds."""
+    try:
+        seeds = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds: {value!r} is not a list of integers such as 0,1,2."
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds: give distinct integers such as 0,1,2; got {value!r}.")
+    return seeds
+
+
 def _optional(kind: type) -> Any:
     def parse(value: str) -> Any:
         return None if value.lower() in ("none", "null", "") else kind(value)
@@ -206,6 +219,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     config = TrainConfig(**_options(args, TrainConfig))
+    _check_template(config.template)
+    if args.seeds:
+        return _train_seeds(config, args.seeds)
     result = train(config, Progress())
     out = result.output_dir
     metrics = result.metrics
@@ -230,6 +246,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"metrics:  {out / 'metrics.jsonl'}  results: {out / 'results.json'}")
     print(f"plot:     {out / 'plot.png'}")
     print(f"config:   {out / 'run_config.json'}")
+    return 0
+
+
+def _check_template(template: str | None) -> None:
+    """A template with {prompt} is checked before anything is loaded (a clear error early)."""
+    from .evaluate import has_prompt_marker
+
+    if template and has_prompt_marker(template):
+        from .compose import parse_template
+
+        parse_template(template)
+
+
+def _train_seeds(config: Any, seeds: list[int]) -> int:
+    from .ensemble import train_seeds
+
+    done = train_seeds(config, seeds, Progress())
+    results = done.results
+    rows = [{"model": name, **(scores or {})} for name, scores in (results.get("members") or {}).items()]
+    if results.get("ensemble"):
+        rows.append({"model": f"mean of the {len(rows)} prompts", **results["member_mean"]})
+        rows.append({"model": f"ensemble of {len(rows) - 1} prompts", **results["ensemble"]})
+    if "zero_shot" in results:
+        rows.insert(0, {"model": "bare model (zero-shot)", **results["zero_shot"]})
+    if rows:
+        print(f"\n{results.get('final_split')} results ({rows[-1].get('examples')} examples):")
+        columns = ["model"] + [k for k in rows[-1] if k not in ("model", "examples")]
+        print_table(rows, columns)
+    if results.get("ensemble_skipped"):
+        print(f"no ensemble: {results['ensemble_skipped']}")
+    for name, run in done.runs.items():
+        print(f"{name}: {run.output_dir / 'best'}  ({run.steps} steps, {run.seconds / 60:.1f} min)")
+    print(f"results:  {done.output_dir / 'results.json'}")
     return 0
 
 
@@ -298,6 +347,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     adapters = _adapter_specs(args.adapter)
     if not adapters and not args.zero_shot:
         raise ValueError("nothing to evaluate: give --adapter PATH (one or more) and/or --zero-shot.")
+    if args.ensemble:
+        _check_ensemble(adapters)
     run = _run_settings(adapters)
     model_name = args.model or run.model
     values = _options(args, DataConfig)
@@ -325,6 +376,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bf16 = resolve_bf16(args.bf16, device)
     rows = []
     targets = ([("bare model (zero-shot)", None)] if args.zero_shot else []) + [(n, n) for n, _ in adapters]
+    if args.ensemble:  # the members are scored together below
+        targets = targets[:1] if args.zero_shot else []
     for label, name in targets:
         progress = Progress()
         progress("phase", {"message": f"scoring {label}", "total": len(indices or objective.lengths)})
@@ -337,6 +390,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 progress=lambda n, progress=progress: progress("progress", {"n": n}),
             )
         rows.append({"model": label, **scores})
+    if args.ensemble:
+        from .ensemble import score_ensemble
+
+        Progress()("phase", {"message": f"scoring the ensemble of {len(adapters)} prompts in one pass"})
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            result = score_ensemble(objective, model, [n for n, _ in adapters], indices, args.batch_size)
+        rows.extend({"model": name, **scores} for name, scores in result.members.items())
+        rows.append({"model": f"ensemble of {len(adapters)} (mean log-prob)", **result.ensemble})
+        sys.stderr.write(f"ensemble pass: {result.seconds:.1f} s; best member: {result.best_member}\n")
     sys.stderr.write("\n")
     columns = ["model"] + [k for k in rows[0] if k != "model"]
     print_table(rows, columns)
@@ -349,6 +411,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         print(f"saved {args.output}")
     return 0
+
+
+def _check_ensemble(adapters: list[tuple[str, Path]]) -> None:
+    from .ensemble import check_same_format
+
+    if len(adapters) < 2:
+        raise ValueError("--ensemble needs two or more --adapter (the members).")
+    check_same_format(adapters)
 
 
 def _eval_examples(config: Any, split: str):
@@ -385,11 +455,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     names = [n for n, _ in adapters] or [None]
     if args.zero_shot and adapters:
         names = [None] + names
-    from .evaluate import encode, left_pad
+    from .evaluate import _shifted, encode_template, left_pad
 
-    rows = encode(tokenizer, texts, template, args.max_length)
+    rows, positions = encode_template(tokenizer, texts, template, args.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad(rows, pad, model.device)
+    prompt_positions = _shifted(positions, rows, ids.shape[1], model.device)  # None: no {prompt}
     results = []
     for name in names:
         torch.manual_seed(args.seed)
@@ -397,6 +468,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             input_ids=ids,
             attention_mask=mask,
             adapter_names=name or "__base__",
+            prompt_positions=prompt_positions,
             max_new_tokens=args.max_new_tokens,
             do_sample=args.sample,
             temperature=args.temperature,
@@ -471,7 +543,11 @@ def _read_classify_rows(path: str, field: str) -> list[dict[str, Any]]:
 def cmd_classify(args: argparse.Namespace) -> int:
     from .classify import classify_texts, run_settings
 
-    adapters = _adapter_specs([args.adapter])
+    adapters = _adapter_specs(args.adapter)
+    if args.ensemble:
+        _check_ensemble(adapters)
+    elif len(adapters) > 1:
+        raise ValueError("several --adapter label texts together only with --ensemble; or give one.")
     run = run_settings(adapters[0][1])
     template = args.template or run.get("template")
     label_words = args.label_words or run.get("label_words")
@@ -490,17 +566,28 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model, tokenizer = _load_with_adapters(
         args.model or run.get("model"), adapters, allow_base_mismatch=args.allow_base_mismatch
     )
-    results = classify_texts(
-        model,
-        tokenizer,
-        [r[args.text_field] for r in rows],
-        adapter=adapters[0][0],
-        template=template,
-        label_words=label_words,
-        max_length=args.max_length or run.get("max_length") or 256,
-        batch_size=args.batch_size,
-    )
-    out = [{**row, "prediction": r["label"], "probs": r["probs"]} for row, r in zip(rows, results)]
+    options = {
+        "template": template,
+        "label_words": label_words,
+        "max_length": args.max_length or run.get("max_length") or 256,
+        "batch_size": args.batch_size,
+    }
+    texts = [r[args.text_field] for r in rows]
+    if args.ensemble:
+        from .ensemble import classify_ensemble
+
+        results = classify_ensemble(model, tokenizer, texts, [n for n, _ in adapters], **options)
+    else:
+        results = classify_texts(model, tokenizer, texts, adapter=adapters[0][0], **options)
+    out = [
+        {
+            **row,
+            "prediction": r["label"],
+            "probs": r["probs"],
+            **({"members": r["members"]} if "members" in r else {}),
+        }
+        for row, r in zip(rows, results)
+    ]
     if args.output:
         Path(args.output).write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8"
@@ -510,7 +597,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2, ensure_ascii=False))
     else:
         for r in out:
-            print(f"{r['prediction']}\t{r['probs'][r['prediction']]:.4f}\t{r[args.text_field]}")
+            members = (
+                "\t" + " ".join(f"{n}={m['label']}" for n, m in r["members"].items())
+                if "members" in r
+                else ""
+            )
+            print(f"{r['prediction']}\t{r['probs'][r['prediction']]:.4f}{members}\t{r[args.text_field]}")
     return 0
 
 
@@ -568,6 +660,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help=TrainConfig.__dataclass_fields__["output_dir"].metadata["help"],
     )
+    p.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        help="Train one prompt per seed (e.g. 0,1,2; replaces --seed) into OUTPUT/seed-<k>/, then score the "
+        "ensemble of their best prompts (one batched pass) next to each prompt in OUTPUT/results.json.",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="Score adapters (and the bare model) on labelled data.")
@@ -580,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="Examples per forward pass.")
     p.add_argument("--limit", type=int, default=None, help="Score only the first N examples.")
     p.add_argument("--output", default=None, help="Write the results as JSON here.")
+    p.add_argument("--ensemble", action="store_true", help=_ENSEMBLE_HELP)
     _allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_eval)
 
@@ -607,7 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="Label new texts with a classification prompt (no labels needed).")
     p.add_argument("text", nargs="*", help="Texts (default: --data, else one per line on standard input).")
     p.add_argument(
-        "--adapter", required=True, help="Adapter folder (its run gives template and label words)."
+        "--adapter",
+        action="append",
+        required=True,
+        help="Adapter folder (its run gives template and label words); several with --ensemble.",
     )
     p.add_argument(
         "--data", default=None, help="A .jsonl/.json file of objects, or a text file (a line each)."
@@ -620,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="Longest templated input " + _FROM_RUN)
     p.add_argument("--batch-size", type=int, default=64, help="Texts per forward pass.")
     p.add_argument("--json", action="store_true", help="Print JSON.")
+    p.add_argument("--ensemble", action="store_true", help=_ENSEMBLE_HELP)
     _allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_classify)
 
@@ -644,6 +748,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FROM_RUN = "(default: the adapter's run)"
+_ENSEMBLE_HELP = (
+    "Combine the --adapter prompts (two or more, trained with the same template and label words) into "
+    "an ensemble: the mean of their label log-probabilities, all scored in one batched pass; each "
+    "member is reported too."
+)
 
 
 def _allow_base_mismatch_option(p: argparse.ArgumentParser) -> None:
@@ -713,4 +822,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["build_parser", "main", "parse_label_words"]
+__all__ = ["build_parser", "main", "parse_label_words", "parse_seeds"]

@@ -87,6 +87,33 @@ def encode(tokenizer: Any, texts: Sequence[str], template: str, max_length: int)
     return out
 
 
+def has_prompt_marker(template: str) -> bool:
+    """Whether `template` says where the prompt goes with a ``{prompt}`` field (else the prompt
+    is a prefix and the template is used as it always was)."""
+    try:
+        return any(name == "prompt" for _, name, _, _ in string.Formatter().parse(template))
+    except ValueError:  # not a format string: `encode` reports it
+        return False
+
+
+def encode_template(
+    tokenizer: Any, texts: Sequence[str], template: str, max_length: int
+) -> tuple[list[list[int]], list[int] | None]:
+    """Token ids of each templated text and, for a template with ``{prompt}``, the index in each
+    row before which the prompt goes (`softprompt.compose.tokenize_template`).
+
+    Returns:
+        `(rows, prompt_positions)`; `prompt_positions` is None for a template without
+        ``{prompt}``, whose rows are exactly `encode`'s.
+    """
+    if not has_prompt_marker(template):
+        return encode(tokenizer, texts, template, max_length), None
+    from .compose import tokenize_template  # compose builds on this module
+
+    rows = tokenize_template(tokenizer, template, texts, max_length=max_length)
+    return [r.ids for r in rows], [r.prompt_position for r in rows]
+
+
 def pad_id(tokenizer: Any) -> int:
     """The id used to pad batches: the tokenizer's pad token, else its end-of-text token, else 0."""
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -190,10 +217,12 @@ def classify(
     adapter: str | None = None,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    prompt_positions: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Class scores for every row with one adapter (None or BASE: the bare model), `(n, C)`.
 
     Rows are batched by length, so padding stays small, and returned in input order.
+    `prompt_positions`: per row, where a prompt placed at a marker goes (see `class_logits`).
     """
     name = adapter or BASE
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -205,7 +234,10 @@ def classify(
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 batch = [rows[i] for i in idx]
-                scores[idx] = class_logits(model, batch, verbalizer, pad_id, [name] * len(batch)).cpu()
+                positions = None if prompt_positions is None else [prompt_positions[i] for i in idx]
+                scores[idx] = class_logits(
+                    model, batch, verbalizer, pad_id, [name] * len(batch), prompt_positions=positions
+                ).cpu()
                 if progress:
                     progress(len(idx))
     finally:

@@ -6,6 +6,12 @@ training loop and the `eval` command never branch on the kind of data:
 - `loss(model, indices)`: differentiable loss of a batch of example indices;
 - `evaluate(model, indices, adapter)`: metrics of one adapter (or the bare model);
 - `lengths`: token counts, for length-grouped batching.
+
+A template with ``{prompt}`` (e.g. ``"Review: {text}\n{prompt}Sentiment:"``) puts the prompt
+inside the input: the objective then keeps, per example, the index before which it goes
+(`prompt_positions`) and passes it to every forward and generate call; the run's prompt is
+placed at a marker (`PromptTuningConfig.prompt_position="MARKER"`). Without ``{prompt}``
+nothing changes: `prompt_positions` is None and the prompt is a prefix.
 """
 
 from __future__ import annotations
@@ -13,14 +19,27 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .evaluate import Verbalizer, class_logits, classify, encode, generation_metrics, left_pad, pad_id
+from .evaluate import (
+    Verbalizer,
+    _shifted,
+    class_logits,
+    classify,
+    encode_template,
+    generation_metrics,
+    left_pad,
+    pad_id,
+)
 from .model import BASE, SoftPromptModel
+
+if TYPE_CHECKING:
+    from .compose import EnsembleScores
+    from .model import RowPrompt
 
 
 @dataclass
@@ -32,6 +51,8 @@ class ClassificationObjective:
         gold: Class index of each example.
         verbalizer: Labels and their words.
         pad_id: Padding id.
+        prompt_positions: Per example, the index in its row before which the prompt goes
+            (a template with ``{prompt}``); None: the prompt is a prefix.
     """
 
     rows: list[list[int]]
@@ -39,6 +60,7 @@ class ClassificationObjective:
     verbalizer: Verbalizer
     pad_id: int
     primary_metric: str = "accuracy"
+    prompt_positions: list[int] | None = None
 
     @classmethod
     def build(
@@ -51,9 +73,9 @@ class ClassificationObjective:
         max_length: int,
     ) -> ClassificationObjective:
         verbalizer = Verbalizer.build(tokenizer, label_words)
-        rows = encode(tokenizer, texts, template, max_length)
+        rows, positions = encode_template(tokenizer, texts, template, max_length)
         gold = [verbalizer.index(label) for label in labels]
-        return cls(rows, gold, verbalizer, _pad_id(tokenizer))
+        return cls(rows, gold, verbalizer, _pad_id(tokenizer), prompt_positions=positions)
 
     @property
     def lengths(self) -> list[int]:
@@ -63,7 +85,13 @@ class ClassificationObjective:
         return len(self.rows)
 
     def loss(self, model: SoftPromptModel, indices: Sequence[int]) -> torch.Tensor:
-        scores = class_logits(model, [self.rows[i] for i in indices], self.verbalizer, self.pad_id)
+        scores = class_logits(
+            model,
+            [self.rows[i] for i in indices],
+            self.verbalizer,
+            self.pad_id,
+            prompt_positions=_positions(self.prompt_positions, indices),
+        )
         gold = torch.tensor([self.gold[i] for i in indices], device=scores.device)
         return F.cross_entropy(scores, gold)
 
@@ -97,8 +125,31 @@ class ClassificationObjective:
             adapter=adapter,
             batch_size=batch_size,
             progress=progress,
+            prompt_positions=_positions(self.prompt_positions, indices),
         )
         return list(scores.detach().cpu())
+
+    def ensemble(
+        self,
+        model: SoftPromptModel,
+        adapters: Sequence[RowPrompt],
+        indices: Sequence[int] | None = None,
+        batch_size: int = 64,
+    ) -> EnsembleScores:
+        """Label log-probabilities of several prompts and their mean, in one batched pass per
+        batch of `batch_size` examples (`softprompt.compose.ensemble_scores`)."""
+        from .compose import ensemble_scores
+
+        idx = list(range(len(self.rows))) if indices is None else list(indices)
+        return ensemble_scores(
+            model,
+            [self.rows[i] for i in idx],
+            self.verbalizer,
+            self.pad_id,
+            list(adapters),
+            prompt_positions=_positions(self.prompt_positions, idx),
+            batch_size=batch_size,
+        )
 
     def metrics(self, indices: Sequence[int], predictions: Sequence[torch.Tensor]) -> dict[str, float]:
         """Accuracy and per-class recall of `predictions` (from `predict`) for `indices`."""
@@ -124,6 +175,8 @@ class GenerationObjective:
         prompts: Token ids of each templated input.
         targets: Token ids of each target (followed by EOS when the tokenizer has one).
         target_texts: The targets as text, for the metrics.
+        prompt_positions: Per example, the index in its input before which the prompt goes
+            (a template with ``{prompt}``); None: the prompt is a prefix.
     """
 
     prompts: list[list[int]]
@@ -134,6 +187,7 @@ class GenerationObjective:
     max_new_tokens: int = 32
     primary_metric: str = "f1"
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt_positions: list[int] | None = None
 
     @classmethod
     def build(
@@ -145,10 +199,18 @@ class GenerationObjective:
         max_length: int,
         max_new_tokens: int = 32,
     ) -> GenerationObjective:
-        prompts = encode(tokenizer, texts, template, max_length)
+        prompts, positions = encode_template(tokenizer, texts, template, max_length)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         target_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) + eos for t in targets]
-        return cls(prompts, target_ids, list(targets), tokenizer, _pad_id(tokenizer), max_new_tokens)
+        return cls(
+            prompts,
+            target_ids,
+            list(targets),
+            tokenizer,
+            _pad_id(tokenizer),
+            max_new_tokens,
+            prompt_positions=positions,
+        )
 
     @property
     def lengths(self) -> list[int]:
@@ -166,7 +228,16 @@ class GenerationObjective:
             n = len(self.targets[i])
             labels[row, ids.shape[1] - n :] = ids[row, ids.shape[1] - n :]
         longest = max(len(self.targets[i]) for i in indices)
-        return model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=longest + 1).loss
+        positions = _shifted(_positions(self.prompt_positions, indices), seqs, ids.shape[1], device)
+        if positions is None:
+            return model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=longest + 1).loss
+        return model(
+            input_ids=ids,
+            attention_mask=mask,
+            labels=labels,
+            prompt_positions=positions,
+            logits_to_keep=longest + 1,
+        ).loss
 
     def evaluate(
         self,
@@ -188,7 +259,14 @@ class GenerationObjective:
         progress: Callable[[int], None] | None = None,
     ) -> list[str]:
         """The greedy generation of each example of `indices`."""
-        return self.generate(model, [self.prompts[i] for i in indices], adapter, batch_size, progress)
+        return self.generate(
+            model,
+            [self.prompts[i] for i in indices],
+            adapter,
+            batch_size,
+            progress,
+            prompt_positions=_positions(self.prompt_positions, indices),
+        )
 
     def metrics(self, indices: Sequence[int], predictions: Sequence[str]) -> dict[str, float]:
         """Exact match / F1 of `predictions` (from `predict`) for `indices`."""
@@ -204,7 +282,10 @@ class GenerationObjective:
         adapter: str | None,
         batch_size: int,
         progress: Callable[[int], None] | None = None,
+        prompt_positions: Sequence[int] | None = None,
     ) -> list[str]:
+        """Greedy generations for token-id inputs; `prompt_positions`: per input, where a prompt
+        placed at a marker goes."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         texts: list[str] = [""] * len(prompts)
         device = model.device
@@ -213,11 +294,14 @@ class GenerationObjective:
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                ids, mask = left_pad([prompts[i] for i in idx], self.pad_id, device)
+                batch = [prompts[i] for i in idx]
+                ids, mask = left_pad(batch, self.pad_id, device)
+                positions = _shifted(_positions(prompt_positions, idx), batch, ids.shape[1], device)
                 with torch.no_grad():
                     out = model.generate(
                         input_ids=ids,
                         attention_mask=mask,
+                        prompt_positions=positions,
                         adapter_names=adapter or BASE,
                         max_new_tokens=self.max_new_tokens,
                         do_sample=False,
@@ -239,6 +323,11 @@ Objective = ClassificationObjective | GenerationObjective
 
 def _pad_id(tokenizer: Any) -> int:
     return pad_id(tokenizer)
+
+
+def _positions(positions: Sequence[int] | None, indices: Sequence[int]) -> list[int] | None:
+    """The prompt positions of the examples `indices` (None for prefix prompts)."""
+    return None if positions is None else [positions[i] for i in indices]
 
 
 def evaluate(

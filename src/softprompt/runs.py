@@ -16,7 +16,7 @@ import torch
 from . import distributed
 from ._io import atomic_write_text
 from .bf16 import resolve_bf16
-from .config import PromptTuningConfig, PromptTuningInit
+from .config import PromptPosition, PromptTuningConfig, PromptTuningInit
 from .model import SoftPromptModel
 from .objectives import ClassificationObjective, GenerationObjective, Objective
 from .settings import RUN_IDENTITY, TrainingError
@@ -264,7 +264,8 @@ def build_objective(
 
 
 def prompt_config(config: TrainConfig, objective: Objective) -> PromptTuningConfig:
-    """The prompt's configuration for this run (initialisation from the recipe)."""
+    """The prompt's configuration for this run (initialisation from the recipe; placed at the
+    template's ``{prompt}`` marker when it has one)."""
     default = "CLASS_LABELS" if isinstance(objective, ClassificationObjective) else "SAMPLE_VOCAB"
     init = PromptTuningInit.parse(config.init or default, "init")
     kwargs: dict[str, Any] = {
@@ -282,6 +283,8 @@ def prompt_config(config: TrainConfig, objective: Objective) -> PromptTuningConf
     elif init is PromptTuningInit.TEXT:
         default = DEFAULT_CLASSIFICATION_TEXT if isinstance(objective, ClassificationObjective) else "Answer:"
         kwargs["prompt_tuning_init_text"] = config.init_text or default
+    if objective.prompt_positions is not None:  # the template has {prompt}: the prompt goes there
+        kwargs["prompt_position"] = PromptPosition.MARKER
     return PromptTuningConfig(**kwargs)
 
 

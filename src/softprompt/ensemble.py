@@ -1,0 +1,381 @@
+"""Ensembles of soft prompts: several prompts score the same inputs, their label
+log-probabilities are averaged (Lester et al., 2021, section 7).
+
+All members run in one batched pass per batch of inputs (each input repeated once per
+prompt, one mixed-adapter batch: `softprompt.compose.ensemble_scores`), so the frozen
+model is called once per batch instead of once per prompt and batch.
+
+- `evaluate_ensemble`: labelled texts -> accuracy of the ensemble and of each member
+  (`score_ensemble` does the same for an objective built by a run; `softprompt eval
+  --ensemble`).
+- `classify_ensemble`: unlabelled texts -> the ensemble's label and each member's
+  (`softprompt classify --ensemble`).
+- `check_same_format`: the members' runs must share template and label words.
+- `train_seeds`: one run per seed, then the ensemble of their best prompts scored on the
+  test split (`softprompt train --seeds 0,1,2`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .objectives import ClassificationObjective
+
+if TYPE_CHECKING:
+    from .compose import EnsembleScores
+    from .model import RowPrompt, SoftPromptModel
+    from .settings import TrainConfig
+    from .train import TrainResult
+
+__all__ = [
+    "EnsembleResult",
+    "SeedsResult",
+    "check_same_format",
+    "classify_ensemble",
+    "evaluate_ensemble",
+    "score_ensemble",
+    "train_seeds",
+]
+
+
+def _member_name(adapter: RowPrompt) -> str:
+    if isinstance(adapter, tuple):
+        return "+".join(adapter)
+    return "bare model" if adapter is None or adapter == "__base__" else str(adapter)
+
+
+@dataclass
+class EnsembleResult:
+    """The scores of an ensemble and of its members on labelled data.
+
+    Attributes:
+        ensemble: Metrics of the ensemble (the argmax of the members' mean label
+            log-probability): accuracy, per-class recall, examples.
+        members: Each member's metrics, by adapter name, in member order.
+        scores: The label log-probabilities themselves (`.mean`, `.members`).
+        seconds: Time of the batched pass.
+        primary_metric: The metric that picks `best_member`.
+    """
+
+    ensemble: dict[str, float]
+    members: dict[str, dict[str, float]]
+    scores: EnsembleScores
+    seconds: float
+    primary_metric: str = "accuracy"
+
+    @property
+    def member_mean(self) -> dict[str, float]:
+        """The mean over members of each metric."""
+        first = next(iter(self.members.values()))
+        return {k: sum(m[k] for m in self.members.values()) / len(self.members) for k in first}
+
+    @property
+    def best_member(self) -> str:
+        """The member with the highest primary metric (the first of equals)."""
+        return max(self.members, key=lambda name: self.members[name][self.primary_metric])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ensemble, members, member_mean, best_member (name and metrics), seconds."""
+        return {
+            "ensemble": self.ensemble,
+            "members": self.members,
+            "member_mean": self.member_mean,
+            "best_member": {"name": self.best_member, **self.members[self.best_member]},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def score_ensemble(
+    objective: ClassificationObjective,
+    model: SoftPromptModel,
+    adapters: Sequence[RowPrompt],
+    indices: Sequence[int] | None = None,
+    batch_size: int = 64,
+) -> EnsembleResult:
+    """Score the examples `indices` (None: all) of a classification objective with an ensemble
+    of `adapters` (loaded into `model`) in one batched pass per batch.
+
+    Raises:
+        TypeError: The objective is not a classification one.
+        ValueError: No adapters, or the same adapter twice.
+    """
+    if not isinstance(objective, ClassificationObjective):
+        raise TypeError(
+            "an ensemble averages label log-probabilities, so it needs classification data "
+            "(label words); score generation adapters one by one."
+        )
+    names = [_member_name(a) for a in adapters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"an ensemble's members must be different adapters; got {names}.")
+    idx = list(range(len(objective))) if indices is None else list(indices)
+    start = time.perf_counter()
+    scores = objective.ensemble(model, adapters, idx, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    members = {name: objective.metrics(idx, list(scores.members[m])) for m, name in enumerate(names)}
+    return EnsembleResult(
+        objective.metrics(idx, list(scores.mean)), members, scores, seconds, objective.primary_metric
+    )
+
+
+def evaluate_ensemble(
+    model: SoftPromptModel,
+    tokenizer: Any,
+    adapters: Sequence[RowPrompt],
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    template: str,
+    label_words: dict[str, str],
+    max_length: int = 256,
+    batch_size: int = 64,
+) -> EnsembleResult:
+    """Accuracy of an ensemble of prompts and of each of its members on labelled texts.
+
+    Example:
+        >>> model = SoftPromptModel.from_pretrained(base, "runs/a/best", adapter_name="a")
+        >>> model.load_adapter("runs/b/best", "b"); model.load_adapter("runs/c/best", "c")
+        >>> result = evaluate_ensemble(model, tokenizer, ["a", "b", "c"], texts, labels,
+        ...     template="Review: {text}\\nSentiment:",
+        ...     label_words={"positive": " positive", "negative": " negative"})
+        >>> result.ensemble["accuracy"], result.member_mean["accuracy"], result.best_member
+
+    Args:
+        model: A CAUSAL_LM `SoftPromptModel` holding the members' adapters.
+        tokenizer: Its tokenizer.
+        adapters: The members' adapter names (or tuples of names, or `softprompt.BASE`).
+        texts: Inputs.
+        labels: Their gold labels (keys of `label_words`).
+        template: The members' template, with ``{text}`` (and ``{prompt}`` for prompts
+            placed at a marker).
+        label_words: Label -> label word, as the members were trained with.
+        max_length: Longest templated input in tokens.
+        batch_size: Inputs per pass (each pass runs `batch_size * len(adapters)` rows).
+
+    Returns:
+        An `EnsembleResult`: the ensemble's metrics (the argmax of the members' mean label
+        log-probability), each member's, their mean, the best member, the scores.
+    """
+    objective = ClassificationObjective.build(tokenizer, texts, labels, template, label_words, max_length)
+    return score_ensemble(objective, model, adapters, batch_size=batch_size)
+
+
+def classify_ensemble(
+    model: SoftPromptModel,
+    tokenizer: Any,
+    texts: Sequence[str],
+    adapters: Sequence[RowPrompt],
+    *,
+    template: str,
+    label_words: dict[str, str],
+    max_length: int = 256,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Label unlabelled texts with an ensemble of prompts.
+
+    Returns:
+        Per text `{"label", "probs", "members"}`: the ensemble's label and probabilities (a
+        softmax over the labels of the members' mean log-probability), and for each member
+        (by name) its own `{"label", "probs"}`.
+    """
+    from .compose import ensemble_scores
+    from .evaluate import Verbalizer, encode_template, pad_id
+
+    if not texts:
+        return []
+    verbalizer = Verbalizer.build(tokenizer, label_words)
+    rows, positions = encode_template(tokenizer, list(texts), template, max_length)
+    scores = ensemble_scores(
+        model,
+        rows,
+        verbalizer,
+        pad_id(tokenizer),
+        list(adapters),
+        prompt_positions=positions,
+        batch_size=batch_size,
+    )
+    labels = verbalizer.labels
+    names = [_member_name(a) for a in adapters]
+
+    def pick(logprobs: torch.Tensor) -> dict[str, Any]:
+        probs = torch.softmax(logprobs.double(), dim=-1).tolist()
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {"label": labels[best], "probs": dict(zip(labels, probs))}
+
+    return [
+        {
+            **pick(scores.mean[i]),
+            "members": {name: pick(scores.members[m, i]) for m, name in enumerate(names)},
+        }
+        for i in range(len(texts))
+    ]
+
+
+def check_same_format(adapter_dirs: Sequence[tuple[str, str | Path]]) -> None:
+    """Refuse an ensemble whose members were trained with different templates or label words.
+
+    Args:
+        adapter_dirs: `(name, folder)` of each member; the run of each folder
+            (`softprompt.settings.adapter_run`) is compared, folders without one are not.
+
+    Raises:
+        ValueError: Two members' runs differ; the message names both and the difference.
+    """
+    from .settings import adapter_run
+
+    seen: tuple[str, Any] | None = None
+    for name, folder in adapter_dirs:
+        run = adapter_run(folder)
+        if run is None:
+            continue
+        if seen is None:
+            seen = (name, run)
+            continue
+        first_name, first = seen
+        for what in ("task", "template", "label_words"):
+            a, b = getattr(first, what), getattr(run, what)
+            if a != b:
+                raise ValueError(
+                    f"the ensemble's adapters {first_name} and {name} were trained with different "
+                    f"{what.replace('_', ' ')} ({a!r} vs {b!r}); every member scores the same inputs with "
+                    "the same label words, so ensemble adapters from runs that share them."
+                )
+
+
+# ---------------------------------------------------------------------- one run per seed
+@dataclass
+class SeedsResult:
+    """What `train_seeds` did.
+
+    Attributes:
+        output_dir: The parent folder; each seed's run is in `output_dir/seed-<k>/`.
+        runs: Each seed's `TrainResult`, by folder name.
+        results: What `output_dir/results.json` holds.
+    """
+
+    output_dir: Path
+    runs: dict[str, TrainResult] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def train_seeds(
+    config: TrainConfig,
+    seeds: Sequence[int],
+    callback: Callable[[str, dict[str, Any]], None] | None = None,
+    *,
+    batch_size: int = 64,
+) -> SeedsResult:
+    """Train one prompt per seed, then score the ensemble of their best prompts.
+
+    Each seed `k` is `softprompt.train.train(config with seed=k, output_dir=<output_dir>/seed-<k>)`,
+    so resume and overwrite work per seed as for one run (`config.resume`, `config.overwrite`).
+    The ensemble of the seeds' `best/` prompts is then scored in one batched pass on the test
+    split (or on the dev split when it is the same for every seed: a built-in set, `dev_data`),
+    and `<output_dir>/results.json` gets the ensemble's metrics next to each member's, their
+    mean and the best member.
+
+    Args:
+        config: The recipe; its `seed` is replaced by each of `seeds`.
+        seeds: Distinct integer seeds.
+        callback: As for `train` (also told "phase" for each seed and the ensemble).
+        batch_size: Inputs per batched pass when scoring the ensemble.
+
+    Raises:
+        TrainingError: As `train` (per seed), or `output_dir` holds a single run.
+    """
+    from . import distributed
+    from ._io import atomic_write_text
+    from .settings import TrainingError
+    from .train import train
+
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise TrainingError(f"seeds must be distinct integers, at least one; got {seeds}.")
+    if distributed.launched():
+        raise TrainingError(
+            "train --seeds runs in one process; start it without torchrun / accelerate launch "
+            "(or train each seed under them with train --seed K --output DIR/seed-K)."
+        )
+    out = Path(config.output_dir)
+    if (out / "run_config.json").exists():
+        raise TrainingError(
+            f"{out} holds a single training run; --seeds writes one run per seed into {out}/seed-<k>/ "
+            "and the ensemble's results next to them: choose another --output folder."
+        )
+    notify = callback or (lambda event, info: None)
+    result = SeedsResult(out)
+    for number, seed in enumerate(seeds, 1):
+        name = f"seed-{seed}"
+        notify("phase", {"message": f"seed {seed} ({number}/{len(seeds)}): training into {out / name}"})
+        seed_config = dataclasses.replace(config, seed=seed, output_dir=str(out / name))
+        result.runs[name] = train(seed_config, callback)
+    result.results = _score_seeds(config, out, seeds, result.runs, notify, batch_size)
+    atomic_write_text(out / "results.json", json.dumps(result.results, indent=2) + "\n")
+    return result
+
+
+def _score_seeds(
+    config: TrainConfig,
+    out: Path,
+    seeds: list[int],
+    runs: dict[str, TrainResult],
+    notify: Callable[[str, dict[str, Any]], None],
+    batch_size: int,
+) -> dict[str, Any]:
+    from . import distributed
+    from .base_models import load_model
+    from .data import BUILTIN
+    from .model import SoftPromptModel
+    from .runs import build_objective, load_data
+
+    names = list(runs)
+    results: dict[str, Any] = {"seeds": seeds, "runs": {name: str(out / name) for name in names}}
+    first = runs[names[0]].metrics
+    if "zero_shot" in first:
+        results["zero_shot"] = first["zero_shot"]
+    spec = load_data(config, seeds[0])
+    # A training file without dev_data holds out a different 10% per seed: no common dev split.
+    common_dev = (
+        config.dev_data is not None or not isinstance(config.data, (str, Path)) or config.data in BUILTIN
+    )
+    split, examples = ("test", spec.test) if spec.test else ("dev", spec.dev if common_dev else None)
+    skipped = None
+    if spec.task != "classification":
+        skipped = "ensembles average label log-probabilities: classification only"
+    elif not examples:
+        skipped = "no test split (nor a dev split shared by every seed: give --test-data or --dev-data)"
+    if skipped is not None:
+        results.update(
+            {
+                "final_split": first.get("final_split"),
+                "members": {name: runs[name].metrics.get("tuned") for name in names},
+                "ensemble": None,
+                "ensemble_skipped": skipped,
+            }
+        )
+        return results
+    notify(
+        "phase",
+        {"message": f"scoring the ensemble of {len(names)} prompts on {split} ({len(examples)} examples)"},
+    )
+    device = distributed.resolve_device(config.device)
+    dtype = distributed.resolve_dtype(config.dtype, device)
+    base, tokenizer = load_model(config.model, dtype=dtype, device=device)
+    model = SoftPromptModel.from_pretrained(base, out / names[0] / "best", adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(out / name / "best", name)
+    model.eval()
+    objective = build_objective(spec, examples, tokenizer, config)
+    info = json.loads((out / names[0] / "run_config.json").read_text(encoding="utf-8"))
+    bf16 = bool(info.get("resolved", {}).get("bf16"))  # as each run scored its own prompt
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        scored = score_ensemble(objective, model, names, batch_size=batch_size)
+    results.update({"final_split": split, **scored.to_dict()})
+    return results
