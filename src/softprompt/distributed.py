@@ -11,14 +11,19 @@ A rank that dies or stops answering never makes the others hang: every collectiv
 under the process group's timeout (`SOFTPROMPT_DIST_TIMEOUT` seconds, default 600), and
 a failed collective is raised as `DistributedError`, which names the rank and the
 operation, so the launcher sees a non-zero exit code.
+
+With `--fsdp` the frozen model is sharded over the ranks by PyTorch's own FSDP
+(`shard_model`); then every forward pass is a collective, and `replicated()` makes every
+rank do all of a piece of work (evaluation) instead of its share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -29,6 +34,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 TIMEOUT_ENV = "SOFTPROMPT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+_replicated = False  # inside `replicated()`: every rank does all of the work
 
 
 class DistributedError(RuntimeError):
@@ -178,8 +184,9 @@ def broadcast_object(obj: T) -> T:
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank (`[obj]` in one process)."""
-    if not active():
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` in one process and inside
+    `replicated()`, where every rank holds the same)."""
+    if not active() or _replicated:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     _collective("all_gather_object", dist.all_gather_object, out, obj)
@@ -187,7 +194,10 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def shard(items: Sequence[T]) -> list[T]:
-    """This rank's share of `items`: every world_size-th item from index rank (all in one process)."""
+    """This rank's share of `items`: every world_size-th item from index rank (all in one process,
+    and all inside `replicated()`)."""
+    if _replicated:
+        return list(items)
     return list(items[rank() :: world_size()])
 
 
@@ -200,6 +210,121 @@ def barrier() -> None:
         _collective("barrier", dist.monitored_barrier, timeout=seconds, wait_all_ranks=True)
     else:
         _collective("barrier", dist.barrier)
+
+
+@contextlib.contextmanager
+def replicated() -> Iterator[None]:
+    """Every rank computes all of the work in the block instead of its share: `shard` gives
+    every item and `gather_objects` this rank's own object, which is every rank's.
+
+    For a model sharded with FSDP (`shard_model`) every forward pass is a collective (it
+    gathers the weights), so the ranks must make the same calls: sharing out evaluation
+    examples would give one rank fewer batches, or fewer generation steps, than another.
+    """
+    global _replicated
+    previous, _replicated = _replicated, True
+    try:
+        yield
+    finally:
+        _replicated = previous
+
+
+# ---------------------------------------------------------------------- FSDP
+def _fsdp_units(base: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    """The groups of modules `shard_model` makes FSDP units of, innermost first: each
+    transformer block, the input embeddings (with the output embeddings when their weight is
+    tied to them; else those on their own), then the transformer body."""
+    from .prefix import backbone
+
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks: list[torch.nn.Module] = []
+    taken: list[str] = []
+    for path, module in base.named_modules():
+        if type(module).__name__ in names and not any(path.startswith(t + ".") for t in taken):
+            blocks.append(module)
+            taken.append(path)
+    if not blocks:  # no `_no_split_modules`: the children of the body's longest ModuleList
+        lists = [m for m in base.modules() if isinstance(m, torch.nn.ModuleList)]
+        blocks = list(max(lists, key=len)) if lists else []
+    units = [[b] for b in blocks]
+    embed_in, embed_out = base.get_input_embeddings(), None
+    getter = getattr(base, "get_output_embeddings", None)
+    if callable(getter):
+        embed_out = getter()
+    in_weight = getattr(embed_in, "weight", None)
+    tied = embed_out is not None and getattr(embed_out, "weight", None) is in_weight
+    if embed_out is not None and not tied and embed_out is not embed_in:
+        units.append([embed_out])
+    units.append([embed_in, embed_out] if tied and embed_out is not embed_in else [embed_in])
+    body = backbone(base)
+    if body is not base:
+        units.append([body])
+    return units
+
+
+def shard_model(
+    base: torch.nn.Module, device: torch.device, replicated_params: Iterable[torch.nn.Parameter] = ()
+) -> bool:
+    """Shard the frozen `base` over the ranks with PyTorch's FSDP (`fully_shard`, FSDP2).
+
+    Every transformer block, the input embeddings and the body become units of their own
+    (the input embeddings are called on their own, before the model, to embed the input),
+    then `base` itself. Each rank keeps 1/world of every weight and gathers a unit's weights
+    for its forward (and again for its backward). `replicated_params` (the prompt's heads:
+    trained, so their gradients are all-reduced by hand like the prompt's) are left whole.
+    A no-op in one process.
+
+    Returns:
+        Whether the model was sharded.
+    """
+    if not active():
+        return False
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    ignored = set(replicated_params)
+    for unit in _fsdp_units(base):
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, ignored_params=ignored or None)
+    fully_shard(base, mesh=mesh, ignored_params=ignored or None)
+    # FSDP takes the first unit that runs a forward as the root of all the others, and the
+    # input embeddings run first in every call of a SoftPromptModel: one forward of `base`
+    # itself (a collective, on every rank) makes it the root.
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    inputs: dict[str, Any] = {"input_ids": token}
+    if getattr(base.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = token
+    with torch.no_grad():
+        _collective("FSDP's first forward", base, **inputs)
+    logger.debug("rank %d: base model sharded over %d processes (FSDP)", rank(), world_size())
+    return True
+
+
+def _fsdp_unit(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover  (a torch without FSDP2)
+        return False
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered_input_embeddings(base: torch.nn.Module) -> Iterator[None]:
+    """The whole input-embedding table on every rank for the block when `base` is sharded
+    (a collective: every rank enters it); a no-op otherwise.
+
+    Saving an adapter reads a few fixed rows of the table to fingerprint the base model; with
+    FSDP those rows may live on another rank.
+    """
+    embed = base.get_input_embeddings()
+    if not _fsdp_unit(embed):
+        yield
+        return
+    _collective("gathering the input embeddings", embed.unshard)
+    try:
+        yield
+    finally:
+        embed.reshard()
 
 
 # ---------------------------------------------------------------------- device and dtype
@@ -253,6 +378,6 @@ def resolve_dtype(setting: str | None, device: torch.device) -> torch.dtype:
 
 
 __all__ = ["DistributedError", "active", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object",
-           "broadcast_parameters", "close", "gather_objects", "init", "is_main", "launched", "local_rank",
-           "rank", "reduce_gradients", "resolve_device", "resolve_dtype", "shard", "timeout_s",
-           "world_size"]  # fmt: skip
+           "broadcast_parameters", "close", "gather_objects", "gathered_input_embeddings", "init", "is_main",
+           "launched", "local_rank", "rank", "reduce_gradients", "replicated", "resolve_device",
+           "resolve_dtype", "shard", "shard_model", "timeout_s", "world_size"]  # fmt: skip

@@ -26,7 +26,47 @@ _STAT_ROWS = 8192
 def _embed_ids(embed: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     device = _module_device(embed)
     with torch.no_grad():
+        if _sharded(getattr(embed, "weight", None)):
+            return _embed_ids_sharded(embed, ids.to(device))
         return embed(ids.to(device)).detach().to("cpu", torch.float32)
+
+
+def _sharded(weight: Any) -> bool:
+    """Whether `weight` is split over the processes of a run (an FSDP2 DTensor)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover  (a torch without DTensor)
+        return False
+    return isinstance(weight, DTensor)
+
+
+def _embed_ids_sharded(embed: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """`embed(ids)` when FSDP has split the embedding table over the processes (PEFT read
+    such tables wrongly: its issues #206 and #1633). Every process gathers the whole table
+    for the lookup (a collective: every process initialises the same prompts, so they make
+    the same calls in the same order), then the module's own forward reads the rows (models
+    that scale their embeddings included), and the table is split again. The gather copies
+    the weights, so the result is bit-identical to the unsharded lookup.
+
+    Raises:
+        TypeError: The table is sharded as part of a larger FSDP unit, which this module
+            cannot gather on its own.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(embed, FSDPModule):
+        raise TypeError(
+            f"the input embeddings ({type(embed).__name__}) are sharded inside a larger FSDP unit, so "
+            "the prompt cannot be initialised from them here; make them a unit of their own "
+            "(fully_shard(model.get_input_embeddings()) before the model's, as "
+            "softprompt.distributed.shard_model does) or add the prompt before sharding."
+        )
+    embed.unshard()  # all-gathers the table
+    try:
+        # forward, not __call__: FSDP's hooks would take this module for the root of the model
+        return embed.forward(ids).detach().to("cpu", torch.float32)
+    finally:
+        embed.reshard()
 
 
 def _module_device(module: nn.Module) -> torch.device:

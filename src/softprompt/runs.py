@@ -314,7 +314,9 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
 
     device = distributed.resolve_device(config.device)
     dtype = distributed.resolve_dtype(config.dtype, device)
-    base, tokenizer = load_model(config.model, dtype=dtype, device=device)
+    fsdp = config.fsdp and distributed.active()
+    # FSDP: every process reads the model into host memory, then keeps 1/N of it on the device
+    base, tokenizer = load_model(config.model, dtype=dtype, device=torch.device("cpu") if fsdp else device)
     if config.gradient_checkpointing:
         # transformers 5.x renamed it (the old name warns and goes in v6)
         (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
@@ -326,6 +328,15 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
         raise _error(f"no training examples in {config.data}.")
     torch.manual_seed(config.seed)  # the prompt's initialisation depends on the seed only
     model = SoftPromptModel(base, prompt_config(config, train_obj), tokenizer=tokenizer)
+    if fsdp:
+        # The prompt was initialised from the whole embedding table above; the prompt and trained
+        # heads stay whole on every process (their gradients are all-reduced by hand).
+        notify("phase", {"message": f"sharding the model over {distributed.world_size()} processes (FSDP)"})
+        trained = model.trainable_parameters()
+        distributed.shard_model(model.base_model, device, replicated_params=trained)
+        with torch.no_grad():
+            for p in trained:
+                p.data = p.data.to(device)
     info = {
         "config": config.to_dict(),
         "resolved": {
@@ -334,6 +345,7 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "world_size": distributed.world_size(),
+            "fsdp": fsdp,
             "task": spec.task,
             "template": spec.template,
             "label_words": spec.label_words,

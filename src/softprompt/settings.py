@@ -163,6 +163,12 @@ class OptimConfig:
         False, "Recompute activations in the backward pass (less memory, slower)."
     )
     max_train_examples: int | None = option(None, "Use at most this many training examples.")
+    fsdp: bool = option(
+        False,
+        "Under torchrun / accelerate launch: shard the frozen model over the processes with PyTorch's "
+        "FSDP (each keeps 1/N of every weight), for a model that does not fit one device; the prompt "
+        "stays whole on every process. Same results as without it (no effect in one process).",
+    )
 
     def _validate_optim(self) -> None:
         _at_least_one(self, ("batch_size", "grad_accum"))

@@ -22,10 +22,16 @@ micro-batches and the prompt's gradients are summed over the processes, so N pro
 data, order and update; float sums in another order: allclose, not bit-identical). Dev and
 test examples are shared out and their predictions gathered: the metrics are the
 1-process numbers. Only rank 0 writes files and reports progress. See `distributed`.
+
+With `fsdp=True` the frozen model is sharded over the processes (`distributed.shard_model`);
+every forward pass then gathers weights, so every rank makes the same passes (a stand-in
+pass at the end of an epoch, evaluation not shared out) and training passes take the
+uncached prompt path (see `Trainer._prompt_cache`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -265,6 +271,7 @@ class Trainer:
             self.notify = lambda event, info: None
         self.run: Run = prepare_run(config, self.notify)
         self.model, self.objective, self.dev = self.run.model, self.run.train, self.run.dev
+        self.fsdp = bool(self.run.info["resolved"].get("fsdp"))
         self.params = self.model.trainable_parameters()
         distributed.broadcast_parameters(self.params)  # every rank starts from rank 0's prompt
         per_step = config.batch_size * config.grad_accum * self.world
@@ -329,19 +336,32 @@ class Trainer:
         """
         lengths, state = self.objective.lengths, self.state
         step_loss, bad = 0.0, None
-        for indices in distributed.shard(group):  # this rank's micro-batches (all of them in one process)
+        mine = distributed.shard(group)  # this rank's micro-batches (all of them in one process)
+        turns = len(mine)
+        if self.fsdp:
+            # Every forward and backward gathers sharded weights, a collective: every rank makes
+            # the same number of passes. A rank with fewer micro-batches (the end of an epoch)
+            # repeats one whose loss counts zero, and a non-finite loss does not stop the others.
+            turns = -(-len(group) // self.world)
+        for turn in range(turns):
+            real = turn < len(mine)
+            indices = mine[turn] if real else group[0]
             positions = max(lengths[i] for i in indices) + self.config.num_virtual_tokens
             attention = training_attention(self.model.base_model, self.bf16, self.device, positions)
-            with attention_implementation(self.model.base_model, attention):
+            with attention_implementation(self.model.base_model, attention), self._prompt_cache():
                 with self.autocast():
                     loss = self.objective.loss(self.model, indices) / len(group)
-                if not torch.isfinite(loss):
+                if not real:
+                    loss = loss * 0.0
+                elif not torch.isfinite(loss):
                     if self.world == 1:
                         raise TrainingDiverged(_diverged(loss, state.position, state.scheduler, self.out))
                     bad = loss.detach()  # every rank must learn of it in the all-reduce below
-                    break
+                    if not self.fsdp:
+                        break
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            step_loss += float(loss.detach())
+            if real:
+                step_loss += float(loss.detach())
         if self.world > 1:  # one collective: the prompt's gradient, the loss, Ctrl-C, divergence
             stop = bool(self._stop is not None and self._stop.requested)
             flags = distributed.reduce_gradients(
@@ -363,18 +383,34 @@ class Trainer:
         state.position.step += 1
         return step_loss
 
+    def _prompt_cache(self) -> contextlib.AbstractContextManager[None]:
+        """Under FSDP a training pass feeds the prompt as embeddings instead of starting from its
+        cached keys/values (the same results; see `softprompt.prefix`): the prompt's KV is
+        computed inside each transformer block and reaches the loss through the cache, not
+        through the block's output, so FSDP's backward hooks (registered on block outputs)
+        would not gather the block's weights again for that part of the backward pass.
+        Evaluation runs without gradients and keeps the cached path."""
+        if not self.fsdp:
+            return contextlib.nullcontext()
+        return _attribute(self.model, "prefix_cache", False)
+
+    def _evaluation(self) -> contextlib.AbstractContextManager[None]:
+        """Under FSDP every rank scores every example (see `distributed.replicated`)."""
+        return distributed.replicated() if self.fsdp else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ evaluate / save
     def evaluate(self) -> bool:
         """Score the prompt on dev; a new best is saved to `best/`. Returns whether it improved."""
         state, dev = self.state, self.dev
-        with self.autocast():
+        with self.autocast(), self._evaluation():
             scores = evaluate(dev, self.model, self.dev_indices, adapter=self.adapter)
         value = scores[dev.primary_metric]
         improved = state.best_metric is None or value > state.best_metric
-        if improved:
+        if improved:  # the same on every rank: the scores are
             state.best_metric, state.best_step = value, state.position.step
-            if self.main:
-                self.model.save_pretrained(self.out / "best", overwrite=True)
+            with distributed.gathered_input_embeddings(self.model.base_model):
+                if self.main:
+                    self.model.save_pretrained(self.out / "best", overwrite=True)
             state.patience = 0
         else:
             state.patience += 1
@@ -384,16 +420,18 @@ class Trainer:
         return improved
 
     def save(self) -> Path:
-        """Write a resumable checkpoint of the current state (rank 0); returns its folder."""
-        if not self.main:
-            return self.out / "checkpoints" / f"step-{self.state.position.step:08d}"
-        return save_checkpoint(
-            self.out / "checkpoints",
-            self.model,
-            self.adapter,
-            {**self.state.state_dict(), **({"scaler": self.scaler.state_dict()} if self.scaler else {})},
-            self.config.keep_checkpoints,
-        )
+        """Write a resumable checkpoint of the current state (rank 0); returns its folder.
+        Every rank calls it (under FSDP the adapter's base-model fingerprint gathers rows)."""
+        with distributed.gathered_input_embeddings(self.model.base_model):
+            if not self.main:
+                return self.out / "checkpoints" / f"step-{self.state.position.step:08d}"
+            return save_checkpoint(
+                self.out / "checkpoints",
+                self.model,
+                self.adapter,
+                {**self.state.state_dict(), **({"scaler": self.scaler.state_dict()} if self.scaler else {})},
+                self.config.keep_checkpoints,
+            )
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
@@ -405,7 +443,9 @@ class Trainer:
                               "train_examples": len(self.objective)})  # fmt: skip
         self.model.train()
         window = _Window()
-        with _StopOnSignal() as stop, bf16_weight_copies(self.model.base_model, self.bf16):
+        # (FSDP manages the sharded weights itself: autocast casts them per call, the same rounding)
+        copies = self.bf16 and not self.fsdp
+        with _StopOnSignal() as stop, bf16_weight_copies(self.model.base_model, copies):
             self._stop = stop
             while position.step < self.total_steps:
                 batches = length_grouped_batches(self.objective.lengths, config.batch_size, config.seed,
@@ -453,10 +493,11 @@ class Trainer:
         if self.dev is not None and not self._due(config.eval_every):
             self.evaluate()
         self.save()
-        if self.main:
-            self.model.save_pretrained(out / "last", overwrite=True)
-            if state.best_step is None:  # no dev set: the last prompt is the best we know
-                self.model.save_pretrained(out / "best", overwrite=True)
+        with distributed.gathered_input_embeddings(self.model.base_model):
+            if self.main:
+                self.model.save_pretrained(out / "last", overwrite=True)
+                if state.best_step is None:  # no dev set: the last prompt is the best we know
+                    self.model.save_pretrained(out / "best", overwrite=True)
         final = self.final_scores()
         final.update(
             {
@@ -496,7 +537,7 @@ class Trainer:
             self.notify(
                 "phase", {"message": f"scoring {who} on {split} ({len(data)} examples)", "total": len(data)}
             )
-            with self.autocast():
+            with self.autocast(), self._evaluation():
                 scores = evaluate(
                     data, self.model, None, adapter=name, progress=lambda n: self.notify("progress", {"n": n})
                 )
@@ -569,6 +610,17 @@ class _StopOnSignal:
 
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+@contextlib.contextmanager
+def _attribute(obj: Any, name: str, value: Any) -> Any:
+    """`obj.name = value` for the block, put back however it ends."""
+    previous = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, previous)
 
 
 def _dev_subset(dev: Objective | None, config: TrainConfig) -> list[int] | None:

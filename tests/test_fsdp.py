@@ -1,0 +1,181 @@
+"""FSDP for real: `torchrun` (gloo, CPU) runs that shard a tiny model over 2 processes with
+PyTorch's `fully_shard`, against the 1-process run of the same global batch, and prompt
+initialisation that reads a sharded embedding table. Every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_cli import _rows
+from tests.test_distributed import _env, _evals, _one, _prompt, _records, _run, _torchrun
+
+TIMEOUT = 240
+# 60 examples: 15 batches of 4, so the 8th step of 2 batches has one, and under FSDP rank 1 makes a
+# stand-in pass (every rank must make the same passes: each gathers weights)
+FLOAT32_15_BATCHES = ("--no-bf16", "--max-train-examples", "60")
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is needed",
+)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """The tiny model and data of tests/test_distributed.py."""
+    from tests.tiny import build_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("fsdp")
+    build_model("CAUSAL_LM", "llama", initializer_range=0.5).save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    for name, n, seed in (("train", 64, 1), ("dev", 13, 2), ("test", 11, 3)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
+    return root
+
+
+def test_fsdp_over_two_processes_trains_the_prompt_of_one_process(ws):
+    """float32 (--no-bf16): under bfloat16 autocast the two paths agree to bfloat16's precision only."""
+    reference = ws / "fsdp-reference"
+    _run(_one(ws, reference, "--grad-accum", "2", *FLOAT32_15_BATCHES))
+    out = ws / "fsdp"
+    result = _run(_torchrun(ws, out, "--fsdp", *FLOAT32_15_BATCHES))
+    info = json.loads((out / "run_config.json").read_text())
+    assert info["resolved"]["fsdp"] is True and info["resolved"]["world_size"] == 2
+    assert "sharding the model over 2 processes (FSDP)" in result.stderr
+    # Under FSDP a training pass feeds the prompt as embeddings where one process starts from the
+    # prompt's cached KV (see Trainer._prompt_cache): the same sums in another order, float32
+    # rounding apart (~1e-7 per pass; the pass itself is bit-identical to the whole model's, see
+    # the next test), which Adam's normalisation enlarges on coordinates whose gradient is near
+    # zero: 8 steps end within 4e-6 here.
+    torch.testing.assert_close(_prompt(out / "last"), _prompt(reference / "last"), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_prompt(out / "best"), _prompt(reference / "best"), rtol=1e-4, atol=1e-5)
+    assert _evals(out) == _evals(reference) and len(_evals(out)) == 2
+    assert json.loads((out / "results.json").read_text()) == json.loads(
+        (reference / "results.json").read_text()
+    )
+    losses = [r["loss"] for r in _records(out) if "loss" in r]
+    assert losses == pytest.approx([r["loss"] for r in _records(reference) if "loss" in r], rel=1e-5)
+
+
+def _worker(out: Path) -> None:
+    """One rank of `test_a_sharded_model_initialises_and_computes_as_the_whole_one` (run by torchrun)."""
+    from torch.distributed.tensor import DTensor
+
+    from softprompt import PromptTuningConfig, SoftPromptModel, distributed
+    from tests.tiny import VOCAB, build_model, make_tokenizer
+
+    distributed.init("cpu")
+    rank = distributed.rank()
+    tokenizer = make_tokenizer()
+    report: dict[str, object] = {}
+    inits = {
+        "TEXT": {"prompt_tuning_init_text": "classify the sentiment of this review"},
+        "CLASS_LABELS": {"prompt_tuning_init_text": ["positive", "negative"]},
+        "SAMPLE_VOCAB": {},
+        "RANDOM": {},
+    }
+    for tied in (False, True):
+        whole = build_model("CAUSAL_LM", "llama", initializer_range=0.5, tie_word_embeddings=tied)
+        sharded = build_model("CAUSAL_LM", "llama", initializer_range=0.5, tie_word_embeddings=tied)
+        if tied:
+            sharded.tie_weights()
+            whole.tie_weights()
+            assert sharded.get_output_embeddings().weight is sharded.get_input_embeddings().weight
+        for p in sharded.parameters():
+            p.requires_grad_(False)
+        assert distributed.shard_model(sharded, torch.device("cpu"))
+        weight = sharded.get_input_embeddings().weight
+        key = f"tied={tied}"
+        local = sum(p.to_local().numel() for p in sharded.parameters())
+        report[f"{key} local fraction"] = local / sum(p.numel() for p in whole.parameters())
+        report[f"{key} sharded rows"] = [type(weight).__name__, isinstance(weight, DTensor) and
+                                         weight.to_local().shape[0], VOCAB]  # fmt: skip
+        models = []
+        for base in (whole, sharded):
+            torch.manual_seed(11)
+            first = PromptTuningConfig(
+                num_virtual_tokens=6,
+                prompt_tuning_init="TEXT",
+                tokenizer_name_or_path="tiny",
+                **inits["TEXT"],
+            )
+            model = SoftPromptModel(base, first, tokenizer=tokenizer)  # initialised from the sharded table
+            for name, extra in inits.items():  # and through add_adapter
+                torch.manual_seed(12)
+                config = PromptTuningConfig(
+                    num_virtual_tokens=6, prompt_tuning_init=name, tokenizer_name_or_path="tiny", **extra
+                )
+                model.add_adapter(name, config, tokenizer=tokenizer)
+            models.append(model)
+        for name in ("default", *inits):
+            a, b = (m.prompts[name].embedding.detach() for m in models)
+            report[f"{key} init {name} bit-identical"] = bool(torch.equal(a, b))
+        # a training pass (the plain path, as the trainer takes it under FSDP) and an evaluation
+        # pass (the cached prompt KV), each rank on its own batch: the same numbers as the whole model
+        ids = torch.randint(4, VOCAB, (3, 7), generator=torch.Generator().manual_seed(rank))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        grads = []
+        for model in models:
+            model.prefix_cache = False
+            model.prompts["default"].embedding.grad = None
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            loss.backward()
+            grads.append(model.prompts["default"].embedding.grad.clone())
+            model.prefix_cache = True
+        report[f"{key} gradient bit-identical"] = bool(torch.equal(*grads))
+        report[f"{key} frozen weights without gradients"] = all(p.grad is None for p in sharded.parameters())
+        with torch.no_grad():
+            logits = [m(input_ids=ids, attention_mask=mask).logits for m in models]
+        report[f"{key} cached-KV logits bit-identical"] = bool(torch.equal(*logits))
+        # the tokenizer's ids all lie in rank 0's half of the table: rank 1 reads them from rank 0
+        with distributed.gathered_input_embeddings(sharded):
+            if distributed.is_main():
+                models[1].save_pretrained(out / f"adapter-{tied}", selected_adapters=["TEXT"])
+        distributed.barrier()
+    # a table sharded inside a larger unit cannot be gathered on its own: a clear error, not wrong rows
+    from torch.distributed.fsdp import fully_shard
+
+    coarse = build_model("CAUSAL_LM", "llama", initializer_range=0.5)
+    fully_shard(coarse)
+    try:
+        SoftPromptModel(coarse, PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="SAMPLE_VOCAB"))
+        report["coarse"] = "no error"
+    except TypeError as err:
+        report["coarse"] = str(err)
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    distributed.close()
+
+
+def test_a_sharded_model_initialises_and_computes_as_the_whole_one(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__)), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from softprompt import SoftPromptModel
+    from tests.tiny import VOCAB, build_model
+
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for tied in (False, True):
+            assert report[f"tied={tied} sharded rows"] == ["DTensor", VOCAB // 2, VOCAB]
+            assert report[f"tied={tied} local fraction"] == 0.5  # each rank holds half of every weight
+            assert report[f"tied={tied} frozen weights without gradients"] is True
+        checks = {k: v for k, v in report.items() if "bit-identical" in k}
+        assert len(checks) == 2 * 7 and all(checks.values()), checks
+        assert "sharded inside a larger FSDP unit" in report["coarse"], report["coarse"]
+    # rank 0 saved the whole prompt; it loads into a plain one-process model of the same base
+    for tied in (False, True):
+        base = build_model("CAUSAL_LM", "llama", initializer_range=0.5, tie_word_embeddings=tied)
+        model = SoftPromptModel.from_pretrained(base, tmp_path / f"adapter-{tied}")
+        assert model.prompts["default"].embedding.shape == (6, 32)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
