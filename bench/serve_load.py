@@ -6,11 +6,16 @@ greedy), and reports throughput (generated tokens/s), p50/p99 time to first toke
 latency, and errors. For comparison, the same prompts one request at a time in-process:
 through softprompt (`SoftPromptModel.generate`) and through PEFT prompt tuning - the
 loop a user writes today (PEFT's generate is also wrong with transformers 5: its tokens
-are reported, not trusted). `transformers serve` is not run here (it is not set up for
-offline use on this machine); compare with it by pointing `--url` at it with `--bare`.
+are reported, not trusted). `--transformers-serve` also runs the same load against
+`transformers serve` (continuous batching on) and softprompt serve, both on the bare
+default model. `--cache-holds N` gives the server a prompt-KV budget that holds N
+adapters' KV; `--pick random` draws each request's adapter at random; `--miss-cost`
+times one prompt-KV miss (computing it) against a hit, in-process.
 
     python bench/serve_load.py --tiny --concurrency 1 4 16          # seconds, a tiny model
     python bench/serve_load.py --adapters-count 8 --concurrency 1 8 32 64 --requests 128
+    python bench/serve_load.py --adapters-count 1000 --cache-holds 100 --pick random --miss-cost
+    python bench/serve_load.py --transformers-serve --concurrency 1 8 32
 
 Writes bench/results/serve-<name>.json, .md and .png. Nothing here asserts a timing.
 """
@@ -23,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,12 +68,12 @@ def make_adapters(folder: Path, count: int, tiny: bool) -> tuple[str | None, Pat
 
         model_dir, adapters = build_served_folder(folder)
         names = sorted(p.name for p in adapters.iterdir())
-        for i in range(len(names), count):  # more copies with other names
-            shutil.copytree(adapters / names[i % len(names)], adapters / f"extra{i}")
+        for i in range(len(names), count):  # copies of sst (4 virtual tokens) with other names
+            shutil.copytree(adapters / "sst", adapters / f"extra{i}")
         return str(model_dir), adapters
     base, _ = load_model(None)
     adapters = folder / "adapters"
-    for i in range(count):
+    for i in range(min(count, 8)):
         torch.manual_seed(i)
         cfg = PromptTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=20, tokenizer_name_or_path="unused"
@@ -75,7 +81,86 @@ def make_adapters(folder: Path, count: int, tiny: bool) -> tuple[str | None, Pat
         model = SoftPromptModel(base, cfg, f"a{i}", trainable=False)
         model.save_pretrained(adapters / f"a{i}", selected_adapters=[f"a{i}"])
         model.unload()
+    for i in range(8, count):  # copies under other names: served, cached and evicted separately
+        shutil.copytree(adapters / f"a{i % 8}", adapters / f"a{i}")
     return None, adapters
+
+
+def prompt_kv_counters(url: str) -> dict[str, float]:
+    """The server's prompt-KV hits, misses, evictions (from /metrics; empty for other servers)."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("softprompt_prompt_kv{"):
+            what = line.split('what="', 1)[1].split('"', 1)[0]
+            out[what] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def state_bytes_per_adapter(model_name: str | None, adapters: Path, name: str) -> int:
+    """Bytes one adapter's prompt KV takes in the server's cache (measured, not estimated)."""
+    import torch
+
+    from softprompt import SoftPromptModel
+    from softprompt.base_models import load_model
+
+    base, _ = load_model(model_name)
+    model = SoftPromptModel.from_pretrained(base, adapters / name, adapter_name=name).eval()
+    with torch.no_grad():
+        model.prompt_cache_for([name], base.get_input_embeddings().weight.dtype)
+    return model.prompt_kv.nbytes
+
+
+def miss_cost(model_name: str | None, adapters: Path, name: str, repeats: int = 10) -> dict:
+    """In-process: seconds to compute one adapter's prompt KV (a miss) and to reuse it (a hit)."""
+    import torch
+
+    from softprompt import SoftPromptModel
+    from softprompt.base_models import load_model
+
+    base, _ = load_model(model_name)
+    model = SoftPromptModel.from_pretrained(base, adapters / name, adapter_name=name).eval()
+    dtype = base.get_input_embeddings().weight.dtype
+    store = model.prompt_kv
+    miss, hit = [], []
+    with torch.no_grad():
+        model.prompt_cache_for([name], dtype)  # warm-up
+        for _ in range(repeats):
+            store.evict(name)
+            t0 = time.perf_counter()
+            model.prompt_cache_for([name], dtype)
+            miss.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            model.prompt_cache_for([name], dtype)
+            hit.append(time.perf_counter() - t0)
+    return {
+        "virtual_tokens": model.prompts[name].num_virtual_tokens,
+        "state_bytes": store.nbytes,
+        "miss_ms_p50": 1000 * percentile(miss, 50),
+        "hit_ms_p50": 1000 * percentile(hit, 50),
+        "repeats": repeats,
+        "note": "prompt_cache_for for one row: a miss runs the prompt through the model; a hit "
+        "checks the prompt is unchanged and builds the cache object from the kept tensors",
+    }
+
+
+def picked(models: list[str], n: int, pick: str, seed: int) -> list[str]:
+    """Each request's model: in turn (`cycle`) or drawn at random, the same for a given seed."""
+    if pick == "cycle":
+        return [models[i % len(models)] for i in range(n)]
+    return random.Random(seed + 1).choices(models, k=n)
+
+
+def level_requests(args: argparse.Namespace, concurrency: int) -> int:
+    """Requests at one level: `--requests`, or `--per-client` per client up to `--requests`."""
+    if not args.per_client:
+        return args.requests
+    return max(concurrency, min(args.requests, args.per_client * concurrency))
 
 
 async def load_level(
@@ -87,6 +172,7 @@ async def load_level(
     rate: float | None,
     max_tokens: int,
     seed: int,
+    pick: str = "cycle",
 ) -> dict:
     from openai import AsyncOpenAI
 
@@ -98,6 +184,7 @@ async def load_level(
     for _ in range(n):
         arrivals.append(t)
         t += rng.expovariate(rate) if rate else 0.0
+    picks = picked(models, n, pick, seed)
     gate = asyncio.Semaphore(concurrency)
     ttft, latency, tokens, errors = [], [], [], []
     start = time.perf_counter()
@@ -106,10 +193,10 @@ async def load_level(
         await asyncio.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
         async with gate:
             t0 = time.perf_counter()
-            first, count = None, 0
+            first, count, chunks = None, None, 0
             try:
                 stream = await client.completions.create(
-                    model=models[i % len(models)],
+                    model=picks[i],
                     prompt=prompts[i % len(prompts)],
                     max_tokens=max_tokens,
                     temperature=0,
@@ -117,8 +204,10 @@ async def load_level(
                     stream_options={"include_usage": True},
                 )
                 async for chunk in stream:
-                    if first is None and chunk.choices:
-                        first = time.perf_counter() - t0
+                    if chunk.choices and chunk.choices[0].text:
+                        chunks += 1
+                        if first is None:
+                            first = time.perf_counter() - t0
                     if chunk.usage is not None:
                         count = chunk.usage.completion_tokens
             except Exception as err:  # noqa: BLE001  (counted and reported)
@@ -126,7 +215,7 @@ async def load_level(
                 return
             ttft.append(first or 0.0)
             latency.append(time.perf_counter() - t0)
-            tokens.append(count)
+            tokens.append(count if count is not None else chunks)  # a chunk a token without usage
 
     await asyncio.gather(*(one(i) for i in range(n)))
     wall = time.perf_counter() - start
@@ -216,7 +305,9 @@ def sequential_baselines(
     return out
 
 
-def start_server(model: str | None, adapters: Path, batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: str | None, adapters: Path, batch: int, log: Path, prompt_cache_mb: float | None = None
+) -> tuple[subprocess.Popen, str]:
     from tests.test_serve_support import free_port
 
     port = free_port()
@@ -236,14 +327,31 @@ def start_server(model: str | None, adapters: Path, batch: int, log: Path) -> tu
     ]
     if model:
         args += ["--model", model]
-    proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    if prompt_cache_mb is not None:
+        args += ["--prompt-cache-mb", str(prompt_cache_mb)]
+    return _wait_ready(subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT), port)
+
+
+def start_transformers_serve(model_dir: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """`transformers serve` on a local model folder, continuous batching on, on the CPU."""
+    from tests.test_serve_support import free_port
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("transformers")
+    args = [str(exe), "serve", model_dir, "--continuous-batching", "--device", "cpu"]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return _wait_ready(subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env), port)
+
+
+def _wait_ready(proc: subprocess.Popen, port: int) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     import httpx
 
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited; see {log}")
+            raise RuntimeError(f"the server exited ({proc.returncode}); see its log")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
@@ -252,6 +360,35 @@ def start_server(model: str | None, adapters: Path, batch: int, log: Path) -> tu
         time.sleep(0.3)
     proc.kill()
     raise TimeoutError("the server did not become ready")
+
+
+def run_levels(
+    url: str, target: str, models: list[str], prompts: list[str], args: argparse.Namespace, out: list
+) -> None:
+    """The warm-up (not measured), then every concurrency level against one server; each level
+    is appended to `out` (and the results files rewritten) as soon as it ends."""
+    chosen = {m for c in args.concurrency for m in picked(models, level_requests(args, c), args.pick, 0)}
+    if args.warm == "first":
+        warm = models if args.warmup is None else models[: args.warmup]
+    else:  # the adapters the levels will use; "evicted": then enough others to push them out
+        warm = [m for m in models if m in chosen]
+        if args.warm == "evicted":
+            warm += [m for m in models if m not in chosen][: args.cache_holds or 0]
+    if warm:
+        asyncio.run(load_level(url, warm, prompts, len(warm), min(len(warm), 64), None, 1, 0))
+    for c in args.concurrency:
+        before, load_before = prompt_kv_counters(url), os.getloadavg()[0]
+        n = level_requests(args, c)
+        level = asyncio.run(load_level(url, models, prompts, n, c, args.rate, args.max_tokens, 0, args.pick))
+        after = prompt_kv_counters(url)
+        level["target"] = target
+        level["load_average"] = [load_before, os.getloadavg()[0]]
+        if before and after:
+            level["prompt_kv"] = {k: after[k] - before.get(k, 0) for k in ("hits", "misses", "evictions")}
+            level["prompt_kv"]["entries"] = after.get("entries")
+        print(json.dumps(level), flush=True)
+        out.append(level)
+        args.write(out)
 
 
 def main() -> None:
@@ -271,32 +408,84 @@ def main() -> None:
     )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--pick", choices=["cycle", "random"], default="cycle", help="How requests pick adapters.")
+    p.add_argument("--warmup", type=int, default=None, help="Adapters warmed up first (default: all).")
+    p.add_argument(
+        "--warm",
+        choices=["first", "picked", "evicted"],
+        default="first",
+        help="Warm the first --warmup adapters, those the levels pick, or those then --cache-holds others.",
+    )
+    p.add_argument("--per-client", type=int, default=None, help="Requests per client, up to --requests.")
+    p.add_argument("--bare-only", action="store_true", help="With --transformers-serve: no adapter levels.")
+    p.add_argument("--prompt-cache-mb", type=float, default=None, help="The server's prompt-KV budget.")
+    p.add_argument(
+        "--cache-holds", type=int, default=None, help="A prompt-KV budget that holds this many adapters."
+    )
+    p.add_argument("--miss-cost", action="store_true", help="Time a prompt-KV miss and hit in-process.")
+    p.add_argument(
+        "--transformers-serve",
+        action="store_true",
+        help="Also the bare model through softprompt serve and through `transformers serve`.",
+    )
     p.add_argument(
         "--baseline-requests", type=int, default=8, help="Requests for the one-at-a-time loops (0: none)."
     )
     p.add_argument("--name", default=None)
+    p.add_argument("--note", default="", help="A line for the markdown report (e.g. the machine's load).")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below (the servers)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     prompts = TINY_PROMPTS if args.tiny else PROMPTS
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     proc = None
+    extra: dict = {}
+    levels: list = []
+    models: list[str] = []
+    name = args.name or ("tiny" if args.tiny else "SmolLM2-135M-Instruct")
+    args.write = lambda out, baselines=None: write_results(
+        name, vars(args), models, out, baselines or {}, extra
+    )
     try:
         model_name, adapters = (None, None)
         if args.url:
             url, models = args.url, args.models or []
+            run_levels(url, "given server", models, prompts, args, levels)
         else:
             model_name, adapters = make_adapters(work, args.adapters_count, args.tiny)
             models = sorted(x.name for x in adapters.iterdir())[: args.adapters_count]
-            proc, url = start_server(model_name, adapters, args.max_batch_size, work / "server.log")
-        # warm-up, not measured: every adapter's prompt KV, the client's first-call costs
-        asyncio.run(load_level(url, models, prompts, len(models), len(models), None, 2, 0))
-        levels = []
-        for c in args.concurrency:
-            level = asyncio.run(
-                load_level(url, models, prompts, args.requests, c, args.rate, args.max_tokens, 0)
-            )
-            print(json.dumps(level), flush=True)
-            levels.append(level)
+            budget = args.prompt_cache_mb
+            if args.cache_holds:
+                per = state_bytes_per_adapter(model_name, adapters, models[0])
+                budget = (args.cache_holds + 0.5) * per / 2**20
+                extra["prompt_kv_budget"] = {
+                    "holds": args.cache_holds,
+                    "bytes_per_adapter": per,
+                    "mb": budget,
+                }
+            if args.miss_cost:
+                extra["miss_cost"] = miss_cost(model_name, adapters, models[0])
+                print(json.dumps(extra["miss_cost"]), flush=True)
+            t0 = time.perf_counter()
+            proc, url = start_server(model_name, adapters, args.max_batch_size, work / "server.log", budget)
+            extra["server_start_s"] = time.perf_counter() - t0
+            if not (args.bare_only and args.transformers_serve):
+                run_levels(url, f"softprompt serve, {len(models)} adapters", models, prompts, args, levels)
+            if args.transformers_serve:
+                from softprompt.base_models import DEFAULT_MODEL, default_model_dir
+
+                base_id = model_name or DEFAULT_MODEL
+                run_levels(url, "softprompt serve, bare model", [base_id], prompts, args, levels)
+                proc.terminate()
+                proc.wait(60)
+                folder = model_name or str(default_model_dir())
+                try:
+                    proc, url = start_transformers_serve(folder, work / "transformers-serve.log")
+                    run_levels(url, "transformers serve, bare model", [folder], prompts, args, levels)
+                except Exception as err:  # noqa: BLE001  (reported instead of the figures)
+                    log = (work / "transformers-serve.log").read_text(errors="replace")[-1500:]
+                    extra["transformers_serve_error"] = f"{type(err).__name__}: {err}\n{log}"
+                    print(extra["transformers_serve_error"], flush=True)
         if proc is not None:
             proc.terminate()
             proc.wait(60)
@@ -307,25 +496,26 @@ def main() -> None:
                 model_name, adapters, models, prompts, args.baseline_requests, args.max_tokens
             )
             print(json.dumps(baselines), flush=True)
-        name = args.name or (
-            "tiny" if args.tiny else (model_name or "SmolLM2-135M-Instruct").replace("/", "_")
-        )
-        write_results(name, vars(args), models, levels, baselines)
+        args.write(levels, baselines)
     finally:
         if proc is not None:
             proc.kill()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def write_results(name: str, args: dict, models: list[str], levels: list[dict], baselines: dict) -> None:
+def write_results(
+    name: str, args: dict, models: list[str], levels: list[dict], baselines: dict, extra: dict
+) -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"serve-{name}"
     data = {
-        "args": args,
+        "args": {k: v for k, v in args.items() if k != "write"},
         "adapters": len(models),
         "levels": levels,
         "baselines": baselines,
+        **extra,
+        "load_average_at_end": os.getloadavg(),
         "cpu_count": os.cpu_count(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -339,21 +529,50 @@ def write_results(name: str, args: dict, models: list[str], levels: list[dict], 
         f"# softprompt serve load test ({name})",
         "",
         (
-            f"{len(models)} adapters, {args['max_tokens']} tokens per request, {args['requests']} requests "
-            f"per level, arrivals {arrivals}, {os.cpu_count()} CPUs."
+            f"{len(models)} adapters (picked: {args['pick']}), {args['max_tokens']} tokens per request, "
+            f"up to {args['requests']} requests per level, arrivals {arrivals}, {os.cpu_count()} CPUs, load "
+            f"average {os.getloadavg()[0]:.1f} at the end (a machine shared with other jobs)."
         ),
         "",
+    ]
+    if args.get("note"):
+        lines += [args["note"], ""]
+    if "prompt_kv_budget" in extra:
+        b = extra["prompt_kv_budget"]
+        lines += [
+            (
+                f"Prompt-KV budget: {b['mb']:.1f} MB, room for {b['holds']} adapters' KV "
+                f"({b['bytes_per_adapter']} bytes each)."
+            ),
+            "",
+        ]
+    if "miss_cost" in extra:
+        m = extra["miss_cost"]
+        lines += [
+            (
+                f"One prompt-KV miss ({m['virtual_tokens']} virtual tokens, computed): "
+                f"{m['miss_ms_p50']:.2f} ms; a hit: {m['hit_ms_p50']:.3f} ms "
+                f"(medians of {m['repeats']}, in-process)."
+            ),
+            "",
+        ]
+    if "transformers_serve_error" in extra:
+        lines += ["`transformers serve` failed: " + extra["transformers_serve_error"].splitlines()[0], ""]
+    lines += [
         (
-            "| concurrency | tokens/s | TTFT p50 (s) | TTFT p99 (s) | latency p50 (s) | latency p99 (s) "
-            "| errors |"
+            "| server | concurrency | requests | tokens/s | TTFT p50 (s) | TTFT p99 (s) | latency p50 (s) "
+            "| latency p99 (s) | errors | prompt-KV hits/misses/evictions |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in levels:
+        kv = lv.get("prompt_kv")
+        kv_text = f"{kv['hits']:.0f}/{kv['misses']:.0f}/{kv['evictions']:.0f}" if kv else "-"
         lines.append(
-            f"| {lv['concurrency']} | {lv['throughput_tok_s']:.1f} | {fmt(lv['ttft_p50_s'])} "
-            f"| {fmt(lv['ttft_p99_s'])} "
-            f"| {fmt(lv['latency_p50_s'])} | {fmt(lv['latency_p99_s'])} | {lv['errors']} |"
+            f"| {lv.get('target', '')} | {lv['concurrency']} | {lv['requests']} "
+            f"| {lv['throughput_tok_s']:.1f} "
+            f"| {fmt(lv['ttft_p50_s'])} | {fmt(lv['ttft_p99_s'])} "
+            f"| {fmt(lv['latency_p50_s'])} | {fmt(lv['latency_p99_s'])} | {lv['errors']} | {kv_text} |"
         )
     if baselines:
         lines += ["", "| one request at a time (in-process) | tokens/s | note |", "|---|---|---|"]
@@ -367,16 +586,17 @@ def write_results(name: str, args: dict, models: list[str], levels: list[dict], 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [lv["concurrency"] for lv in levels]
-        ax.plot(xs, [lv["throughput_tok_s"] for lv in levels], "o-", label="throughput (tokens/s)")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
-        ax.set_ylabel("tokens/s")
-        ax2 = ax.twinx()
-        ax2.plot(xs, [lv["latency_p99_s"] or 0 for lv in levels], "s--", color="C1", label="p99 latency (s)")
-        ax2.set_ylabel("p99 latency (s)")
-        fig.legend(loc="upper left")
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        for i, target in enumerate(dict.fromkeys(lv.get("target", "") for lv in levels)):
+            mine = [lv for lv in levels if lv.get("target", "") == target]
+            xs = [lv["concurrency"] for lv in mine]
+            ax.plot(xs, [lv["throughput_tok_s"] for lv in mine], "o-", color=f"C{i}", label=target)
+            ax2.plot(xs, [lv["latency_p99_s"] or 0 for lv in mine], "s--", color=f"C{i}", label=target)
+        for a, label in ((ax, "throughput (generated tokens/s)"), (ax2, "p99 latency (s)")):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("concurrent requests")
+            a.set_ylabel(label)
+            a.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(stem.with_suffix(".png"), dpi=100)
     except ImportError:
