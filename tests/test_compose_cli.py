@@ -263,3 +263,38 @@ def test_bad_combinations_are_clear_errors(seeds_run, ws, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no {text}" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_generation_objective_with_a_marker_equals_each_row_alone(ws):
+    from softprompt.config import PromptTuningConfig
+    from softprompt.objectives import GenerationObjective
+
+    base, tokenizer = load_model(str(ws / "model"))
+    torch.manual_seed(0)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_position="MARKER")
+    model = SoftPromptModel(base, config, tokenizer=tokenizer).eval()
+    texts = ["good movie", "the plot was so very boring and bad", "fun"]
+    objective = GenerationObjective.build(
+        tokenizer, texts, ["positive", "negative", "positive"], "review {text} {prompt}sentiment", 64, 2
+    )
+    assert objective.prompt_positions == [len(objective.prompts[i]) - 1 for i in range(3)]
+    with torch.no_grad():
+        batch = objective.loss(model, [0, 1, 2])
+        alone = []
+        for i in range(3):
+            ids = torch.tensor([objective.prompts[i] + objective.targets[i]])
+            labels = ids.clone()
+            labels[0, : len(objective.prompts[i])] = -100
+            positions = torch.tensor([objective.prompt_positions[i]])
+            alone.append(model(input_ids=ids, labels=labels, prompt_positions=positions).loss)
+    # the batch loss is the mean over all target tokens: weight each row by its target count
+    counts = torch.tensor([len(t) for t in objective.targets], dtype=torch.float)
+    torch.testing.assert_close(
+        batch, (torch.stack(alone) * counts).sum() / counts.sum(), atol=1e-5, rtol=1e-5
+    )
+    predicted = objective.predict(model, [0, 1, 2], "default", batch_size=3)
+    for i in range(3):
+        one = objective.generate(
+            model, [objective.prompts[i]], "default", 1, prompt_positions=[objective.prompt_positions[i]]
+        )
+        assert predicted[i] == one[0]
