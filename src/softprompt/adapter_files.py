@@ -106,7 +106,7 @@ def base_fingerprint(base: Any) -> dict[str, Any] | None:
     fixed rows and columns) and `fingerprint` (a short hash of both, for people). The
     sample is compared with a tolerance (see `same_base`), so a bf16 or fp16 copy of a
     float32 base, on any device, is the same base. None when the model has no readable
-    input embeddings (a meta-device model).
+    input embeddings (a meta-device model, a table still sharded by FSDP).
     """
     import numpy as np
 
@@ -114,6 +114,8 @@ def base_fingerprint(base: Any) -> dict[str, Any] | None:
     weight = getattr(embeddings, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.device.type == "meta":
         return None
+    if hasattr(weight, "placements"):  # a sharded DTensor: reading rows is a collective; see
+        return None  # `distributed.gathered_input_embeddings`, which savers under FSDP wrap around this
     stamp = (id(weight), weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape), weight._version)
     cached = _FINGERPRINTS.get(base)
     if cached is not None and cached[0] == stamp:
