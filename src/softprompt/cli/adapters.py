@@ -1,0 +1,76 @@
+"""Adapters named on the command line: `name=folder` specs, the settings of the run they came
+from, and the model they are loaded onto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..settings import AdapterRun
+
+
+def adapter_specs(values: list[str] | None) -> list[tuple[str, Path]]:
+    """'name=path' or 'path' (named after its folder) -> (name, path), names unique."""
+    specs: list[tuple[str, Path]] = []
+    for value in values or []:
+        name, _, path = value.rpartition("=") if "=" in value else ("", "", value)
+        p = Path(path)
+        if not name:
+            name = "_".join(part for part in p.resolve().parts[-2:] if part not in ("/",))
+        name = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)[:64] or "adapter"
+        while name in [n for n, _ in specs]:
+            name += "_"
+        specs.append((name, p))
+    return specs
+
+
+def run_settings(adapters: list[tuple[str, Path]]) -> AdapterRun:
+    """The settings of the run the first adapter with a run_config.json came from."""
+    from ..settings import AdapterRun, adapter_run
+
+    for _, path in adapters:
+        found = adapter_run(path)
+        if found is not None:
+            return found
+    return AdapterRun()
+
+
+def load_with_adapters(
+    model_name: str | None,
+    adapters: list[tuple[str, Path]],
+    device: str | None = None,
+    dtype: str | None = None,
+    allow_base_mismatch: bool = False,
+):
+    from ..base_models import load_model
+    from ..config import PromptTuningConfig
+    from ..model import SoftPromptModel
+
+    if device is None:  # the CPU in float32
+        base, tokenizer = load_model(model_name)
+    else:
+        from ..distributed import resolve_device, resolve_dtype
+
+        where = resolve_device(device)
+        base, tokenizer = load_model(model_name, dtype=resolve_dtype(dtype, where), device=where)
+    if adapters:
+        first_name, first_path = adapters[0]
+        model = SoftPromptModel.from_pretrained(
+            base, first_path, adapter_name=first_name, allow_base_mismatch=allow_base_mismatch
+        )
+        for name, path in adapters[1:]:
+            model.load_adapter(path, name, allow_base_mismatch=allow_base_mismatch)
+    else:  # the bare model only: a placeholder prompt that is never used
+        model = SoftPromptModel(
+            base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1), "unused", trainable=False
+        )
+    return model.eval(), tokenizer
+
+
+def check_ensemble(adapters: list[tuple[str, Path]]) -> None:
+    from ..ensemble import check_same_format
+
+    if len(adapters) < 2:
+        raise ValueError("--ensemble needs two or more --adapter (the members).")
+    check_same_format(adapters)

@@ -1,0 +1,148 @@
+"""Command-line options built from the settings dataclasses (`softprompt.settings`): one
+definition of each option's type, default and help for every command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from typing import Any
+
+
+def parse_label_words(value: str) -> dict[str, str]:
+    """JSON ('{"positive": " positive"}') or 'label=word,label=word' (a word keeps its spaces)."""
+    value = value.strip()
+    if value.startswith("{"):
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"label words are not valid JSON: {err}") from None
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise argparse.ArgumentTypeError("label words must map label names to words (strings).")
+        return data
+    out = {}
+    for part in value.split(","):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(
+                f"label words: {part!r} is not label=word (or give a JSON object)."
+            )
+        label, word = part.split("=", 1)
+        out[label.strip()] = word
+    return out
+
+
+def parse_seeds(value: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]: distinct integer seeds."""
+    try:
+        seeds = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds: {value!r} is not a list of integers such as 0,1,2."
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds: give distinct integers such as 0,1,2; got {value!r}.")
+    return seeds
+
+
+def _or_none(kind: type) -> Any:
+    def parse(value: str) -> Any:
+        return None if value.lower() in ("none", "null", "") else kind(value)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def unescape(value: str) -> str:
+    """Let '\\n' typed on a command line mean a newline (templates)."""
+    return value.encode("utf-8").decode("unicode_escape") if "\\" in value else value
+
+
+def add_dataclass_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    notes: dict[str, str] | None = None,
+    only: tuple[str, ...] | None = None,
+) -> None:
+    """One `--option` per dataclass field, typed from the annotation, help from metadata.
+
+    Args:
+        parser: The (sub)command's parser.
+        cls: A settings dataclass (`softprompt.settings`).
+        skip: Fields that are not options of this command.
+        notes: Text appended to a field's help for this command (e.g. where its default comes from).
+        only: If given, just these fields.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint)
+        help_text = f.metadata.get("help", "") + (f" {notes[f.name]}" if notes and f.name in notes else "")
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help texts
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        if typing.get_origin(base) is dict or base is dict:
+            conv: Any = parse_label_words
+        elif f.name in ("template", "init_text"):
+            conv = unescape
+        elif base in (int, float):
+            conv = _or_none(base) if optional else base
+        else:
+            conv = str
+        parser.add_argument(
+            flag,
+            type=conv,
+            default=default,
+            help=f"{help_text} (default: {str(default).replace('%', '%%')!r})"
+            if default is not None
+            else f"{help_text}",
+        )
+
+
+FROM_RUN = "(default: the adapter's run)"
+
+ENSEMBLE_HELP = (
+    "Combine the --adapter prompts (two or more, trained with the same template and label words) into "
+    "an ensemble: the mean of their label log-probabilities, all scored in one batched pass; each "
+    "member is reported too."
+)
+
+
+def allow_base_mismatch_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="Load adapters saved from a different base model of the same width (refused by default).",
+    )
+
+
+_RUN_NOTES = {
+    "model": "With an adapter: the model of its run.",
+    "template": FROM_RUN,
+    "label_words": FROM_RUN,
+}
+
+
+def model_and_data_options(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Model and data options of the commands that use an adapter: the same fields, defaults
+    and help as `train` (`softprompt.settings`), defaults taken from the adapter's run."""
+    from ..settings import DataConfig, ModelConfig
+
+    add_dataclass_options(p, ModelConfig, notes=_RUN_NOTES, only=only)
+    add_dataclass_options(p, DataConfig, skip=("dev_data", "test_data"), notes=_RUN_NOTES, only=only)
+
+
+def options_of(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The parsed options that are fields of settings dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}

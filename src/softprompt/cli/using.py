@@ -1,0 +1,131 @@
+"""`softprompt generate`, `inspect` and `serve`: using trained prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .adapters import adapter_specs, load_with_adapters, run_settings
+from .output import print_table
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    adapters = adapter_specs(args.adapter)
+    run = run_settings(adapters)
+    model, tokenizer = load_with_adapters(
+        args.model or run.model, adapters, args.device, args.dtype, args.allow_base_mismatch
+    )
+    template = args.template or run.template or "{text}"
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("no input: give texts as arguments or on standard input.")
+    names = [n for n, _ in adapters] or [None]
+    if args.zero_shot and adapters:
+        names = [None] + names
+    from ..evaluate import _shifted, encode_template, left_pad
+
+    rows, positions = encode_template(tokenizer, texts, template, args.max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = left_pad(rows, pad, model.device)
+    prompt_positions = _shifted(positions, rows, ids.shape[1], model.device)  # None: no {prompt}
+    results = []
+    for name in names:
+        torch.manual_seed(args.seed)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=name or "__base__",
+            prompt_positions=prompt_positions,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            pad_token_id=pad,
+        )
+        for i, text in enumerate(texts):
+            completion = tokenizer.decode(out[i, ids.shape[1] :], skip_special_tokens=True)
+            results.append({"adapter": name or "(bare model)", "input": text, "output": completion})
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        for r in results:
+            print(f"[{r['adapter']}] {r['input']!r}\n  -> {r['output']!r}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..interpret import compare_adapters, nearest_tokens
+
+    adapters = adapter_specs([args.adapter] + ([args.compare] if args.compare else []))
+    run = run_settings(adapters)
+    model, tokenizer = load_with_adapters(
+        args.model or run.model, adapters, allow_base_mismatch=args.allow_base_mismatch
+    )
+    report: dict[str, Any] = {
+        "adapter": str(adapters[0][1]),
+        "tokens": nearest_tokens(model, tokenizer, adapters[0][0], top_k=args.top_k),
+    }
+    if args.compare:
+        report["comparison"] = compare_adapters(model, adapters[0][0], adapters[1][0])
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{adapters[0][1]}: {len(report['tokens'])} virtual tokens")
+    rows = [
+        {
+            "#": t["position"],
+            "norm": t["norm"],
+            "nearest tokens (cosine)": ", ".join(f"{n['token']!r} {n['cosine']:.2f}" for n in t["nearest"]),
+        }
+        for t in report["tokens"]
+    ]
+    print_table(rows, ["#", "norm", "nearest tokens (cosine)"])
+    if args.compare:
+        c = report["comparison"]
+        print(
+            f"\nvs {adapters[1][1]}: mean cosine of aligned positions {c['mean_position_cosine']:.4f}, "
+            f"of whole prompts {c['prompt_cosine']:.4f}, best-match mean {c['mean_best_match_cosine']:.4f}"
+        )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve.app import ServeConfig, create_app
+    except ImportError as err:
+        raise RuntimeError(
+            f"softprompt serve needs the serve extra ({err.name} is missing): pip install 'softprompt[serve]'"
+        ) from None
+    config = ServeConfig(
+        model=args.model,
+        base_id=args.served_model_name,
+        adapters={name: str(path) for name, path in adapter_specs(args.adapter)},
+        adapters_dirs=list(args.adapters or []),
+        adapter_roots=list(args.adapter_root or []),
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        prompt_cache_mb=args.prompt_cache_mb,
+        allow_adapter_updates=args.allow_adapter_updates,
+        allow_base_mismatch=args.allow_base_mismatch,
+        api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        drain_seconds=args.drain_seconds,
+    )
+    for folder in config.adapters_dirs:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--adapters {folder!r} is not a folder.")
+    uvicorn.run(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        log_level="debug" if args.verbose else "info",
+        timeout_graceful_shutdown=int(args.drain_seconds),
+    )
+    return 0
