@@ -272,3 +272,55 @@ def test_prompt_kv_budget_keeps_the_most_recently_used_and_counts():
         tiny = PromptKV(budget_bytes=1)  # one state alone over budget: used, not kept
         state = tiny.get(model, "b", torch.float32, True)
         assert state.kv and len(tiny) == 0 and tiny.nbytes == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_prefill_of_mixed_adapters_and_lengths_equals_generate(arch):
+    """Requests queued before the worker starts are prefilled in one forward pass: rows of
+    different adapters (and none), prompt lengths and text lengths, n > 1, left-padded."""
+    tok = make_tokenizer()
+    model = _model(arch)
+    engine = _engine(model, tok, max_batch_size=64)
+    together = []
+    prefill = engine._prefill_together
+    engine._prefill_together = lambda shared: together.append(len(shared)) or prefill(shared)
+    reqs = []
+    for j, text in enumerate(TEXTS * 2):
+        adapter = ["a", "b", None, "c"][j % 4]
+        reqs.append(_request(engine, tok, text, adapter, 3 + 2 * (j % 4), n=1 + (j % 3 == 1)))
+    for r in reqs:
+        engine.scheduler.submit(r)
+    engine.start()
+    try:
+        for r in reqs:
+            assert r.done.wait(60)
+        assert together and together[0] == len(reqs)
+        for r in reqs:
+            assert r.error is None
+            expected = _expected(model, r)
+            for c in r.choices:
+                assert _matches(c.tokens, expected, engine.stop_token_ids), (r.adapter, c.tokens, expected)
+    finally:
+        engine.stop(5)
+
+
+def test_batched_prefill_bare_rows_only_and_a_bad_request_fails_alone():
+    tok = make_tokenizer()
+    model = _model("llama")
+    engine = _engine(model, tok)
+    good = [_request(engine, tok, t, None, 6) for t in TEXTS]
+    bad = _request(engine, tok, "fun movie", "a", 6)
+    bad.prompt_ids = [10_000]  # out of the vocabulary: the shared forward raises, then this one alone
+    for r in [*good[:2], bad, *good[2:]]:
+        engine.scheduler.submit(r)
+    engine.start()
+    try:
+        for r in [*good, bad]:
+            assert r.done.wait(30)
+        assert bad.error is not None and bad.error.status == 500
+        for r in good:
+            assert r.error is None
+            assert _matches(r.choices[0].tokens, _expected(model, r), engine.stop_token_ids)
+        assert engine.alive
+    finally:
+        engine.stop(5)

@@ -346,8 +346,9 @@ class Engine:
                 for job in self.scheduler.jobs():
                     job.execute()
                 if not self._stop.is_set():
-                    for req in self.scheduler.admit(len(self._batch)):
-                        self._join(req)
+                    joining = self.scheduler.admit(len(self._batch))
+                    if joining:
+                        self._join_all(joining)
                 if self._batch:
                     self._step()
                 else:
@@ -413,6 +414,121 @@ class Engine:
             kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv]
             self._batch.add([rows[i] for i in keep], kv)
         self._finished(req)
+
+    @torch.no_grad()
+    def _join_all(self, reqs: list[GenerationRequest]) -> None:
+        """Prefill the requests that join now in one forward pass where they can share one.
+
+        Requests whose prompt is a cached prefix (or that have none) are prefilled together:
+        their tokens left-padded, each row's prompt KV right-aligned in front of them
+        (`prompt_cache_for` with a name per row), so a row gives the numbers it gives alone.
+        Others (a prompt at a marker, a model without the prompt cache) and any request of a
+        batch whose forward fails are prefilled alone (`_join`), so only a bad request fails.
+        """
+        shared: list[tuple[GenerationRequest, str | None]] = []
+        for req in reqs:
+            if req.cancelled.is_set() or req.done.is_set():
+                continue
+            try:
+                internal = self._internal(req.adapter)
+                if internal is not None and not self.model.uses_prompt_cache([internal], 1):
+                    self._join(req)
+                    continue
+            except Exception:  # noqa: BLE001  (_join fails it with its own message)
+                self._join(req)
+                continue
+            shared.append((req, internal))
+        if len(shared) == 1:
+            self._join(shared[0][0])
+        elif shared:
+            try:
+                prefilled = self._prefill_together(shared)
+            except Exception:  # prefilled alone: only the request at fault fails
+                logger.debug("batched prefill failed; prefilling alone", exc_info=True)
+                for req, _ in shared:
+                    self._join(req)
+                return
+            self._add_together(shared, *prefilled)
+
+    def _prefill_together(self, shared: list[tuple[GenerationRequest, str | None]]) -> tuple[Any, ...]:
+        """One forward pass over the requests' tokens; the cache, each row's attended
+        columns right-aligned (`order`, `attended`), each row's length, and the logits."""
+        model = self.model
+        device = model.device
+        names = [internal for _, internal in shared]  # None: no prompt
+        lengths = [len(req.prompt_ids) for req, _ in shared]
+        width = max(lengths)
+        ids = torch.zeros(len(shared), width, dtype=torch.long)
+        user_mask = torch.zeros(len(shared), width, dtype=torch.long)
+        for i, (req, _) in enumerate(shared):
+            ids[i, width - lengths[i] :] = torch.tensor(req.prompt_ids, dtype=torch.long)
+            user_mask[i, width - lengths[i] :] = 1
+        ids, user_mask = ids.to(device), user_mask.to(device)
+        prompt_lengths = [model.prompt_length(n) for n in names]
+        prompt_width = max(prompt_lengths)
+        if prompt_width:
+            cache, _ = model.prompt_cache_for(names, self.dtype)
+        else:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.base_model.config)
+        out = model(
+            input_ids=ids,
+            attention_mask=user_mask,
+            adapter_names=[n if n is not None else BASE for n in names],
+            cache=cache,
+            use_cache=True,
+        )
+        kv = cache_tensors(_cache_of(out))
+        # Each row's attended columns (its prompt, then its tokens), right-aligned: a stable
+        # sort of the mask puts a row's padding first and keeps its attended columns in order.
+        columns = torch.arange(prompt_width, device=device).unsqueeze(0)
+        starts = torch.tensor([prompt_width - n for n in prompt_lengths], device=device).unsqueeze(1)
+        mask = torch.cat([(columns >= starts).long(), user_mask], dim=1)
+        totals = [p + n for p, n in zip(prompt_lengths, lengths)]
+        full = max(totals)
+        attended, order = torch.sort(mask, dim=1, stable=True)
+        return kv, order[:, -full:], attended[:, -full:], totals, out.logits[:, -1].float()
+
+    def _add_together(
+        self,
+        shared: list[tuple[GenerationRequest, str | None]],
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        order: torch.Tensor,
+        attended: torch.Tensor,
+        totals: list[int],
+        logits: torch.Tensor,
+    ) -> None:
+        """Sample every request's first tokens; its rows that go on join the batch."""
+        rows: list[_Row] = []
+        source: list[int] = []
+        for i, (req, _) in enumerate(shared):
+            try:
+                choices = [_Row(req, c, self._generator(req, c.index), totals[i]) for c in req.choices]
+                keep = self._sample(choices, logits[i : i + 1].expand(req.n, -1))
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens(self._label(req), len(req.prompt_ids))
+            except Exception as err:  # only this request fails
+                logger.debug("request %s failed at prefill", req.id, exc_info=True)
+                req.fail(err if isinstance(err, ServeError) else InternalError(f"generation failed: {err}"))
+                self._finished(req)
+                continue
+            for j in keep:
+                rows.append(choices[j])
+                source.append(i)
+            self._finished(req)
+        if not rows:
+            return
+        index = torch.tensor(source, device=order.device)
+        gather = order.index_select(0, index)
+        zero = (attended.index_select(0, index) == 0)[:, None, :, None]
+        new_kv = []
+        for k, v in kv:
+            at = gather[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            k = k.index_select(0, index).gather(2, at).masked_fill(zero, 0.0)
+            v = v.index_select(0, index).gather(2, at).masked_fill(zero, 0.0)
+            new_kv.append((k, v))
+        self._batch.add(rows, new_kv)
 
     def _generator(self, req: GenerationRequest, index: int) -> torch.Generator | None:
         if req.params.greedy:

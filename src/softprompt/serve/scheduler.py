@@ -26,7 +26,7 @@ class Scheduler:
             burst of arrivals does not stall the running batch for long.
     """
 
-    def __init__(self, max_batch_size: int = 32, max_queue: int = 256, max_joins_per_step: int = 8) -> None:
+    def __init__(self, max_batch_size: int = 32, max_queue: int = 256, max_joins_per_step: int = 64) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_joins_per_step < 1:
             raise ValueError("max_batch_size, max_queue and max_joins_per_step must be at least 1.")
         self.max_batch_size = max_batch_size
