@@ -1,8 +1,9 @@
 """The model worker: one thread that owns the model and runs prefill and decode steps.
 
-Each running choice is a row of one batch. A new request is prefilled alone, starting
-from its adapter's cached prompt KV (`SoftPromptModel.prompt_cache_for`), once for all
-its `n` choices; its keys/values then join the batch cache between two decode steps.
+Each running choice is a row of one batch. The requests that join between two decode
+steps are prefilled together in one forward pass (their tokens left-padded, each row
+starting from its own adapter's cached prompt KV, `SoftPromptModel.prompt_cache_for`),
+once for all `n` choices of a request; their keys/values then join the batch cache.
 Rows have different lengths: every row is left-padded to the batch's width, the padding
 columns are masked out, and positions count the attended columns only, which is what
 `softprompt.layout` does for a padded batch - so a row gives the numbers it gives alone.
