@@ -177,6 +177,42 @@ def bench_forward(base, pool, n, length, batch, repeats) -> dict[str, float]:
     return times
 
 
+def bench_step(base, pool, n, length, batch, repeats) -> dict[str, float]:
+    """Our training step against the bare model's no-grad forward on the same batch (the
+    step's floor is about 2x: a forward plus a backward that needs input gradients only)."""
+    ids, mask = random_batch(pool, batch, length, seed=1)
+    mine = ours(base, n)
+    times = alternate(
+        {
+            "softprompt_train_step": train_step_fn(mine, ids, mask, optimizer_for(mine)),
+            "bare_forward": forward_fn(base, ids, mask),
+        },
+        repeats,
+    )
+    mine.unload()
+    return times
+
+
+def bench_bf16(base, pool, n, length, batch, repeats) -> dict[str, Any]:
+    """The train step and no-grad forward with the base model loaded in bfloat16."""
+    from softprompt.bf16 import native_bf16
+
+    base16 = copy.deepcopy(base).to(torch.bfloat16)
+    train = bench_train(base16, pool, n, length, batch, repeats, lora=False)
+    step = bench_step(base16, pool, n, length, batch, repeats)
+    forward = bench_forward(base16, pool, n, length, batch, repeats)
+    return {
+        "native_bf16": native_bf16(torch.device("cpu")),
+        "train_seconds": train,
+        "step_seconds": step,
+        "forward_seconds": forward,
+        "train_peft_over_ours": train["peft_prompt_tuning"] / train["softprompt"],
+        "step_over_bare_forward": step["softprompt_train_step"] / step["bare_forward"],
+        "forward_ours_over_bare": forward["softprompt"] / forward["bare"],
+        "forward_peft_over_bare": forward["peft_prompt_tuning"] / forward["bare"],
+    }
+
+
 def bench_generate(base, pool, n, length, batch, new_tokens, repeats) -> dict[str, Any]:
     ids, mask = random_batch(pool, batch, length, seed=3)
     mine, theirs = ours(base, n), peft_prompt(base, n)
@@ -376,6 +412,31 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
             f"ours / bare = **{f['ours_over_bare']:.3f}**, "
             f"PEFT / bare = {f['peft_over_bare']:.3f} | <= 1.05 |"
         )
+    st = results.get("step")
+    if st:
+        lines.append(
+            f"| train step vs bare forward (N={st['n']}, L={st['length']}, B={st['batch']}) | "
+            f"{st['seconds']['softprompt_train_step']:.2f} s | | "
+            f"bare forward: {st['seconds']['bare_forward']:.2f} s | "
+            f"step / bare forward = **{st['step_over_bare_forward']:.2f}** | <= 2.2 |"
+        )
+    b = results.get("bf16")
+    if b:
+        tag = f"bfloat16, N={b['n']}, L={b['length']}, B={b['batch']}"
+        lines.append(
+            f"| train step ({tag}) | {b['train_seconds']['softprompt']:.2f} s | "
+            f"{b['train_seconds']['peft_prompt_tuning']:.2f} s | "
+            f"bare forward: {b['step_seconds']['bare_forward']:.2f} s | "
+            f"PEFT / ours = **{b['train_peft_over_ours']:.2f}**, "
+            f"step / bare forward = {b['step_over_bare_forward']:.2f} | >= 1.25 |"
+        )
+        lines.append(
+            f"| forward, no grad ({tag}) | {b['forward_seconds']['softprompt']:.3f} s | "
+            f"{b['forward_seconds']['peft_prompt_tuning']:.3f} s | "
+            f"bare: {b['forward_seconds']['bare']:.3f} s | "
+            f"ours / bare = **{b['forward_ours_over_bare']:.3f}**, "
+            f"PEFT / bare = {b['forward_peft_over_bare']:.3f} | <= 1.05 |"
+        )
     g = results.get("generate")
     if g:
         tps = g["tokens_per_s"]
@@ -501,7 +562,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--scaling-batch", type=int, default=4)
-    parser.add_argument("--sections", default="train,forward,generate,serving,memory,scaling")
+    parser.add_argument("--sections", default="train,forward,step,bf16,generate,serving,memory,scaling")
     parser.add_argument("--quick", action="store_true", help="3 repeats, no scaling, no memory.")
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--name", default=None)
@@ -568,6 +629,23 @@ def main() -> None:
             "peft_over_bare": secs["peft_prompt_tuning"] / secs["bare"],
         }
         log(json.dumps(results["forward"]))
+    if "step" in sections:
+        log("train step vs bare forward ...")
+        secs = bench_step(base, pool, n, length, batch, args.repeats)
+        results["step"] = {
+            "n": n,
+            "length": length,
+            "batch": batch,
+            "seconds": secs,
+            "step_over_bare_forward": secs["softprompt_train_step"] / secs["bare_forward"],
+        }
+        log(json.dumps(results["step"]))
+    if "bf16" in sections:
+        log("bfloat16 train step and forward ...")
+        b = bench_bf16(base, pool, n, length, batch, args.repeats)
+        b.update({"n": n, "length": length, "batch": batch})
+        results["bf16"] = b
+        log(json.dumps(b))
     if "generate" in sections:
         log("generate ...")
         g = bench_generate(base, pool, n, length, args.gen_batch, args.new_tokens, args.repeats)

@@ -293,3 +293,65 @@ def test_full_sequence_uses_the_plain_path():
     with torch.no_grad():
         out = model(input_ids=torch.randint(4, VOCAB, (1, 5)), full_sequence=True)
     assert out.logits.shape[1] == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_additive_mask_and_uncopied_cache_are_bit_identical(arch, dtype, monkeypatch):
+    """The cached-prompt path's two shortcuts - transformers' sdpa mask made additive once per
+    pass (grouped-query models on CPU), and a cache that holds the prompt KV without copying
+    it - give exactly the losses, logits and prompt gradients of the boolean mask and a cache
+    built from data, for one adapter (broadcast KV), mixed adapters and inference."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from softprompt import attention, prefix
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    masks = []
+
+    def spy(query, key, value, attn_mask=None, **kw):
+        masks.append(None if attn_mask is None else attn_mask.dtype)
+        return sdpa(query, key, value, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    model = wrap(
+        build_model("CAUSAL_LM", arch).to(dtype),
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+        "a",
+    )
+    model.add_adapter("b", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run() -> list[torch.Tensor]:
+        out = []
+        for names in ("a", ["a", "b", "a"]):
+            model.train()
+            res = model(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=names)
+            prompts = [model.prompts[n].embedding for n in ("a", "b")]
+            grads = torch.autograd.grad(res.loss, prompts, allow_unused=True)
+            out += [res.loss.detach(), res.logits.detach()] + [g for g in grads if g is not None]
+            model.eval()
+            with torch.no_grad():
+                out.append(model(input_ids=ids, attention_mask=mask, adapter_names=names).logits)
+        return out
+
+    masks.clear()
+    new = run()
+    if arch != "gpt2":  # grouped-query: the user's passes get the additive mask
+        assert dtype in masks and torch.bool not in masks, masks
+    try:
+        monkeypatch.setattr(prefix, "_cache_holding", prefix.make_cache)
+        AttentionMaskInterface.register(attention.PREFIX_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        model.clear_prompt_cache()
+        masks.clear()
+        old = run()
+        if arch != "gpt2":
+            assert torch.bool in masks, masks
+    finally:
+        attention._register_prefix_attention.cache_clear()
+        attention._register_prefix_attention()
+    assert len(new) == len(old)
+    for a, b in zip(new, old):
+        assert a.dtype == b.dtype and torch.equal(a, b)

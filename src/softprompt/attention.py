@@ -66,7 +66,10 @@ def _prefix_sdpa(
     """transformers' sdpa attention, except that grouped-query attention with a mask on CPU
     runs on the key/value heads as they are (`enable_gqa`) instead of copying them to every
     query head: a cached prompt always brings a mask (its queries and keys differ in
-    length), and the copies and their backward cost about a quarter of the attention time."""
+    length), and the copies and their backward cost about a quarter of the attention time.
+
+    The mask arrives additive (see `_prefix_mask`); where transformers' own sdpa runs
+    instead it gets the boolean mask back."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     plain = not any(
@@ -79,6 +82,8 @@ def _prefix_sdpa(
         and query.shape[2] > 1
         and key.shape[1] != query.shape[1]
     ):
+        if attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
+            attention_mask = attention_mask.to(query.dtype)  # 0 and -inf: exact in any float dtype
         out = torch.nn.functional.scaled_dot_product_attention(
             query,
             key,
@@ -89,7 +94,25 @@ def _prefix_sdpa(
             enable_gqa=True,
         )
         return out.transpose(1, 2).contiguous(), None
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0  # back to what transformers' sdpa mask function gives
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _prefix_mask(*args: object, dtype: torch.dtype = torch.float32, **kwargs: object) -> torch.Tensor | None:
+    """transformers' sdpa mask, made additive once per forward pass: 0 where a key is attended,
+    -inf elsewhere, in `dtype` (the inputs' dtype).
+
+    PyTorch's sdpa turns a boolean mask into exactly this tensor (in the query's dtype) on
+    every call, forward and backward, i.e. twice per layer in a training step; here it is
+    built once for all layers. The attention's results are bit-identical."""
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None or mask.dtype != torch.bool or not dtype.is_floating_point:
+        return mask
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, float("-inf"))
 
 
 @lru_cache(maxsize=1)
@@ -100,7 +123,10 @@ def _register_prefix_attention() -> bool:
     except ImportError:
         return False
     AttentionInterface.register(PREFIX_ATTENTION, _prefix_sdpa)
-    AttentionMaskInterface.register(PREFIX_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if ALL_MASK_ATTENTION_FUNCTIONS["sdpa"].__name__ == "sdpa_mask":
+        AttentionMaskInterface.register(PREFIX_ATTENTION, _prefix_mask)
+    else:  # a transformers whose sdpa mask function this module does not know
+        AttentionMaskInterface.register(PREFIX_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     return True
 
 

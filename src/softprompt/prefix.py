@@ -226,6 +226,34 @@ def right_aligned(table: list[torch.Tensor], which: torch.Tensor, width: int, di
     return torch.stack(padded).index_select(0, which)
 
 
+def _cache_holding(base: nn.Module, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """`make_cache(base, tensors)` without copying the tensors into the cache.
+
+    A `DynamicCache` built from data concatenates every layer's keys and values onto an
+    empty tensor, a copy of the whole prompt KV at batch size (the broadcast one
+    materialised), and the forward pass's first update concatenates it again with the new
+    tokens' keys/values. Handing the layers the tensors as they are leaves that second
+    concatenation as the only copy; the values, and the gradients (the backward of the
+    broadcast still sums over the batch), are unchanged. Falls back to `make_cache` for
+    layers other than transformers' `DynamicLayer`.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=base.config)
+    layers = getattr(cache, "layers", None)
+    if (
+        not isinstance(layers, list)
+        or len(layers) != len(tensors)
+        or any(type(layer).__name__ != "DynamicLayer" or layer.is_initialized for layer in layers)
+    ):
+        return make_cache(base, tensors)
+    for layer, (keys, values) in zip(layers, tensors, strict=True):
+        layer.device = keys.device
+        layer.keys, layer.values = keys, values
+        layer.is_initialized = True
+    return cache
+
+
 def batch_cache(
     model: Any, states: dict[str, PromptState], names: list[str | None], width: int
 ) -> tuple[Any, torch.Tensor | None]:
@@ -242,7 +270,7 @@ def batch_cache(
         state = states[unique[0]]
         tensors = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in state.kv]
         logits = state.last_logits.expand(batch, -1) if state.last_logits is not None else None
-        return make_cache(base, tensors), logits
+        return _cache_holding(base, tensors), logits
     some = next(states[u] for u in unique if u is not None)
     which = torch.tensor([unique.index(n) for n in names], device=some.kv[0][0].device)
     tensors = []
@@ -259,4 +287,4 @@ def batch_cache(
             states[u].last_logits if u is not None else torch.zeros_like(some.last_logits) for u in unique
         ]
         logits = torch.cat(rows).index_select(0, which)
-    return make_cache(base, tensors), logits
+    return _cache_holding(base, tensors), logits
