@@ -7,52 +7,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 import pytest
 import torch
 
 from softprompt.cli import main, parse_label_words
-from tests.tiny import build_model, make_tokenizer
-
-POS = ["good", "great", "best", "love", "fun"]
-NEG = ["bad", "awful", "worst", "hate", "boring"]
-FILLER = ["the", "movie", "film", "plot", "acting", "was", "is", "very", "so", "story"]
-
-
-def _rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "positive" if i % 2 else "negative"
-        words = rng.sample(FILLER, 3) + [rng.choice(POS if label == "positive" else NEG)]
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
+from tests.tiny import review_workspace, workspace_args
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    model = build_model("CAUSAL_LM", "llama", initializer_range=0.5)
-    model.save_pretrained(root / "model")
-    make_tokenizer().save_pretrained(root / "model")
-    for name, n, seed in (("train", 64, 1), ("dev", 16, 2), ("test", 20, 3)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
-    return root
+    return review_workspace(
+        tmp_path_factory.mktemp("cli"), {"train": (64, 1), "dev": (16, 2), "test": (20, 3)}
+    )
 
 
 def _train_args(ws, out, *extra):
     return [
         "train",
-        "--model",
-        str(ws / "model"),
-        "--data",
-        str(ws / "train.jsonl"),
-        "--dev-data",
-        str(ws / "dev.jsonl"),
-        "--test-data",
-        str(ws / "test.jsonl"),
+        *workspace_args(ws),
         "--output",
         str(out),
         "--template",

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
@@ -20,47 +19,23 @@ from softprompt.compose import pad_templated, tokenize_template
 from softprompt.ensemble import evaluate_ensemble
 from softprompt.evaluate import Verbalizer, classify, encode_template, pad_id
 from softprompt.model import SoftPromptModel
-from tests.tiny import build_model, make_tokenizer
+from tests.tiny import review_rows, review_workspace, workspace_args
 
-POS = ["good", "great", "best", "love", "fun"]
-NEG = ["bad", "awful", "worst", "hate", "boring"]
-FILLER = ["the", "movie", "film", "plot", "acting", "was", "is", "very", "so", "story"]
 TEMPLATE = "Review: {text}\n{prompt}Sentiment:"
 LABEL_WORDS = {"negative": " negative", "positive": " positive"}
 
 
-def _rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "positive" if i % 2 else "negative"
-        words = rng.sample(FILLER, 3) + [rng.choice(POS if label == "positive" else NEG)]
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compose_cli")
-    build_model("CAUSAL_LM", "llama", initializer_range=0.5).save_pretrained(root / "model")
-    make_tokenizer().save_pretrained(root / "model")
-    for name, n, seed in (("train", 48, 1), ("dev", 12, 2), ("test", 20, 3)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
-    return root
+    return review_workspace(
+        tmp_path_factory.mktemp("compose_cli"), {"train": (48, 1), "dev": (12, 2), "test": (20, 3)}
+    )
 
 
 def _train_args(ws, out, *extra):
     return [
         "train",
-        "--model",
-        str(ws / "model"),
-        "--data",
-        str(ws / "train.jsonl"),
-        "--dev-data",
-        str(ws / "dev.jsonl"),
-        "--test-data",
-        str(ws / "test.jsonl"),
+        *workspace_args(ws),
         "--output",
         str(out),
         "--template",
@@ -122,7 +97,7 @@ def test_marker_template_train_eval_classify_generate(marker_run, ws, tmp_path, 
     assert rows["bare model (zero-shot)"]["accuracy"] == pytest.approx(results["zero_shot"]["accuracy"])
 
     # the prompt sits at the marker: the scores are those of the hand-built templated batch
-    texts = [r["text"] for r in _rows(6, 9)]
+    texts = [r["text"] for r in review_rows(6, 9)]
     capsys.readouterr()
     assert main(["classify", "--adapter", str(best), "--json", *texts]) == 0
     labelled = json.loads(capsys.readouterr().out)
@@ -189,7 +164,7 @@ def test_eval_ensemble_is_the_mean_of_the_members_alone(seeds_run, ws, tmp_path)
     rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
 
     model, tokenizer = _model(ws, adapters)
-    test = _rows(20, 3)
+    test = review_rows(20, 3)
     texts, labels = [r["text"] for r in test], [r["label"] for r in test]
     verbalizer = Verbalizer.build(tokenizer, LABEL_WORDS)
     rows_, positions = encode_template(tokenizer, texts, TEMPLATE, 256)

@@ -23,12 +23,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_cli import _rows
-from tests.tiny import build_model, make_tokenizer
+from tests.tiny import build_model, make_tokenizer, review_rows, review_workspace, workspace_args
 
 STEPS = 8
 TIMEOUT = 240  # seconds any one run may take here (they take ~10-20 s)
 DIST_TIMEOUT = "20"  # SOFTPROMPT_DIST_TIMEOUT: how long a rank waits for a dead peer
+SPLITS = {"train": (64, 1), "dev": (13, 2), "test": (11, 3)}  # (examples, seed) of tests.tiny.review_rows
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -38,21 +38,13 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    build_model("CAUSAL_LM", "llama", initializer_range=0.5).save_pretrained(root / "model")
-    make_tokenizer().save_pretrained(root / "model")
-    for name, n, seed in (("train", 64, 1), ("dev", 13, 2), ("test", 11, 3)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
-    return root
+    return review_workspace(tmp_path_factory.mktemp("dist"), SPLITS)
 
 
 def _train_args(ws: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
     return [
         "train",
-        "--model", str(ws / "model"),
-        "--data", str(ws / "train.jsonl"),
-        "--dev-data", str(ws / "dev.jsonl"),
-        "--test-data", str(ws / "test.jsonl"),
+        *workspace_args(ws),
         "--output", str(out),
         "--max-steps", str(steps),
         "--batch-size", "4",
@@ -185,19 +177,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_dead_rank_stops_the_others_with_an_error_and_the_checkpoint_is_intact(ws):
-    """The env:// launch torchrun does, by hand, so the surviving rank's own exit is observed."""
-    from softprompt.train_checkpoints import load_latest
-
-    out = ws / "dead-rank"
+def _two_ranks(ws: Path, out: Path, *extra: str) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of a 400-step run, started by hand with the env:// launch torchrun does
+    (so each rank's own exit is observed); stderr piped, as text."""
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
         env = _env(
             RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
         )
-        procs.append(subprocess.Popen(_one(ws, out, steps=400), env=env, stdout=subprocess.DEVNULL,
+        procs.append(subprocess.Popen(_one(ws, out, *extra, steps=400), env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
+
+
+def _kill_running(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=60)
+
+
+def test_a_dead_rank_stops_the_others_with_an_error_and_the_checkpoint_is_intact(ws):
+    """The env:// launch torchrun does, by hand, so the surviving rank's own exit is observed."""
+    from softprompt.train_checkpoints import load_latest
+
+    out = ws / "dead-rank"
+    procs = _two_ranks(ws, out)
     survivor, victim = procs
     try:
         assert _wait_for(lambda: any(s >= 3 for s in _checkpoint_steps(out)), survivor), "no checkpoint came"
@@ -207,10 +213,7 @@ def test_a_dead_rank_stops_the_others_with_an_error_and_the_checkpoint_is_intact
         _, err = survivor.communicate(timeout=float(DIST_TIMEOUT) + 60)
         waited = time.time() - started
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=60)
+        _kill_running(procs)
     assert survivor.returncode not in (0, None), err[-2000:]
     assert "another process of the run died or stopped answering" in err, err[-2000:]
     assert "--resume" in err and "Traceback" not in err, err[-2000:]
@@ -256,31 +259,14 @@ def test_device_and_dtype_options(monkeypatch):
 
 def test_ctrl_c_on_one_rank_stops_both_at_the_same_step_and_rank_0_saves_once(ws):
     out = ws / "interrupted"
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = _env(
-            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
-        )
-        procs.append(
-            subprocess.Popen(
-                _one(ws, out, "--checkpoint-every", "1000", steps=400),
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+    procs = _two_ranks(ws, out, "--checkpoint-every", "1000")
     try:
         metrics = out / "metrics.jsonl"
         assert _wait_for(lambda: metrics.exists() and "eval" in metrics.read_text(), procs[0]), "no eval came"
         procs[1].send_signal(signal.SIGINT)  # the other rank learns of it in the next all-reduce
         errs = [p.communicate(timeout=120)[1] for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=60)
+        _kill_running(procs)
     assert [p.returncode for p in procs] == [130, 130], [e[-1500:] for e in errs]
     steps = {int(s) for e in errs for s in re.findall(r"interrupted at step (\d+)", e)}
     assert len(steps) == 1, errs  # both ranks stopped after the same step
@@ -363,7 +349,7 @@ def test_sharded_evaluation_gathers_the_1_process_metrics(monkeypatch):
     from softprompt.objectives import ClassificationObjective, GenerationObjective
 
     tokenizer = make_tokenizer()
-    rows = _rows(11, 5)
+    rows = review_rows(11, 5)
     texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
     words = {"negative": " negative", "positive": " positive"}
     model = wrap(

@@ -169,12 +169,11 @@ def test_no_fingerprint_for_a_model_on_the_meta_device():
 
 def test_cli_refuses_another_base_unless_allow_base_mismatch(tmp_path, capsys):
     from softprompt.cli import EXIT_ERROR, main
-    from tests.tiny import make_tokenizer
+    from tests.tiny import save_model
 
     folder = _save(tmp_path, seed=1)
     model_dir = tmp_path / "other-model"
-    build_model("CAUSAL_LM", "llama", seed=2).save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
+    save_model(model_dir, seed=2)
     assert main(["inspect", str(folder), "--model", str(model_dir), "--json"]) == EXIT_ERROR
     assert "--allow-base-mismatch" in capsys.readouterr().err
     assert main(["inspect", str(folder), "--model", str(model_dir), "--json", "--allow-base-mismatch"]) == 0

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import _rows
-from tests.test_distributed import _env, _evals, _one, _prompt, _records, _run, _torchrun
+from tests.test_distributed import SPLITS, _env, _evals, _one, _prompt, _records, _run, _torchrun
 
 TIMEOUT = 240
 # 60 examples: 15 batches of 4, so the 8th step of 2 batches has one, and under FSDP rank 1 makes a
@@ -29,14 +28,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """The tiny model and data of tests/test_distributed.py."""
-    from tests.tiny import build_model, make_tokenizer
+    from tests.tiny import review_workspace
 
-    root = tmp_path_factory.mktemp("fsdp")
-    build_model("CAUSAL_LM", "llama", initializer_range=0.5).save_pretrained(root / "model")
-    make_tokenizer().save_pretrained(root / "model")
-    for name, n, seed in (("train", 64, 1), ("dev", 13, 2), ("test", 11, 3)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
-    return root
+    return review_workspace(tmp_path_factory.mktemp("fsdp"), SPLITS)
 
 
 def test_fsdp_over_two_processes_trains_the_prompt_of_one_process(ws):

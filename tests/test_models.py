@@ -27,15 +27,14 @@ from softprompt.base_models import (
     default_model_dir,
     load_model,
 )
-from tests.tiny import EOS, build_model, config_for, make_tokenizer
+from tests.tiny import EOS, build_model, config_for, make_tokenizer, save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _REAL_LOCATE_GGUF = base_models._locate_gguf
 
 
 def _save_tiny(folder: Path, seed: int = 0) -> None:
-    build_model("CAUSAL_LM", "llama", seed=seed).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
+    save_model(folder, seed=seed)
 
 
 class FakeConverter:

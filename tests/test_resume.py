@@ -19,20 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from softprompt.train import TrainConfig, TrainingDiverged, train
-from tests.test_cli import _rows
-from tests.tiny import build_model, make_tokenizer
+from tests.tiny import build_model, make_tokenizer, review_workspace, workspace_args
 
 STEPS = 14
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    build_model("CAUSAL_LM", "llama", initializer_range=0.5).save_pretrained(root / "model")
-    make_tokenizer().save_pretrained(root / "model")
-    for name, n, seed in (("train", 96, 1), ("dev", 12, 2)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
-    return root
+    return review_workspace(tmp_path_factory.mktemp("resume"), {"train": (96, 1), "dev": (12, 2)})
 
 
 def _command(ws: Path, out: Path, *extra: str) -> list[str]:
@@ -41,12 +35,7 @@ def _command(ws: Path, out: Path, *extra: str) -> list[str]:
         "-m",
         "softprompt",
         "train",
-        "--model",
-        str(ws / "model"),
-        "--data",
-        str(ws / "train.jsonl"),
-        "--dev-data",
-        str(ws / "dev.jsonl"),
+        *workspace_args(ws, ("train", "dev")),
         "--output",
         str(out),
         "--max-steps",

@@ -8,8 +8,7 @@ import json
 import pytest
 
 from softprompt.train import TrainConfig, train
-from tests.test_cli import _rows
-from tests.tiny import build_model, make_tokenizer
+from tests.tiny import review_rows, save_model
 
 pytest.importorskip("tensorboard")
 
@@ -17,15 +16,14 @@ pytest.importorskip("tensorboard")
 def test_tensorboard_events_hold_the_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    build_model("CAUSAL_LM", "llama", initializer_range=0.5).save_pretrained(tmp_path / "model")
-    make_tokenizer().save_pretrained(tmp_path / "model")
-    rows = _rows(24, 1)
+    save_model(tmp_path / "model", initializer_range=0.5)
+    rows = review_rows(24, 1)
     out = tmp_path / "run"
     config = TrainConfig(
         output_dir=str(out),
         model=str(tmp_path / "model"),
         data=rows,
-        dev_data=_rows(8, 2),
+        dev_data=review_rows(8, 2),
         max_steps=4,
         batch_size=4,
         log_every=2,

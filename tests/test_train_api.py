@@ -9,8 +9,7 @@ import torch
 
 from softprompt.data import Example
 from softprompt.train import TrainConfig, TrainingError, _lr_lambda, train
-from tests.test_cli import _rows
-from tests.tiny import build_model, make_tokenizer
+from tests.tiny import build_model, make_tokenizer, review_rows
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +24,8 @@ def _config(tmp_path, model_dir, **kw):
     base = {
         "output_dir": str(tmp_path / "run"),
         "model": model_dir,
-        "data": _rows(48, 1),
-        "dev_data": _rows(12, 2),
+        "data": review_rows(48, 1),
+        "dev_data": review_rows(12, 2),
         "max_steps": 4,
         "batch_size": 8,
         "eval_every": 2,
@@ -44,7 +43,7 @@ def test_records_and_examples_as_data(tmp_path, model_dir):
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert saved["config"]["data"] == "<list of 48 records>"
     assert saved["resolved"]["label_words"] == {"negative": " negative", "positive": " positive"}
-    examples = [Example(r["text"], label=r["label"]) for r in _rows(24, 3)]
+    examples = [Example(r["text"], label=r["label"]) for r in review_rows(24, 3)]
     result = train(
         _config(
             tmp_path, model_dir, output_dir=str(tmp_path / "ex"), data=examples, dev_data=None, max_steps=2
@@ -84,7 +83,7 @@ def test_gradient_accumulation_equals_one_big_batch(model_dir):
     from softprompt.objectives import ClassificationObjective
 
     tokenizer = make_tokenizer()
-    rows = _rows(8, 4)
+    rows = review_rows(8, 4)
     objective = ClassificationObjective.build(
         tokenizer,
         [r["text"] for r in rows],
@@ -147,7 +146,7 @@ def test_eager_attention_gives_the_same_loss_and_gradient_as_sdpa(arch):
     from softprompt.objectives import ClassificationObjective
 
     tokenizer = make_tokenizer()
-    rows = _rows(8, 5)
+    rows = review_rows(8, 5)
     texts = [" ".join([r["text"]] * (1 + i % 3)) for i, r in enumerate(rows)]  # 3 lengths: padded batch
     objective = ClassificationObjective.build(
         tokenizer,

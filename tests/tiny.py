@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
 import torch
 import transformers as T
 
@@ -206,3 +210,51 @@ def build_model(task: str, arch: str, seed: int = 0, **config_extra) -> torch.nn
 def user_ids(arch: str) -> tuple[int, int]:
     """Range of ordinary token ids for random inputs (above the special ids)."""
     return 4, VOCAB
+
+
+def save_model(folder: str | Path, seed: int = 0, **config_extra) -> Path:
+    """A tiny llama causal LM (`build_model`) and the tokenizer, saved to `folder`: a model
+    folder the command line and `load_model` read."""
+    folder = Path(folder)
+    build_model("CAUSAL_LM", "llama", seed=seed, **config_extra).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------- tiny sentiment data
+POS = ["good", "great", "best", "love", "fun"]
+NEG = ["bad", "awful", "worst", "hate", "boring"]
+FILLER = ["the", "movie", "film", "plot", "acting", "was", "is", "very", "so", "story"]
+
+
+def review_rows(n: int, seed: int) -> list[dict]:
+    """`n` labelled reviews, alternately negative and positive: 3 filler words and a sentiment word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 else "negative"
+        words = rng.sample(FILLER, 3) + [rng.choice(POS if label == "positive" else NEG)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def review_workspace(root: Path, splits: dict[str, tuple[int, int]]) -> Path:
+    """`root/model` (the tiny llama of `save_model`, initializer_range 0.5, so a prompt learns
+    fast) and per split `root/<name>.jsonl`: `review_rows(n, seed)` for `splits[name] = (n, seed)`."""
+    save_model(root / "model", initializer_range=0.5)
+    for name, (n, seed) in splits.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in review_rows(n, seed)))
+    return root
+
+
+_DATA_OPTIONS = {"train": "--data", "dev": "--dev-data", "test": "--test-data"}
+
+
+def workspace_args(ws: Path, splits: tuple[str, ...] = ("train", "dev", "test")) -> list[str]:
+    """`train`'s `--model` and data options (`--data`, `--dev-data`, `--test-data` for the
+    splits named) for the files of a `review_workspace`."""
+    args = ["--model", str(ws / "model")]
+    for name in splits:
+        args += [_DATA_OPTIONS[name], str(ws / f"{name}.jsonl")]
+    return args
