@@ -16,7 +16,7 @@ import torch
 
 from .evaluate import Verbalizer, classify, encode_template, pad_id
 
-__all__ = ["classify_texts", "run_settings"]
+__all__ = ["classify_texts", "label_probs", "run_settings"]
 
 
 def classify_texts(
@@ -59,11 +59,18 @@ def classify_texts(
         batch_size=batch_size,
         prompt_positions=positions,
     )
+    return label_probs(verbalizer.labels, scores)
+
+
+def label_probs(labels: Sequence[str], scores: torch.Tensor) -> list[dict[str, Any]]:
+    """Per row of `scores` (`(n, len(labels))`, label scores or log-probabilities): the most
+    probable label and the probability of every label (a softmax over the labels, in float64),
+    as `{"label": str, "probs": {label: probability}}`."""
     probs = torch.softmax(scores.double(), dim=1)
     out = []
     for row in probs.tolist():
         best = max(range(len(row)), key=row.__getitem__)
-        out.append({"label": verbalizer.labels[best], "probs": dict(zip(verbalizer.labels, row))})
+        out.append({"label": labels[best], "probs": dict(zip(labels, row))})
     return out
 
 

@@ -185,6 +185,7 @@ def classify_ensemble(
         softmax over the labels of the members' mean log-probability), and for each member
         (by name) its own `{"label", "probs"}`.
     """
+    from .classify import label_probs
     from .compose import ensemble_scores
     from .evaluate import Verbalizer, encode_template, pad_id
 
@@ -201,19 +202,11 @@ def classify_ensemble(
         prompt_positions=positions,
         batch_size=batch_size,
     )
-    labels = verbalizer.labels
     names = [_member_name(a) for a in adapters]
-
-    def pick(logprobs: torch.Tensor) -> dict[str, Any]:
-        probs = torch.softmax(logprobs.double(), dim=-1).tolist()
-        best = max(range(len(probs)), key=probs.__getitem__)
-        return {"label": labels[best], "probs": dict(zip(labels, probs))}
-
+    ensemble = label_probs(verbalizer.labels, scores.mean)
+    members = [label_probs(verbalizer.labels, scores.members[m]) for m in range(len(names))]
     return [
-        {
-            **pick(scores.mean[i]),
-            "members": {name: pick(scores.members[m, i]) for m, name in enumerate(names)},
-        }
+        {**ensemble[i], "members": {name: members[m][i] for m, name in enumerate(names)}}
         for i in range(len(texts))
     ]
 
