@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .evaluate import Verbalizer, class_logits
+from .evaluate import Verbalizer, class_logits, in_length_batches
 from .model import RowPrompt, SoftPromptModel
 
 __all__ = [
@@ -254,21 +254,16 @@ def ensemble_scores(
         raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
     count, num_labels = len(members), len(verbalizer.labels)
     scores = torch.empty(count, len(rows), num_labels)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # little padding per batch
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                batch = [rows[i] for i in idx] * count  # member-major: member m's copy at m*n + j
-                names = [m for m in members for _ in idx]
-                positions = None
-                if prompt_positions is not None:
-                    positions = [int(prompt_positions[i]) for i in idx] * count
-                logits = class_logits(model, batch, verbalizer, pad_id, names, prompt_positions=positions)
-                scores[:, idx] = logits.float().cpu().view(count, len(idx), num_labels)
-    finally:
-        model.train(was_training)
+
+    def score(idx: list[int]) -> None:
+        batch = [rows[i] for i in idx] * count  # member-major: member m's copy at m*n + j
+        names = [m for m in members for _ in idx]
+        positions = None
+        if prompt_positions is not None:
+            positions = [int(prompt_positions[i]) for i in idx] * count
+        logits = class_logits(model, batch, verbalizer, pad_id, names, prompt_positions=positions)
+        scores[:, idx] = logits.float().cpu().view(count, len(idx), num_labels)
+
+    in_length_batches(model, rows, batch_size, score)
     logprobs = F.log_softmax(scores, dim=-1)
     return EnsembleScores(logprobs.mean(dim=0), logprobs, members)

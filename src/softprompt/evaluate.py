@@ -225,24 +225,39 @@ def classify(
     `prompt_positions`: per row, where a prompt placed at a marker goes (see `class_logits`).
     """
     name = adapter or BASE
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     scores = torch.empty(len(rows), len(verbalizer.labels))
+
+    def score(idx: list[int]) -> None:
+        batch = [rows[i] for i in idx]
+        positions = None if prompt_positions is None else [prompt_positions[i] for i in idx]
+        scores[idx] = class_logits(
+            model, batch, verbalizer, pad_id, [name] * len(batch), prompt_positions=positions
+        ).cpu()
+        if progress:
+            progress(len(idx))
+
+    in_length_batches(model, rows, batch_size, score)
+    return scores
+
+
+def in_length_batches(
+    model: torch.nn.Module,
+    rows: Sequence[Sequence[int]],
+    batch_size: int,
+    score: Callable[[list[int]], None],
+) -> None:
+    """Call `score` with the indices of `rows` in batches of `batch_size`, shortest rows first
+    (so each batch pads little), `model` in eval mode and without gradients; the model's mode
+    is restored after, also when `score` raises."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                batch = [rows[i] for i in idx]
-                positions = None if prompt_positions is None else [prompt_positions[i] for i in idx]
-                scores[idx] = class_logits(
-                    model, batch, verbalizer, pad_id, [name] * len(batch), prompt_positions=positions
-                ).cpu()
-                if progress:
-                    progress(len(idx))
+                score(order[start : start + batch_size])
     finally:
         model.train(was_training)
-    return scores
 
 
 def accuracy(scores: torch.Tensor, gold: Sequence[int]) -> float:
