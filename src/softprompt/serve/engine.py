@@ -401,14 +401,9 @@ class Engine:
             logits = out.logits[:, -1].float().expand(req.n, -1)
             if req.n > 1:
                 kv = [(k.expand(req.n, -1, -1, -1), v.expand(req.n, -1, -1, -1)) for k, v in kv]
-            rows = [_Row(req, c, self._generator(req, c.index), length) for c in req.choices]
-            keep = self._sample(rows, logits)
-            if self.metrics is not None:
-                self.metrics.prompt_tokens(self._label(req), len(req.prompt_ids))
-        except Exception as err:  # only this request fails
-            logger.debug("request %s failed at prefill", req.id, exc_info=True)
-            req.fail(err if isinstance(err, ServeError) else InternalError(f"generation failed: {err}"))
-            self._finished(req)
+            rows, keep = self._first_tokens(req, logits, length)
+        except Exception as err:  # noqa: BLE001  (only this request fails: _fail_one logs it)
+            self._fail_one(req, err, "at prefill")
             return
         if keep:
             index = torch.tensor(keep, device=kv[0][0].device)
@@ -505,14 +500,9 @@ class Engine:
         source: list[int] = []
         for i, (req, _) in enumerate(shared):
             try:
-                choices = [_Row(req, c, self._generator(req, c.index), totals[i]) for c in req.choices]
-                keep = self._sample(choices, logits[i : i + 1].expand(req.n, -1))
-                if self.metrics is not None:
-                    self.metrics.prompt_tokens(self._label(req), len(req.prompt_ids))
-            except Exception as err:  # only this request fails
-                logger.debug("request %s failed at prefill", req.id, exc_info=True)
-                req.fail(err if isinstance(err, ServeError) else InternalError(f"generation failed: {err}"))
-                self._finished(req)
+                choices, keep = self._first_tokens(req, logits[i : i + 1].expand(req.n, -1), totals[i])
+            except Exception as err:  # noqa: BLE001  (only this request fails: _fail_one logs it)
+                self._fail_one(req, err, "at prefill")
                 continue
             for j in keep:
                 rows.append(choices[j])
@@ -618,11 +608,27 @@ class Engine:
                     go_on.append(i)
                 else:
                     self._finished(req)
-            except Exception as err:  # only this request fails
-                logger.debug("request %s failed while sampling", req.id, exc_info=True)
-                req.fail(err if isinstance(err, ServeError) else InternalError(f"generation failed: {err}"))
-                self._finished(req)
+            except Exception as err:  # noqa: BLE001  (only this request fails: _fail_one logs it)
+                self._fail_one(req, err, "while sampling")
         return go_on
+
+    def _first_tokens(
+        self, req: GenerationRequest, logits: torch.Tensor, length: int
+    ) -> tuple[list[_Row], list[int]]:
+        """A row per choice of a prefilled request (`length` tokens in its KV), each row's first
+        token sampled from its row of `logits`, and its prompt tokens counted; returns the rows
+        and the indices of those that go on."""
+        rows = [_Row(req, c, self._generator(req, c.index), length) for c in req.choices]
+        keep = self._sample(rows, logits)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens(self._label(req), len(req.prompt_ids))
+        return rows, keep
+
+    def _fail_one(self, req: GenerationRequest, err: Exception, when: str) -> None:
+        """`req` alone fails (with `err` when it is a `ServeError`, else a 500) and is finished."""
+        logger.debug("request %s failed %s", req.id, when, exc_info=err)
+        req.fail(err if isinstance(err, ServeError) else InternalError(f"generation failed: {err}"))
+        self._finished(req)
 
     def _label(self, req: GenerationRequest) -> str:
         return req.adapter or self.base_id
