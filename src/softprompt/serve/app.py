@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -57,6 +57,8 @@ from .schemas import (
 )
 
 logger = logging.getLogger(__name__)
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 @dataclass
@@ -310,6 +312,16 @@ def _allowed_path(server: _Server, path: str) -> Path:
     )
 
 
+async def _checked_body(request: Request, schema: type[_Body], update: bool = False) -> tuple[_Server, _Body]:
+    """The route's `_Server` and its request body as `schema`, once the API key is checked
+    (and, for an `update` of the server's adapters, that updates are allowed)."""
+    server = _server(request)
+    _check_key(server, request)
+    if update:
+        _check_updates_allowed(server)
+    return server, await _parse(request, schema, server.config.max_body_bytes)
+
+
 def _check_updates_allowed(server: _Server) -> None:
     if not server.config.allow_adapter_updates:
         raise _Forbidden("adapter updates are off; start the server with --allow-adapter-updates.")
@@ -488,9 +500,7 @@ async def _models(request: Request) -> Response:
 
 
 async def _completions(request: Request) -> Response:
-    server = _server(request)
-    _check_key(server, request)
-    body: CompletionRequest = await _parse(request, CompletionRequest, server.config.max_body_bytes)
+    server, body = await _checked_body(request, CompletionRequest)
     adapter = await _resolve_model(server, body.model)
     server.ready_engine()
     p = body.prompt
@@ -505,9 +515,7 @@ async def _completions(request: Request) -> Response:
 
 
 async def _chat(request: Request) -> Response:
-    server = _server(request)
-    _check_key(server, request)
-    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest, server.config.max_body_bytes)
+    server, body = await _checked_body(request, ChatCompletionRequest)
     adapter = await _resolve_model(server, body.model)
     server.ready_engine()
     tokenizer = server.tokenizer
@@ -529,9 +537,7 @@ async def _chat(request: Request) -> Response:
 
 
 async def _classify(request: Request) -> Response:
-    server = _server(request)
-    _check_key(server, request)
-    body: ClassifyRequest = await _parse(request, ClassifyRequest, server.config.max_body_bytes)
+    server, body = await _checked_body(request, ClassifyRequest)
     adapter = await _resolve_model(server, body.model)
     if adapter is None:
         raise ServeError(
@@ -549,10 +555,7 @@ async def _classify(request: Request) -> Response:
 
 
 async def _load_adapter(request: Request) -> Response:
-    server = _server(request)
-    _check_key(server, request)
-    _check_updates_allowed(server)
-    body: LoadAdapterRequest = await _parse(request, LoadAdapterRequest, server.config.max_body_bytes)
+    server, body = await _checked_body(request, LoadAdapterRequest, update=True)
     engine = server.ready_engine()
     path = _allowed_path(server, body.path)
     await _run_job(server, lambda: engine.load_adapter_now(body.name, path))
@@ -560,10 +563,7 @@ async def _load_adapter(request: Request) -> Response:
 
 
 async def _unload_adapter(request: Request) -> Response:
-    server = _server(request)
-    _check_key(server, request)
-    _check_updates_allowed(server)
-    body: UnloadAdapterRequest = await _parse(request, UnloadAdapterRequest, server.config.max_body_bytes)
+    server, body = await _checked_body(request, UnloadAdapterRequest, update=True)
     engine = server.ready_engine()
     await _run_job(server, lambda: engine.unload_adapter_now(body.name))
     return JSONResponse({"status": "ok", "name": body.name})
