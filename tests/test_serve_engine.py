@@ -91,6 +91,15 @@ def _matches(tokens: list[int], expected: list[int], stops) -> bool:
     return tokens == expected[:cut]
 
 
+def _assert_each_equals_generate(model, engine, reqs) -> None:
+    """Every request succeeded and each of its choices is greedy `generate` of its prompt."""
+    for r in reqs:
+        assert r.error is None
+        expected = _expected(model, r)
+        for c in r.choices:
+            assert _matches(c.tokens, expected, engine.stop_token_ids), (r.adapter, c.tokens, expected)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_greedy_equals_generate_with_adapters_joining_mid_decode(arch):
     tok = make_tokenizer()
@@ -108,11 +117,7 @@ def test_greedy_equals_generate_with_adapters_joining_mid_decode(arch):
         for r in reqs:
             assert r.done.wait(60)
         assert engine.steps > 0
-        for r in reqs:
-            assert r.error is None
-            expected = _expected(model, r)
-            for c in r.choices:
-                assert _matches(c.tokens, expected, engine.stop_token_ids), (r.adapter, c.tokens, expected)
+        _assert_each_equals_generate(model, engine, reqs)
     finally:
         engine.stop(5)
 
@@ -295,11 +300,7 @@ def test_batched_prefill_of_mixed_adapters_and_lengths_equals_generate(arch):
         for r in reqs:
             assert r.done.wait(60)
         assert together and together[0] == len(reqs)
-        for r in reqs:
-            assert r.error is None
-            expected = _expected(model, r)
-            for c in r.choices:
-                assert _matches(c.tokens, expected, engine.stop_token_ids), (r.adapter, c.tokens, expected)
+        _assert_each_equals_generate(model, engine, reqs)
     finally:
         engine.stop(5)
 
