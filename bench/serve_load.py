@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,6 +236,16 @@ async def load_level(
     }
 
 
+def _timed_requests(n: int, one: Callable[[int], int]) -> dict:
+    """Requests 0..n-1 made one after the other by `one(i)` (which returns the tokens it
+    generated): their count, tokens, wall time and tokens per second."""
+    t0, count = time.perf_counter(), 0
+    for i in range(n):
+        count += one(i)
+    wall = time.perf_counter() - t0
+    return {"requests": n, "tokens": count, "wall_s": wall, "throughput_tok_s": count / wall}
+
+
 def sequential_baselines(
     model_name: str | None, adapters: Path, names: list[str], prompts: list[str], n: int, max_tokens: int
 ) -> dict:
@@ -250,8 +261,8 @@ def sequential_baselines(
     for name in names[1:]:
         model.load_adapter(adapters / name, name)
     model.eval()
-    t0, count = time.perf_counter(), 0
-    for i in range(n):
+
+    def ours(i: int) -> int:
         ids = torch.tensor([tok(prompts[i % len(prompts)], add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             g = model.generate(
@@ -262,14 +273,9 @@ def sequential_baselines(
                 do_sample=False,
                 min_new_tokens=max_tokens,
             )
-        count += g.shape[1] - ids.shape[1]
-    wall = time.perf_counter() - t0
-    out["softprompt_one_at_a_time"] = {
-        "requests": n,
-        "tokens": count,
-        "wall_s": wall,
-        "throughput_tok_s": count / wall,
-    }
+        return g.shape[1] - ids.shape[1]
+
+    out["softprompt_one_at_a_time"] = _timed_requests(n, ours)
     base = model.unload()
     try:
         import peft
@@ -278,25 +284,22 @@ def sequential_baselines(
         for name in names[1:]:
             peft_model.load_adapter(str(adapters / name), adapter_name=name)
         peft_model.eval()
-        t0, count = time.perf_counter(), 0
-        for i in range(n):
+
+        def theirs(i: int) -> int:
             peft_model.set_adapter(names[i % len(names)])
             ids = torch.tensor([tok(prompts[i % len(prompts)], add_special_tokens=False)["input_ids"]])
             with torch.no_grad():
-                g = peft_model.generate(
+                peft_model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
                     max_new_tokens=max_tokens,
                     do_sample=False,
                     min_new_tokens=max_tokens,
                 )
-            count += max_tokens  # min_new_tokens forces exactly max_tokens
-        wall = time.perf_counter() - t0
+            return max_tokens  # min_new_tokens forces exactly max_tokens
+
         out["peft_one_at_a_time"] = {
-            "requests": n,
-            "tokens": count,
-            "wall_s": wall,
-            "throughput_tok_s": count / wall,
+            **_timed_requests(n, theirs),
             "note": "PEFT's prompt-tuning generate is wrong with transformers 5 "
             "(speed only; its tokens are not the prompt's)",
         }
