@@ -196,3 +196,17 @@ def test_labels_and_positions_index_the_user_s_tokens(task, arch, side):
                 torch.testing.assert_close(out.start_logits[i, c], hand[i][0], atol=ATOL, rtol=0)
                 torch.testing.assert_close(out.end_logits[i, c], hand[i][1], atol=ATOL, rtol=0)
     torch.testing.assert_close(out.loss, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", [a for t, a in TASK_ARCHS if t == "QUESTION_ANS"])
+def test_qa_answer_on_a_padding_token_is_a_clear_error(arch):
+    """An answer position on a padded column would give an infinite loss (padding is out of
+    the softmax); it is refused naming the row, while out-of-range positions stay ignored."""
+    model = _model("QUESTION_ANS", arch)
+    ids, mask = _pad(_rows(), "right")  # row 1 (3 tokens) is padded at columns 3..5
+    fine = model(input_ids=ids, attention_mask=mask, start_positions=torch.tensor([0, 2, 5]),
+                 end_positions=torch.tensor([1, 99, 5]))  # fmt: skip
+    assert torch.isfinite(fine.loss)
+    with pytest.raises(ValueError, match=r"start_positions\[1\] = 4 points at a padding token of row 1"):
+        model(input_ids=ids, attention_mask=mask, start_positions=torch.tensor([0, 4, 5]),
+              end_positions=torch.tensor([1, 2, 5]))  # fmt: skip

@@ -211,9 +211,24 @@ class QuestionAnswering(TaskSpec):
                 length = logits.shape[1]
                 target = pos.reshape(-1).to(logits.device).long()
                 target = target.masked_fill((target < 0) | (target >= length), length)
+                _check_attended(name.replace("_logits", "_positions"), target, logits, length)
                 loss = loss + F.cross_entropy(logits, target, ignore_index=length)
             out["loss"] = loss / 2
         return out
+
+
+def _check_attended(name: str, target: torch.Tensor, logits: torch.Tensor, length: int) -> None:
+    """Refuse an in-range answer position on a padding token: it is out of the softmax, so
+    its loss would be infinite (`length` marks positions that are ignored)."""
+    rows = torch.arange(target.shape[0], device=target.device)
+    valid = target < length
+    padded = valid & torch.isinf(logits[rows, target.clamp(max=length - 1)])
+    if bool(padded.any()):
+        row = int(padded.nonzero()[0, 0])
+        raise ValueError(
+            f"{name}[{row}] = {int(target[row])} points at a padding token of row {row}; answer "
+            "positions must index attended tokens of the input (or lie outside it to be ignored)."
+        )
 
 
 class FeatureExtraction(TaskSpec):
