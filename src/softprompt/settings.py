@@ -193,9 +193,6 @@ class EvalConfig:
     )
     zero_shot: bool = option(True, "Also score the bare model on the test set, for comparison.")
 
-    def _validate_eval(self) -> None:
-        pass
-
 
 @dataclass
 class OutputConfig:
@@ -222,10 +219,6 @@ class OutputConfig:
         _at_least_one(self, ("keep_checkpoints",))
 
 
-# The groups of a training run, in the order `softprompt train --help` lists them.
-GROUPS: tuple[type, ...] = (OutputConfig, ModelConfig, DataConfig, PromptOptions, OptimConfig, EvalConfig)
-
-
 @dataclass
 class TrainConfig(EvalConfig, OptimConfig, PromptOptions, DataConfig, ModelConfig, OutputConfig):
     """Everything a training run needs. Every field is a `softprompt train` option."""
@@ -236,16 +229,6 @@ class TrainConfig(EvalConfig, OptimConfig, PromptOptions, DataConfig, ModelConfi
         self._validate_data()
         self._validate_prompt()
         self._validate_optim()
-        self._validate_eval()
-
-    def group(self, cls: type) -> Any:
-        """The settings of one group (`DataConfig`, `OptimConfig`...) as an object of that type."""
-        if cls not in GROUPS:
-            raise ValueError(f"{cls.__name__} is not one of {[g.__name__ for g in GROUPS]}.")
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(cls)}
-        obj = cls.__new__(cls)
-        obj.__dict__.update(values)  # no re-validation: this config was validated as a whole
-        return obj
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values; in-memory data sets are recorded by their type and size."""
