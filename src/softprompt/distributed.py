@@ -3,8 +3,12 @@ knows about several processes, so the training loop reads the same in one and in
 
 Everything is torch.distributed: the process group is initialised from the environment the
 launcher sets (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), with the
-gloo backend on CPU and nccl on CUDA. Without those variables (or with `WORLD_SIZE=1`)
-every function here is a no-op: `rank()` is 0, `is_main()` is True, reductions return
+gloo backend on CPU and nccl on CUDA. `torchrun` and `accelerate launch --multi_gpu` (torchrun's
+launcher underneath, CPUs too) set those; `accelerate launch --cpu` with several processes has
+`mpirun` start them, which sets its own rank variables instead (`PMI_RANK`/`PMI_SIZE` for MPICH
+and Intel MPI, `OMPI_COMM_WORLD_*` for Open MPI, `MV2_COMM_WORLD_*` for MVAPICH), read when
+`RANK`/`WORLD_SIZE` are absent, as accelerate itself does. Without any of them (or with a world
+of 1) every function here is a no-op: `rank()` is 0, `is_main()` is True, reductions return
 their input and `shard` returns all the indices.
 
 A rank that dies or stops answering never makes the others hang: every collective runs
@@ -41,9 +45,39 @@ class DistributedError(RuntimeError):
     """Another process of the run died or stopped answering; this one stops too."""
 
 
+# (the variable torchrun sets, then those of MPICH/Intel MPI, Open MPI and MVAPICH: what
+# `accelerate launch --cpu` gets from mpirun)
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_LOCAL_RANK_VARS = (
+    "LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+)
+
+
+def _env_int(names: Sequence[str], default: int) -> int:
+    """The first of `names` set in the environment, as an int."""
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise DistributedError(f"{name} must be an integer; got {value!r}.") from None
+    return default
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as the launcher set them: torchrun's `RANK`, `WORLD_SIZE`,
+    `LOCAL_RANK`, else an MPI launcher's (see the module docstring); (0, 1, 0) without one."""
+    return _env_int(_RANK_VARS, 0), _env_int(_WORLD_VARS, 1), _env_int(_LOCAL_RANK_VARS, 0)
+
+
 def launched() -> bool:
-    """Whether a launcher started this process as one of several (`WORLD_SIZE` > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    """Whether a launcher started this process as one of several (a world size > 1)."""
+    return launch_env()[1] > 1
 
 
 def timeout_s() -> float:
@@ -56,8 +90,8 @@ def timeout_s() -> float:
 
 
 def local_rank() -> int:
-    """This process's index on its machine (`LOCAL_RANK`; 0 in one process)."""
-    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+    """This process's index on its machine (`LOCAL_RANK` or MPI's; 0 in one process)."""
+    return launch_env()[2]
 
 
 def active() -> bool:
@@ -94,13 +128,15 @@ def init(device: torch.device | str | None = None) -> bool:
         if where.type == "cuda" and where.index is not None:
             torch.cuda.set_device(where)  # nccl's object collectives and barriers use the current device
         seconds = timeout_s()
-        try:
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
+        rank_, world, _ = launch_env()
+        try:  # env://: MASTER_ADDR and MASTER_PORT (the rank and world may be MPI's, so passed here)
+            dist.init_process_group(
+                backend=backend, rank=rank_, world_size=world, timeout=datetime.timedelta(seconds=seconds)
+            )
         except Exception as err:  # a missing rank, a wrong address: say so, never hang
             raise DistributedError(
-                f"could not join the process group ({backend}, rank {os.environ.get('RANK')} of "
-                f"{os.environ.get('WORLD_SIZE')}, {os.environ.get('MASTER_ADDR')}:"
-                f"{os.environ.get('MASTER_PORT')}): {err}"
+                f"could not join the process group ({backend}, rank {rank_} of {world}, "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): {err}"
             ) from err
         logger.debug("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return active()
@@ -334,10 +370,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_device(setting: str | None = "auto") -> torch.device:
     """`--device` as a torch.device: `auto` is this rank's GPU (`LOCAL_RANK`'s under a
-    launcher) when there is one, then Apple's mps (one process only), else the CPU; `cuda`
-    under a launcher is the local rank's GPU too."""
+    launcher) when there is one, then Apple's mps (one process only), else the CPU (always
+    the CPU under `accelerate launch --cpu`); `cuda` under a launcher is the local rank's GPU too."""
     value = (setting or "auto").strip().lower()
     if value == "auto":
+        if _accelerate_cpu():  # `accelerate launch --cpu`
+            return torch.device("cpu")
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank() % torch.cuda.device_count())
         mps = getattr(torch.backends, "mps", None)
@@ -364,6 +402,10 @@ def resolve_device(setting: str | None = "auto") -> torch.device:
     return device
 
 
+def _accelerate_cpu() -> bool:
+    return os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes")
+
+
 def resolve_dtype(setting: str | None, device: torch.device) -> torch.dtype:
     """`--dtype` for the frozen weights: `auto` is bfloat16 on a GPU that computes it, float16
     on an older GPU, float32 on the CPU and mps (the CPU's bf16 is autocast, see `--bf16`)."""
@@ -379,5 +421,5 @@ def resolve_dtype(setting: str | None, device: torch.device) -> torch.dtype:
 
 __all__ = ["DistributedError", "active", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object",
            "broadcast_parameters", "close", "gather_objects", "gathered_input_embeddings", "init", "is_main",
-           "launched", "local_rank", "rank", "reduce_gradients", "replicated", "resolve_device",
+           "launch_env", "launched", "local_rank", "rank", "reduce_gradients", "replicated", "resolve_device",
            "resolve_dtype", "shard", "shard_model", "timeout_s", "world_size"]  # fmt: skip
