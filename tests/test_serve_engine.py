@@ -50,9 +50,13 @@ def _model(arch: str) -> SoftPromptModel:
     return model.eval()
 
 
+MODES = pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+
+
 def _engine(model, tok, **kw) -> Engine:
     sched = Scheduler(max_batch_size=kw.pop("max_batch_size", 16), max_queue=kw.pop("max_queue", 64))
     engine = Engine(model, tok, sched, base_id="base", **kw)
+    assert engine.packed == kw.get("packed", engine.packed)
     for name in PROMPTS:  # serve the model's own adapters under their names
         engine._served[name] = name
     return engine
@@ -101,10 +105,11 @@ def _assert_each_equals_generate(model, engine, reqs) -> None:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_greedy_equals_generate_with_adapters_joining_mid_decode(arch):
+@MODES
+def test_greedy_equals_generate_with_adapters_joining_mid_decode(arch, packed):
     tok = make_tokenizer()
     model = _model(arch)
-    engine = _engine(model, tok)
+    engine = _engine(model, tok, packed=packed)
     engine.start()
     try:
         reqs = []
@@ -136,10 +141,11 @@ def test_batch_merging_keeps_rows_aligned():
     assert b.width == 3 and torch.equal(b.kv[0][0][0], k1[0])
 
 
-def test_seeded_sampling_reproduces_and_n_shares_the_prefill():
+@MODES
+def test_seeded_sampling_reproduces_and_n_shares_the_prefill(packed):
     tok = make_tokenizer()
     model = _model("llama")
-    engine = _engine(model, tok)
+    engine = _engine(model, tok, packed=packed)
     engine.start()
     try:
 
@@ -159,10 +165,11 @@ def test_seeded_sampling_reproduces_and_n_shares_the_prefill():
         engine.stop(5)
 
 
-def test_a_request_that_raises_in_the_worker_fails_alone():
+@MODES
+def test_a_request_that_raises_in_the_worker_fails_alone(packed):
     tok = make_tokenizer()
     model = _model("gpt2")
-    engine = _engine(model, tok)
+    engine = _engine(model, tok, packed=packed)
     engine.start()
     try:
         good = [_request(engine, tok, t, a, 10) for t, a in zip(TEXTS, ["a", "b", "c", None, "a"])]
@@ -185,13 +192,14 @@ def test_a_request_that_raises_in_the_worker_fails_alone():
         engine.stop(5)
 
 
-def test_unloading_an_adapter_mid_request_finishes_on_its_prompt(tmp_path):
+@MODES
+def test_unloading_an_adapter_mid_request_finishes_on_its_prompt(tmp_path, packed):
     tok = make_tokenizer()
     model = _model("llama")
     model.save_pretrained(tmp_path / "b", selected_adapters=["b"])
-    reference = _request(None or _engine(model, tok), tok, "good movie", "b", 40)
+    reference = _request(None or _engine(model, tok, packed=packed), tok, "good movie", "b", 40)
     expected = _expected(model, reference)
-    engine = _engine(model, tok)
+    engine = _engine(model, tok, packed=packed)
     engine.load_adapter_now("bb", tmp_path / "b")
     engine.start()
     try:
@@ -212,10 +220,12 @@ def test_unloading_an_adapter_mid_request_finishes_on_its_prompt(tmp_path):
         engine.stop(5)
 
 
-def test_prompt_cache_budget_evicts_least_recently_used_and_recomputes():
+@MODES
+def test_prompt_cache_budget_evicts_least_recently_used_and_recomputes(packed):
     tok = make_tokenizer()
     model = _model("gpt2")
-    engine = _engine(model, tok, prompt_cache_mb=0.008)  # the KVs of a and b (8.3 kB), not all three
+    # the KVs of a and b (8.3 kB), not all three
+    engine = _engine(model, tok, prompt_cache_mb=0.008, packed=packed)
     store = model.prompt_kv
     assert isinstance(store, PromptKV)
     engine.start()
@@ -279,11 +289,12 @@ def test_prompt_kv_budget_keeps_the_most_recently_used_and_counts():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_batched_prefill_of_mixed_adapters_and_lengths_equals_generate(arch):
-    """Requests queued before the worker starts are prefilled in one forward pass: rows of
-    different adapters (and none), prompt lengths and text lengths, n > 1, left-padded."""
+    """Padded batches: requests queued before the worker starts are prefilled in one forward
+    pass: rows of different adapters (and none), prompt lengths and text lengths, n > 1,
+    left-padded."""
     tok = make_tokenizer()
     model = _model(arch)
-    engine = _engine(model, tok, max_batch_size=64)
+    engine = _engine(model, tok, max_batch_size=64, packed=False)
     together = []
     prefill = engine._prefill_together
     engine._prefill_together = lambda shared: together.append(len(shared)) or prefill(shared)
@@ -303,10 +314,11 @@ def test_batched_prefill_of_mixed_adapters_and_lengths_equals_generate(arch):
         engine.stop(5)
 
 
-def test_batched_prefill_bare_rows_only_and_a_bad_request_fails_alone():
+@MODES
+def test_batched_prefill_bare_rows_only_and_a_bad_request_fails_alone(packed):
     tok = make_tokenizer()
     model = _model("llama")
-    engine = _engine(model, tok)
+    engine = _engine(model, tok, packed=packed)
     good = [_request(engine, tok, t, None, 6) for t in TEXTS]
     bad = _request(engine, tok, "fun movie", "a", 6)
     bad.prompt_ids = [10_000]  # out of the vocabulary: the shared forward raises, then this one alone
@@ -316,8 +328,74 @@ def test_batched_prefill_bare_rows_only_and_a_bad_request_fails_alone():
     try:
         for r in [*good, bad]:
             assert r.done.wait(30)
-        assert bad.error is not None and bad.error.status == 500
+        # packed: refused at its join, as it would fail the whole step
+        assert bad.error is not None and bad.error.status == (400 if packed else 500)
         _assert_each_equals_generate(model, engine, good)  # n=1: their one choice each
         assert engine.alive
+    finally:
+        engine.stop(5)
+
+
+def test_a_packed_step_that_raises_fails_the_requests_prefilled_in_it(monkeypatch):
+    """The packed forward raises while one request prefills: it fails; the rows decoding
+    next to it step again and give their `generate` tokens."""
+    from softprompt.serve import packed as packed_module
+
+    tok = make_tokenizer()
+    model = _model("llama")
+    engine = _engine(model, tok, packed=True)
+    real = packed_module.packed_forward
+    poison = [7] * 6
+
+    def forward(base, key, ids, *args):
+        tokens = ids.tolist()
+        if any(tokens[i : i + 6] == poison for i in range(len(tokens))):
+            raise RuntimeError("boom in the step")
+        return real(base, key, ids, *args)
+
+    monkeypatch.setattr(packed_module, "packed_forward", forward)
+    good = [_request(engine, tok, t, a, 12) for t, a in zip(TEXTS, ["a", "b", None, "c", "a"])]
+    bad = _request(engine, tok, "fun", "b", 6)
+    bad.prompt_ids = poison
+    engine.start()
+    try:
+        for r in good:
+            engine.scheduler.submit(r)
+        deadline = time.monotonic() + 20
+        while not all(r.choices[0].tokens for r in good) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.scheduler.submit(bad)  # joins while the others decode
+        for r in [*good, bad]:
+            assert r.done.wait(30)
+        assert bad.error is not None and "boom in the step" in bad.error.message
+        _assert_each_equals_generate(model, engine, good)
+        assert engine.alive
+    finally:
+        engine.stop(5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_prefill_in_chunks_next_to_decoding_rows_equals_generate(arch):
+    """A small prefill budget: prompts are prefilled a few tokens a step, in the same
+    forward as the rows decoding; n > 1 copies the prefilled slot; all equal `generate`."""
+    tok = make_tokenizer()
+    model = _model(arch)
+    engine = _engine(model, tok, max_batch_size=64, packed=True, prefill_tokens=3)
+    steps = []
+    step = engine._step_packed
+    engine._step_packed = lambda: steps.append([r.pending is None for r in engine._batch.rows]) or step()
+    reqs = []
+    for j, text in enumerate(TEXTS * 2):
+        adapter = ["a", "b", None, "c"][j % 4]
+        reqs.append(_request(engine, tok, text, adapter, 3 + 2 * (j % 4), n=1 + (j % 3 == 1)))
+    for r in reqs:
+        engine.scheduler.submit(r)
+    engine.start()
+    try:
+        for r in reqs:
+            assert r.done.wait(60)
+        assert any(any(s) and not all(s) for s in steps)  # prefilling and decoding rows in one step
+        _assert_each_equals_generate(model, engine, reqs)
+        assert not engine._batch.rows and len(engine._batch) == 0
     finally:
         engine.stop(5)

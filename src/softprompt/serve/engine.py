@@ -70,7 +70,7 @@ def scan_adapters(root: Path) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------- the running batch
 class _Row:
-    __slots__ = ("choice", "generator", "length", "next_token", "request")
+    __slots__ = ("choice", "generator", "length", "next_token", "pending", "request")
 
     def __init__(self, request: GenerationRequest, choice: Any, generator: Any, length: int) -> None:
         self.request = request
@@ -78,6 +78,32 @@ class _Row:
         self.generator = generator
         self.length = length  # attended columns in the cache (prompt + user tokens so far)
         self.next_token = -1  # the last sampled token, fed at the next step
+        self.pending: list[int] | None = None  # packed mode: prompt tokens still to prefill
+
+    @property
+    def rows(self) -> int:
+        """Rows of the batch this row stands for (a prefilling request's choices)."""
+        return self.request.n if self.pending is not None else 1
+
+
+class _PackedBatch:
+    """Packed mode's running rows; row `i` owns slot `i` of `slots` (see `serve.packed`)."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.slots: Any = None
+
+    def __len__(self) -> int:  # rows counted against the batch size, prefilling choices included
+        return sum(r.rows for r in self.rows)
+
+    def remove(self, drop: list[int]) -> None:
+        """Remove rows at `drop`; the last row moves into each freed slot (one copy each)."""
+        for i in sorted(drop, reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                self.slots.copy(last, i, self.rows[last].length)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
 
 
 class _Batch:
@@ -146,6 +172,11 @@ class Engine:
         adapters_dirs: Folders searched for adapters requested by name (just in time).
         allow_base_mismatch: Load adapters saved from a different base model of the same
             width (refused by default, see `softprompt.adapter_files.base_fingerprint`).
+        packed: Run packed steps (`softprompt.serve.packed`: prefill chunks and decode
+            tokens of all rows in one forward, no padding); None: where the model passes
+            a start-up check, else the padded batch.
+        prefill_tokens: Packed mode: prompt tokens prefilled per step at most (the rest
+            in the next steps), so a burst of long prompts does not stall decoding.
     """
 
     def __init__(
@@ -159,6 +190,8 @@ class Engine:
         prompt_cache_mb: float | None = None,
         adapters_dirs: list[Path] | tuple[Path, ...] = (),
         allow_base_mismatch: bool = False,
+        packed: bool | None = None,
+        prefill_tokens: int = 256,
     ) -> None:
         if model.task_type.value != "CAUSAL_LM":
             raise ValueError(f"serving needs a CAUSAL_LM model; this one does {model.task_type.value}.")
@@ -191,7 +224,14 @@ class Engine:
         self._settings: dict[str, dict[str, Any]] = {}
         self._counter = itertools.count(1)
         self._names_lock = threading.Lock()
-        self._batch = _Batch()
+        self.prefill_tokens = max(1, int(prefill_tokens))
+        self.packed = self._check_packed() if packed is None else packed
+        if packed and not self._check_packed():
+            raise ValueError(
+                f"{type(model.base_model).__name__} cannot run packed steps (its attention does not go "
+                "through transformers' attention interface); start the server without packed=True."
+            )
+        self._batch: Any = _PackedBatch() if self.packed else _Batch()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._drain_deadline: float | None = None
@@ -349,9 +389,9 @@ class Engine:
                 if not self._stop.is_set():
                     joining = self.scheduler.admit(len(self._batch))
                     if joining:
-                        self._join_all(joining)
+                        (self._join_packed if self.packed else self._join_all)(joining)
                 if self._batch:
-                    self._step()
+                    (self._step_packed if self.packed else self._step)()
                 else:
                     self.scheduler.running_rows = 0
                     if not self._stop.is_set():
@@ -369,7 +409,7 @@ class Engine:
     def _fail_all(self, error: ServeError) -> None:
         for row in self._batch.rows:
             row.request.fail(error)
-        self._batch = _Batch()
+        self._batch = _PackedBatch() if self.packed else _Batch()
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
@@ -378,30 +418,10 @@ class Engine:
         if req.cancelled.is_set() or req.done.is_set():
             return
         try:
-            internal = self._internal(req.adapter)
-            model = self.model
-            device = model.device
-            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)
-            names = [internal if internal is not None else BASE]
-            if internal is not None and model.uses_prompt_cache(names, 1):
-                cache, _ = model.prompt_cache_for([internal], self.dtype)
-            else:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=model.base_model.config)
-            out = model(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                adapter_names=names,
-                cache=cache,
-                use_cache=True,
-            )
-            kv = cache_tensors(_cache_of(out))
-            length = kv[0][0].shape[2]
-            logits = out.logits[:, -1].float().expand(req.n, -1)
+            kv, length, logits = self._prefill_alone(req, self._internal(req.adapter))
             if req.n > 1:
                 kv = [(k.expand(req.n, -1, -1, -1), v.expand(req.n, -1, -1, -1)) for k, v in kv]
-            rows, keep = self._first_tokens(req, logits, length)
+            rows, keep = self._first_tokens(req, logits.expand(req.n, -1), length)
         except Exception as err:  # noqa: BLE001  (only this request fails: _fail_one logs it)
             self._fail_one(req, err, "at prefill")
             return
@@ -410,6 +430,25 @@ class Engine:
             kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv]
             self._batch.add([rows[i] for i in keep], kv)
         self._finished(req)
+
+    def _prefill_alone(
+        self, req: GenerationRequest, internal: str | None
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, torch.Tensor]:
+        """One forward over `req`'s tokens through its adapter: its KV `(1, kv_heads, L, dim)`
+        per layer, `L` and the last position's logits `(1, V)`."""
+        model = self.model
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=model.device)
+        names = [internal if internal is not None else BASE]
+        if internal is not None and model.uses_prompt_cache(names, 1):
+            cache, _ = model.prompt_cache_for([internal], self.dtype)
+        else:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.base_model.config)
+        mask = torch.ones_like(ids)
+        out = model(input_ids=ids, attention_mask=mask, adapter_names=names, cache=cache, use_cache=True)
+        kv = cache_tensors(_cache_of(out))
+        return kv, kv[0][0].shape[2], out.logits[:, -1].float()
 
     @torch.no_grad()
     def _join_all(self, reqs: list[GenerationRequest]) -> None:
@@ -520,6 +559,193 @@ class Engine:
             v = v.index_select(0, index).gather(2, at).masked_fill(zero, 0.0)
             new_kv.append((k, v))
         self._batch.add(rows, new_kv)
+
+    # ------------------------------------------------------------------ packed steps
+    @torch.no_grad()
+    def _check_packed(self) -> bool:
+        """Whether packed steps give this base model's numbers: a 3-token prompt prefilled
+        in two packed steps next to a plain forward (an architecture whose attention does
+        not go through transformers' attention interface fails it or raises)."""
+        from . import packed
+
+        base = self.model.base_model
+        device = self.model.device
+        vocab = base.get_input_embeddings().weight.shape[0]
+        ids = torch.arange(1, 4, device=device) % vocab
+        try:
+            out = base(input_ids=ids[None], use_cache=True)
+            kv = cache_tensors(_cache_of(out))
+            self._kv_shape = (len(kv), kv[0][0].shape[1], kv[0][0].shape[3])
+            slots = packed.KVSlots(*self._kv_shape, self.dtype, device)
+            slots.reserve(2, 8)
+            first = packed.StepLayout.build([0, 0], [2, 1], device)
+            key = self._cache_key
+            two = torch.cat([ids[:2], ids[:1]])
+            logits = packed.packed_forward(base, key, two, first, slots, _idx([1, 2], device))
+            second = packed.StepLayout.build([2, 1], [1, 0], device)
+            last = packed.packed_forward(base, key, ids[2:], second, slots, _idx([0], device))
+        except Exception:  # the padded batch serves it
+            logger.info("packed steps unavailable for %s; padded batches", type(base).__name__, exc_info=True)
+            return False
+        ref = out.logits[0].float()
+        got = torch.cat([logits[:1], last, logits[1:]]).float()
+        want = torch.stack([ref[1], ref[2], ref[0]])
+        return bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()) + 1e-4))
+
+    @property
+    def _cache_key(self) -> str:
+        from .. import introspect
+
+        return introspect.cache_kwarg(self.model.base_model)
+
+    @torch.no_grad()
+    def _join_packed(self, reqs: list[GenerationRequest]) -> None:
+        """Give each joining request a slot holding its adapter's prompt KV; its tokens are
+        prefilled by the next steps. A prompt that is not a cached prefix (a marker
+        placement) is prefilled alone through the model, then decodes packed."""
+        from .packed import KVSlots
+
+        batch = self._batch
+        if batch.slots is None:
+            batch.slots = KVSlots(*self._kv_shape, self.dtype, self.model.device)
+        for req in reqs:
+            if req.cancelled.is_set() or req.done.is_set():
+                continue
+            try:
+                internal = self._internal(req.adapter)
+                model = self.model
+                if internal is not None and not model.uses_prompt_cache([internal], 1):
+                    kv, length, logits = self._prefill_alone(req, internal)
+                    rows, keep = self._first_tokens(req, logits.expand(req.n, -1), length)
+                    self._finished(req)
+                    for i in keep:
+                        self._add_packed(rows[i], kv, length)
+                    continue
+                vocab = model.base_model.get_input_embeddings().weight.shape[0]
+                bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
+                if bad is not None:  # it would fail the whole packed step
+                    raise ServeError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}).")
+                kv, length = [], 0
+                if internal is not None:
+                    cache, _ = model.prompt_cache_for([internal], self.dtype)
+                    kv = cache_tensors(cache)
+                    length = kv[0][0].shape[2]
+                row = _Row(req, req.choices[0], None, length)
+                row.pending = list(req.prompt_ids)
+                self._add_packed(row, kv, length)
+            except Exception as err:  # noqa: BLE001  (only this request fails: _fail_one logs it)
+                self._fail_one(req, err, "at prefill")
+
+    def _add_packed(self, row: _Row, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        batch = self._batch
+        slot = len(batch.rows)
+        batch.slots.reserve(slot + 1, length + 1)
+        if length:
+            batch.slots.put(slot, kv, length)
+        batch.rows.append(row)
+
+    @torch.no_grad()
+    def _step_packed(self) -> None:
+        """One packed forward: every decoding row's next token and, within the prefill
+        budget, prompt tokens of the rows still prefilling (first come first served)."""
+        from .packed import StepLayout, packed_forward
+
+        batch = self._batch
+        self._drop_done_packed()
+        if not batch.rows:
+            return
+        t0 = time.perf_counter()
+        device = self.model.device
+        budget = self.prefill_tokens
+        feeds, ids, keep, ends = [], [], [], []
+        for i, r in enumerate(batch.rows):
+            if r.pending is None:
+                tokens = [r.next_token]
+            else:
+                tokens = r.pending[: max(0, budget)]
+                budget -= len(tokens)
+            feeds.append(len(tokens))
+            ids += tokens
+            if tokens and (r.pending is None or len(tokens) == len(r.pending)):
+                keep.append(len(ids) - 1)
+                ends.append(i)
+        layout = StepLayout.build([r.length for r in batch.rows], feeds, device)
+        batch.slots.reserve(len(batch.rows), layout.width)
+        try:
+            base, slots = self.model.base_model, batch.slots
+            tokens, keep_at = _idx(ids, device), _idx(keep, device)
+            logits = packed_forward(base, self._cache_key, tokens, layout, slots, keep_at).float()
+        except Exception as err:  # noqa: BLE001  (_packed_step_failed fails who can be blamed)
+            self._packed_step_failed(err, feeds)
+            return
+        for r, q in zip(batch.rows, feeds):
+            r.length += q
+            if r.pending is not None:
+                r.pending = r.pending[q:]
+        decoding = [k for k, i in enumerate(ends) if batch.rows[i].pending is None]
+        if decoding:
+            self._sample([batch.rows[ends[k]] for k in decoding], logits[decoding])
+        for k, i in enumerate(ends):
+            if batch.rows[i].pending is not None:
+                self._prefilled(i, logits[k])
+        self.steps += 1
+        seconds = time.perf_counter() - t0
+        self.scheduler.step_seconds = 0.9 * self.scheduler.step_seconds + 0.1 * seconds
+        if self.metrics is not None:
+            self.metrics.step(len(batch), self.scheduler.queue_depth)
+        self._drop_done_packed()
+
+    def _packed_step_failed(self, err: Exception, feeds: list[int]) -> None:
+        """A packed forward raised. The requests prefilled in it fail (the rows that were
+        decoding ran before without them); the others step again (their lengths did not
+        move, so the columns the failed step wrote are written again). With no prefill in
+        it, no row can be blamed: all fail."""
+        batch = self._batch
+        fed = {id(r.request): r.request for r, q in zip(batch.rows, feeds) if q and r.pending is not None}
+        blamed = fed or {id(r.request): r.request for r in batch.rows}
+        logger.error("packed step failed; failing %d request(s)", len(blamed), exc_info=err)
+        for req in blamed.values():
+            req.fail(InternalError(f"generation failed: {err}"))
+            self._finished(req)
+        self._drop_done_packed()
+
+    def _prefilled(self, i: int, logits: torch.Tensor) -> None:
+        """Row `i` has prefilled its request: a row per choice that goes on (the first takes
+        over its slot, the others copy its keys/values), each with its first token."""
+        batch = self._batch
+        placeholder = batch.rows[i]
+        req = placeholder.request
+        try:
+            rows, keep = self._first_tokens(req, logits[None].expand(req.n, -1), placeholder.length)
+        except Exception as err:  # noqa: BLE001  (only this request fails: _fail_one logs it)
+            self._fail_one(req, err, "at prefill")
+            rows, keep = [], []
+        self._finished(req)
+        go_on = [rows[k] for k in keep]
+        if not go_on:
+            placeholder.choice = None  # dropped by the next _drop_done_packed
+            placeholder.pending = None
+            return
+        batch.rows[i] = go_on[0]
+        for row in go_on[1:]:
+            slot = len(batch.rows)
+            batch.slots.reserve(slot + 1, row.length + 1)
+            batch.slots.copy(i, slot, row.length)
+            batch.rows.append(row)
+
+    def _drop_done_packed(self) -> None:
+        batch = self._batch
+        drop = []
+        for i, r in enumerate(batch.rows):
+            req = r.request
+            if req.cancelled.is_set() and not req.done.is_set():
+                req.fail(Unavailable("cancelled: the client disconnected."))
+                self._finished(req)
+            if req.done.is_set() or r.choice is None or (r.pending is None and r.choice.finished):
+                drop.append(i)
+        if drop:
+            batch.remove(drop)
+        self.scheduler.running_rows = len(batch)
 
     def _generator(self, req: GenerationRequest, index: int) -> torch.Generator | None:
         if req.params.greedy:
@@ -637,6 +863,10 @@ class Engine:
         if self.metrics is not None and req.done.is_set() and not getattr(req, "_counted", False):
             req._counted = True
             self.metrics.finished(req, self._label(req))
+
+
+def _idx(values: list[int], device: Any) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def _cache_of(out: Any) -> Any:

@@ -1,0 +1,232 @@
+"""Packed steps: prefill and decode tokens of many rows in one forward pass, no padding.
+
+Continuous batching's cost on a small model is the number of forward passes, each a read
+of every weight. A packed step feeds every running row's next token *and* the prompt
+tokens of rows still prefilling (a chunk of them, within a token budget) as one sequence
+of `T` tokens; the matmuls see `(1, T, hidden)` whatever the rows' lengths. Only attention
+is per row: each row owns a slot of preallocated key/value buffers (`KVSlots`, per layer
+`(slots, kv_heads, capacity, head_dim)`, a row's columns left-aligned from 0), the step's
+new keys/values are written into their slots (`PackedCache.update`), and the packed
+queries are laid out `(rows, heads, q_max, head_dim)` for one SDPA call over the rows'
+slots with a mask that shows each query its own row's columns up to itself
+(`attention`). A row's prompt KV (the adapter's virtual tokens, computed once) is copied
+into its slot's first columns when it joins, so the positions are the attended columns,
+as in `softprompt.layout`, and a row gives the numbers it gives alone.
+
+The attention function is registered with transformers' `AttentionInterface` and selected
+only for the duration of a packed forward (`packed_forward`); an architecture whose
+attention does not go through that interface is found by `probe` and served by the
+padded engine instead.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+NAME = "softprompt_packed"
+_registered = False
+
+
+def register() -> None:
+    """Register the packed attention function with transformers (once)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, attention)
+    _registered = True
+
+
+@dataclass
+class StepLayout:
+    """Where each of a step's `T` packed tokens goes (all on the model's device).
+
+    slot, column: the token's row slot and key/value column (also its position).
+    query: the token's index among its row's queries this step (< q_max).
+    mask: `(rows, 1, q_max, width)` bool, what each row's queries see.
+    rows, q_max, width: active rows (slots 0..rows-1), queries per row at most, and
+    the columns attention reads.
+    """
+
+    slot: torch.Tensor
+    column: torch.Tensor
+    query: torch.Tensor
+    mask: torch.Tensor
+    rows: int
+    q_max: int
+    width: int
+
+    @classmethod
+    def build(cls, lengths: list[int], feeds: list[int], device: torch.device) -> StepLayout:
+        """Rows `0..len(lengths)-1` with `lengths[i]` columns filled feed `feeds[i]` tokens each."""
+        slot, column, query = [], [], []
+        for i, (n, q) in enumerate(zip(lengths, feeds)):
+            slot += [i] * q
+            column += range(n, n + q)
+            query += range(q)
+        q_max = max(feeds)
+        width = max(n + q for n, q in zip(lengths, feeds))
+        start = torch.tensor(lengths, device=device).view(-1, 1, 1, 1)
+        # a query j of row i sees columns 0..lengths[i]+j (padding queries see column 0 on)
+        j = torch.arange(q_max, device=device).view(1, 1, -1, 1)
+        c = torch.arange(width, device=device).view(1, 1, 1, -1)
+        mask = c <= start + j
+        slot_t, column_t, query_t = (_long(v, device) for v in (slot, column, query))
+        return cls(slot_t, column_t, query_t, mask, len(lengths), q_max, width)
+
+
+def _long(values: list[int], device: Any) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+class KVSlots:
+    """Per-layer key/value buffers `(slots, kv_heads, capacity, head_dim)`, grown on demand."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: Any) -> None:
+        self.shape = (kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.keys: list[torch.Tensor] = [self._empty(0, 0) for _ in range(layers)]
+        self.values: list[torch.Tensor] = [self._empty(0, 0) for _ in range(layers)]
+
+    def _empty(self, slots: int, capacity: int) -> torch.Tensor:
+        heads, dim = self.shape
+        return torch.zeros(slots, heads, capacity, dim, dtype=self.dtype, device=self.device)
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, slots: int, capacity: int) -> None:
+        """At least `slots` rows of at least `capacity` columns (doubling, contents kept)."""
+        if slots <= self.slots and capacity <= self.capacity:
+            return
+        new_slots = max(slots, min(2 * self.slots, slots + 64)) if slots > self.slots else self.slots
+        new_cap = max(capacity, 2 * self.capacity, 64) if capacity > self.capacity else self.capacity
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = self._empty(new_slots, new_cap)
+                new[: old.shape[0], :, : old.shape[2]] = old
+                store[i] = new
+
+    def put(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        """Write `length` columns of a single row's per-layer `(1, kv_heads, L, head_dim)` KV
+        (its last `length` columns) into `slot` from column 0."""
+        for layer, (k, v) in enumerate(kv):
+            self.keys[layer][slot, :, :length] = k[0, :, k.shape[2] - length :]
+            self.values[layer][slot, :, :length] = v[0, :, v.shape[2] - length :]
+
+    def copy(self, source: int, target: int, length: int) -> None:
+        """Slot `target` gets the first `length` columns of slot `source`."""
+        if source == target or length == 0:
+            return
+        for store in (self.keys, self.values):
+            for t in store:
+                t[target, :, :length] = t[source, :, :length]
+
+
+class PackedCache:
+    """The cache a packed forward hands the model: writes each layer's new keys/values into
+    the rows' slots and gives attention the active rows' buffers."""
+
+    is_compileable = False
+
+    def __init__(self, slots: KVSlots, layout: StepLayout) -> None:
+        self.slots = slots
+        self.layout = layout
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        lay = self.layout
+        k_store, v_store = self.slots.keys[layer_idx], self.slots.values[layer_idx]
+        # (1, kv_heads, T, dim) -> (T, kv_heads, dim), one row of the store per token
+        k_store[lay.slot, :, lay.column] = key[0].transpose(0, 1).to(k_store.dtype)
+        v_store[lay.slot, :, lay.column] = value[0].transpose(0, 1).to(v_store.dtype)
+        return k_store[: lay.rows, :, : lay.width], v_store[: lay.rows, :, : lay.width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.slots.keys)
+
+
+def attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA over each row's slot for packed queries `(1, heads, T, dim)`; returns `(1, T, heads, dim)`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lay: StepLayout | None = kwargs.pop("softprompt_layout", None)
+    if lay is None:  # not a packed forward: plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    heads, dim = query.shape[1], query.shape[3]
+    tokens = query[0].transpose(0, 1)  # (T, heads, dim)
+    if lay.q_max == 1 and tokens.shape[0] == lay.rows:  # every row feeds one token: no layout needed
+        padded = tokens.unsqueeze(1)
+    else:
+        padded = tokens.new_zeros(lay.rows, lay.q_max, heads, dim)
+        padded[lay.slot, lay.query] = tokens
+    out, _ = sdpa_attention_forward(
+        module,
+        padded.transpose(1, 2),
+        key,
+        value,
+        lay.mask,
+        dropout=0.0,
+        scaling=scaling,
+        is_causal=False,
+    )  # (rows, q_max, heads, dim)
+    if lay.q_max == 1 and tokens.shape[0] == lay.rows:
+        return out.transpose(0, 1), None
+    return out[lay.slot, lay.query].unsqueeze(0), None
+
+
+@contextmanager
+def packed_attention(config: Any):
+    """Select the packed attention function on `config` for the duration of a forward."""
+    register()
+    old = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def packed_forward(
+    base: torch.nn.Module,
+    cache_key: str,
+    ids: torch.Tensor,
+    layout: StepLayout,
+    slots: KVSlots,
+    keep: torch.Tensor,
+) -> torch.Tensor:
+    """One packed forward of `ids` `(T,)` laid out by `layout`; the logits of the packed
+    tokens at `keep` `(K, vocab)`."""
+    dummy = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ids.device)  # a 4D mask: no mask building
+    with packed_attention(base.config):
+        out = base(
+            input_ids=ids.unsqueeze(0),
+            position_ids=layout.column.unsqueeze(0),
+            attention_mask=dummy,
+            use_cache=True,
+            logits_to_keep=keep,
+            softprompt_layout=layout,
+            **{cache_key: PackedCache(slots, layout)},
+        )
+    return out.logits[0]
