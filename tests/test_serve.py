@@ -534,13 +534,18 @@ def test_adapter_folder_added_later_is_served_just_in_time(world, client):
 
 # ---------------------------------------------------------------------- a small, locked server
 def test_api_key_queue_limit_and_shutdown_with_requests_in_flight(tmp_path):
+    """Also: padded batches (--padded-batches), and a broken adapter folder under --adapters
+    is skipped with a message while the others are served."""
     model_dir, adapters_dir = build_served_folder(tmp_path)
+    (adapters_dir / "broken").mkdir()
+    (adapters_dir / "broken" / "adapter_config.json").write_text("{not json", encoding="utf-8")
     server = ServerProcess(
         [
             "--model",
             str(model_dir),
             "--adapters",
             str(adapters_dir),
+            "--padded-batches",
             "--api-key",
             "s3cret",
             "--max-batch-size",
@@ -563,6 +568,8 @@ def test_api_key_queue_limit_and_shutdown_with_requests_in_flight(tmp_path):
         assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
         client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", timeout=TIMEOUT, max_retries=0)
         assert client.completions.create(model="sst", prompt="good", max_tokens=2).choices
+        assert {m.id for m in client.models.list().data} >= {"sst", "qa", "third"}
+        assert "not serving broken" in server.output() and "padded batches" in server.output()
 
         async def burst():
             headers = {"Authorization": "Bearer s3cret"}

@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="Require this bearer key (or SOFTPROMPT_API_KEY).")
     p.add_argument("--max-body-mb", type=float, default=1.0, help="Larger request bodies get 413.")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="Time running requests get at shutdown.")
+    p.add_argument(
+        "--prefill-tokens", type=int, default=256, help="Prompt tokens prefilled per step at most."
+    )
+    p.add_argument(
+        "--padded-batches",
+        action="store_true",
+        help="Decode in left-padded batches with separate prefill passes instead of packed steps.",
+    )
     allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -103,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RuntimeError(
             f"softprompt serve needs the serve extra ({err.name} is missing): pip install 'softprompt[serve]'"
         ) from None
+    if args.prefill_tokens < 1:
+        raise ValueError(f"--prefill-tokens must be at least 1; got {args.prefill_tokens}.")
     config = ServeConfig(
         model=args.model,
         base_id=args.served_model_name,
@@ -117,6 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
         max_body_bytes=int(args.max_body_mb * 2**20),
         drain_seconds=args.drain_seconds,
+        packed=False if args.padded_batches else None,
+        prefill_tokens=args.prefill_tokens,
     )
     for folder in config.adapters_dirs:
         if not Path(folder).is_dir():

@@ -82,6 +82,9 @@ class ServeConfig:
         api_key: Require `Authorization: Bearer <key>` on /v1 routes.
         max_body_bytes: Larger request bodies get 413.
         drain_seconds: At shutdown, how long running requests may take to finish.
+        packed: Packed steps (see `softprompt.serve.packed`); None: where the model
+            passes the engine's start-up check; False: padded batches.
+        prefill_tokens: Prompt tokens prefilled per step at most (packed steps).
     """
 
     model: str | None = None
@@ -97,6 +100,8 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     drain_seconds: float = 30.0
+    packed: bool | None = None
+    prefill_tokens: int = 256
 
     def resolved_base_id(self) -> str:
         if self.base_id:
@@ -142,10 +147,15 @@ class _Server:
                 prompt_cache_mb=self.config.prompt_cache_mb,
                 adapters_dirs=[Path(d) for d in self.config.adapters_dirs],
                 allow_base_mismatch=self.config.allow_base_mismatch,
+                packed=self.config.packed,
+                prefill_tokens=self.config.prefill_tokens,
             )
             for root in self.config.adapters_dirs:
                 for name, path in scan_adapters(Path(root)).items():
-                    engine.load_adapter_now(name, path)
+                    try:
+                        engine.load_adapter_now(name, path)
+                    except ServeError as err:  # one broken folder does not stop the others
+                        logger.error("not serving %s: %s", name, err.message)
             for name, path in self.config.adapters.items():
                 engine.load_adapter_now(name, path)
             engine.start()

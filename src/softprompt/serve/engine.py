@@ -232,6 +232,7 @@ class Engine:
                 "through transformers' attention interface); start the server without packed=True."
             )
         self._batch: Any = _PackedBatch() if self.packed else _Batch()
+        logger.info("decoding in %s", "packed steps" if self.packed else "padded batches")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._drain_deadline: float | None = None
