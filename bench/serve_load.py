@@ -309,7 +309,12 @@ def sequential_baselines(
 
 
 def start_server(
-    model: str | None, adapters: Path, batch: int, log: Path, prompt_cache_mb: float | None = None
+    model: str | None,
+    adapters: Path,
+    batch: int,
+    log: Path,
+    prompt_cache_mb: float | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen, str]:
     from tests.test_serve_support import free_port
 
@@ -332,6 +337,7 @@ def start_server(
         args += ["--model", model]
     if prompt_cache_mb is not None:
         args += ["--prompt-cache-mb", str(prompt_cache_mb)]
+    args += list(extra_args)
     return _wait_ready(subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT), port)
 
 
@@ -432,6 +438,11 @@ def main() -> None:
         help="Also the bare model through softprompt serve and through `transformers serve`.",
     )
     p.add_argument(
+        "--padded-too",
+        action="store_true",
+        help="With --transformers-serve: also the bare model through softprompt serve --padded-batches.",
+    )
+    p.add_argument(
         "--baseline-requests", type=int, default=8, help="Requests for the one-at-a-time loops (0: none)."
     )
     p.add_argument("--name", default=None)
@@ -481,6 +492,15 @@ def main() -> None:
                 run_levels(url, "softprompt serve, bare model", [base_id], prompts, args, levels)
                 proc.terminate()
                 proc.wait(60)
+                if args.padded_too:
+                    log = work / "server-padded.log"
+                    proc, url = start_server(
+                        model_name, adapters, args.max_batch_size, log, budget, ("--padded-batches",)
+                    )
+                    target = "softprompt serve --padded-batches, bare model"
+                    run_levels(url, target, [base_id], prompts, args, levels)
+                    proc.terminate()
+                    proc.wait(60)
                 folder = model_name or str(default_model_dir())
                 try:
                     proc, url = start_transformers_serve(folder, work / "transformers-serve.log")

@@ -1,15 +1,24 @@
 """The model worker: one thread that owns the model and runs prefill and decode steps.
 
-Each running choice is a row of one batch. The requests that join between two decode
-steps are prefilled together in one forward pass (their tokens left-padded, each row
-starting from its own adapter's cached prompt KV, `SoftPromptModel.prompt_cache_for`),
-once for all `n` choices of a request; their keys/values then join the batch cache.
-Rows have different lengths: every row is left-padded to the batch's width, the padding
-columns are masked out, and positions count the attended columns only, which is what
-`softprompt.layout` does for a padded batch - so a row gives the numbers it gives alone.
+Two ways to run the batch, with the same results (each row gives the numbers it gives
+alone, checked against `SoftPromptModel.generate` in the tests):
+
+- Packed steps (the default where the model passes a start-up check, see
+  `softprompt.serve.packed`): every step is one forward over the decoding rows' next
+  tokens and, within `prefill_tokens`, the prompt tokens of rows still prefilling, packed
+  into one sequence; each row's keys/values live in a preallocated slot that starts with
+  its adapter's cached prompt KV. A joining request costs no extra forward pass.
+- Padded batches (`packed=False`, or a model whose attention cannot be packed): the
+  requests that join between two decode steps are prefilled together in one forward pass
+  (their tokens left-padded, each row starting from its own adapter's cached prompt KV,
+  `SoftPromptModel.prompt_cache_for`), once for all `n` choices of a request; their
+  keys/values then join the batch cache, every row left-padded to the batch's width, the
+  padding columns masked out and positions counting the attended columns only, which is
+  what `softprompt.layout` does for a padded batch.
+
 After the prefill a row no longer needs its adapter (its prompt is in its KV), so decode
-steps run the whole batch as the bare model (`adapter_names=BASE`), whatever adapter each
-row started with, and an adapter can be replaced or removed while its requests finish.
+steps run the whole batch as the bare model, whatever adapter each row started with, and
+an adapter can be replaced or removed while its requests finish.
 
 Adapters are known by their served name; inside the model each load gets a fresh
 internal name, so replacing an adapter is atomic. All model changes happen on the
