@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,28 @@ class TrainingDiverged(TrainingError):
 
 class TrainingInterrupted(TrainingError):
     """Ctrl-C: a checkpoint was saved, the run can be resumed."""
+
+
+REPORTERS = ("tensorboard", "wandb", "mlflow")
+
+
+def parse_report_to(value: str | Sequence[str] | None) -> str:
+    """`--report-to` as a canonical string: "none", or tracker names joined by commas.
+
+    Raises:
+        ValueError: An unknown tracker name, or "none" together with a tracker.
+    """
+    parts = value if isinstance(value, (list, tuple)) else str(value or "none").split(",")
+    names = [p.strip().lower() for p in parts if p and p.strip()]
+    if not names or names == ["none"]:
+        return "none"
+    bad = [n for n in names if n not in REPORTERS]
+    if bad:
+        raise ValueError(
+            f"report_to must be none or one or more of {', '.join(REPORTERS)} (comma-separated); "
+            f"got {value!r}."
+        )
+    return ",".join(dict.fromkeys(names))
 
 
 # ---------------------------------------------------------------------- the groups
@@ -206,14 +229,15 @@ class OutputConfig:
     log_every: int = option(10, "Write training loss to metrics.jsonl every N steps.")
     report_to: str = option(
         "none",
-        "Also log training loss, learning rate, throughput and dev metrics to: tensorboard "
-        "(events in output_dir/tensorboard; pip install 'softprompt[tracking]') or none.",
+        "Also log training loss, learning rate, throughput and dev metrics (rank 0) to: tensorboard "
+        "(events in output_dir/tensorboard; pip install 'softprompt[tracking]'), wandb (offline unless "
+        "WANDB_MODE is set, in output_dir/wandb; pip install 'softprompt[wandb]'), mlflow "
+        "(MLFLOW_TRACKING_URI, else output_dir/mlflow.db; pip install 'softprompt[mlflow]'), several "
+        "comma-separated, or none.",
     )
 
     def _validate_output(self) -> None:
-        self.report_to = (self.report_to or "none").strip().lower()
-        if self.report_to not in ("none", "tensorboard"):
-            raise ValueError(f"report_to must be tensorboard or none; got {self.report_to!r}.")
+        self.report_to = parse_report_to(self.report_to)
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder where the run is written.")
         _at_least_one(self, ("keep_checkpoints",))

@@ -53,6 +53,7 @@ from .bf16 import bf16_weight_copies
 from .objectives import Objective, evaluate, length_grouped_batches
 from .runs import Run, prepare_run
 from .settings import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted
+from .tracking import Reporters
 from .train_checkpoints import Position, load_latest, rng_state, save_checkpoint, set_rng_state
 
 if TYPE_CHECKING:
@@ -155,13 +156,17 @@ class _Metrics:
     """metrics.jsonl, appended line by line; on resume cut back to the checkpoint's step."""
 
     def __init__(
-        self, path: Path, resume_step: int | None, enabled: bool = True, report_to: str = "none"
+        self,
+        path: Path,
+        resume_step: int | None,
+        enabled: bool = True,
+        report_to: str = "none",
+        params: dict[str, Any] | None = None,
     ) -> None:
         self.path, self.enabled = path, enabled
         self.records: list[dict[str, Any]] = []
-        self.reporter = (
-            _TensorBoard(path.parent / "tensorboard") if enabled and report_to == "tensorboard" else None
-        )
+        # --report-to: the trackers (rank 0 only), fed the same records
+        self.reporters = Reporters(report_to if enabled else "none", path.parent, params)
         if not enabled:  # not rank 0: nothing is written
             return
         kept: list[str] = []
@@ -181,42 +186,11 @@ class _Metrics:
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.reporter is not None:
-            self.reporter.log(record)
+        self.reporters.log(record)
 
-    def close(self) -> None:
-        if self.reporter is not None:
-            self.reporter.close()
-
-
-class _TensorBoard:
-    """`--report-to tensorboard`: the metrics lines as TensorBoard scalars (train/loss,
-    train/lr, train/examples_per_s, dev/<metric>), in output_dir/tensorboard."""
-
-    def __init__(self, folder: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrainingError(
-                "--report-to tensorboard needs the tensorboard package: pip install 'softprompt[tracking]'."
-            ) from None
-        self.writer = SummaryWriter(log_dir=str(folder))
-
-    def log(self, record: dict[str, Any]) -> None:
-        step = int(record.get("step", 0))
-        if record.get("event") == "eval":
-            items = [(f"dev/{k[4:]}", v) for k, v in record.items() if k.startswith("dev_")]
-        elif "loss" in record:
-            items = [(f"train/{k}", record[k]) for k in ("loss", "lr", "examples_per_s") if k in record]
-        else:
-            return
-        for tag, value in items:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, status: str = "finished") -> None:
+        """Close the trackers (once): "finished", "failed" or "killed"."""
+        self.reporters.close(status)
 
 
 class _Window:
@@ -303,9 +277,8 @@ class Trainer:
             self.notify("phase", {"message": f"resuming from {folder.name} (step {step})"})
         elif config.resume:
             self.notify("phase", {"message": "no checkpoint found: starting from the beginning"})
-        self.metrics = _Metrics(
-            out / "metrics.jsonl", self.state.position.step if resumed else None, self.main, config.report_to
-        )
+        self.metrics = _Metrics(out / "metrics.jsonl", self.state.position.step if resumed else None,
+                                self.main, config.report_to, config.to_dict())  # fmt: skip
         if resumed is None:
             self.metrics.write(
                 {
@@ -437,6 +410,14 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Set up, train to the end (or early stop), save and score; see `train`."""
         self.setup()
+        try:
+            return self._train()
+        except BaseException as err:  # the trackers learn how the run ended
+            killed = isinstance(err, (TrainingInterrupted, KeyboardInterrupt))
+            self.metrics.close("killed" if killed else "failed")
+            raise
+
+    def _train(self) -> TrainResult:
         config, state = self.config, self.state
         position = state.position
         self.notify("start", {"total_steps": self.total_steps, "step": position.step,
