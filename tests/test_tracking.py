@@ -75,6 +75,20 @@ def test_tensorboard_events_hold_the_metrics(tmp_path, model_dir):
     _assert_holds({t: {e.step: e.value for e in events.Scalars(t)} for t in tags}, _expected(out))
 
 
+def test_overwrite_clears_the_previous_runs_tracker_data(tmp_path, model_dir):
+    pytest.importorskip("tensorboard")
+    train(_config(tmp_path, model_dir, "tensorboard"))
+    out = tmp_path / "run"
+    old_events = out / "tensorboard" / "events.out.tfevents.old"
+    old_events.write_bytes(b"")
+    stale = out / "wandb"
+    stale.mkdir()
+    (stale / "old-run").write_text("x")
+    train(_config(tmp_path, model_dir, "tensorboard", overwrite=True))
+    assert not stale.exists() and not old_events.exists()
+    assert len(list((out / "tensorboard").iterdir())) == 1  # the new run's event file
+
+
 @pytest.fixture
 def wandb_home(tmp_path, monkeypatch):
     """wandb's settings, cache and data folders in tmp_path; WANDB_MODE unset (the default: offline)."""

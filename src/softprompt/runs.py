@@ -26,7 +26,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("run_config.json", "metrics.jsonl", "plot.png", "results.json", "best", "last", "checkpoints")
+RUN_FILES = (
+    "run_config.json",
+    "metrics.jsonl",
+    "plot.png",
+    "results.json",
+    "best",
+    "last",
+    "checkpoints",
+    # --report-to's local data (softprompt.tracking)
+    "tensorboard",
+    "wandb",
+    "mlflow.db",
+)
 DEFAULT_CLASSIFICATION_TEXT = "Classify the sentiment of the review as positive or negative."
 
 
