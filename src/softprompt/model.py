@@ -510,6 +510,7 @@ class SoftPromptModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         full_sequence: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
+        return_logits: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Run the base model with each row's prompt in front of its tokens (or at its marker).
@@ -529,6 +530,13 @@ class SoftPromptModel(nn.Module):
             token_type_ids: `(B, L)`; the prompt gets segment 0.
             full_sequence: Return per-token outputs for the prompt columns too.
             num_items_in_batch: Token-loss normaliser for gradient accumulation.
+            return_logits: False when only the loss is needed (training with `labels`): a
+                causal LM whose output layer is a plain linear map then computes the loss
+                block by block from the last hidden states, without the `(B, L, vocab)`
+                logits (most of the loss's memory traffic for a large vocabulary), and
+                returns `logits=None`. The loss and gradients are the default path's up to
+                rounding. Other tasks, calls without labels, and output layers that do more
+                than a linear map (soft-capping, scaling) return logits as usual.
             **kwargs: Passed to the base model (`output_hidden_states`, `decoder_input_ids`,
                 `start_positions`/`end_positions` for QA, a `cache` to continue from...).
 
@@ -578,7 +586,15 @@ class SoftPromptModel(nn.Module):
             inputs = _plain_inputs(layout, token_type_ids, cache, cache_key)
         inputs.update(kwargs)
         call = Call(
-            self.base_model, layout, inputs, labels, extra, full_sequence, num_items_in_batch, prompt_logits
+            self.base_model,
+            layout,
+            inputs,
+            labels,
+            extra,
+            full_sequence,
+            num_items_in_batch,
+            prompt_logits,
+            return_logits,
         )
         attn = attention.prefix_attention(self.base_model, embeds.device) if layout.prompt_cached else None
         with (

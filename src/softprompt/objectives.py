@@ -229,14 +229,15 @@ class GenerationObjective:
             labels[row, ids.shape[1] - n :] = ids[row, ids.shape[1] - n :]
         longest = max(len(self.targets[i]) for i in indices)
         positions = _shifted(_positions(self.prompt_positions, indices), seqs, ids.shape[1], device)
-        if positions is None:
-            return model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=longest + 1).loss
+        # the loss only: no (B, longest + 1, vocab) logits (see SoftPromptModel.forward)
+        extra = {} if positions is None else {"prompt_positions": positions}
         return model(
             input_ids=ids,
             attention_mask=mask,
             labels=labels,
-            prompt_positions=positions,
             logits_to_keep=longest + 1,
+            return_logits=False,
+            **extra,
         ).loss
 
     def evaluate(

@@ -12,6 +12,7 @@ model's output object with:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 from .config import TaskType
 from .introspect import is_encoder_decoder
 from .layout import Layout
-from .losses import token_cross_entropy
+from .losses import Projected, linear_output_layer, token_cross_entropy
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Call:
         num_items_in_batch: Divide summed token losses by this (gradient accumulation).
         prompt_logits: With a cached prompt, the last virtual token's logits `(B, V)`
             (it predicts the first user token).
+        return_logits: False when the caller needs the loss only (see
+            `SoftPromptModel.forward`).
     """
 
     base: nn.Module
@@ -49,6 +52,7 @@ class Call:
     full_sequence: bool = False
     num_items_in_batch: int | torch.Tensor | None = None
     prompt_logits: torch.Tensor | None = None
+    return_logits: bool = True
 
 
 def _trim(call: Call, out: Any, names: tuple[str, ...]) -> Any:
@@ -107,20 +111,47 @@ class CausalLM(TaskSpec):
             )
 
     def forward(self, call: Call) -> Any:
-        out = call.base(**call.inputs)
+        head = None
+        if not call.return_logits and call.labels is not None:
+            head = linear_output_layer(call.base)
+        if head is None:
+            out = call.base(**call.inputs)
+            scores = out.logits
+        else:
+            out, scores = self._loss_only(call, head)
         if call.labels is not None:
             targets = call.layout.next_token_targets(call.labels)  # (B, T) model columns
-            logits = out.logits
-            if call.prompt_logits is not None and logits.shape[1] == call.layout.user_len:
+            width = scores.shape[1] if head is None else scores.hidden.shape[1]
+            if call.prompt_logits is not None and width == call.layout.user_len:
                 # Cached prompt: the last virtual token's logits (which predict the first
                 # user token) come from the prompt pass.
-                targets = targets[:, -logits.shape[1] - 1 :]
-                pieces = [(call.prompt_logits, targets[:, 0]), (logits, targets[:, 1:])]
+                targets = targets[:, -width - 1 :]
+                pieces = [(call.prompt_logits, targets[:, 0]), (scores, targets[:, 1:])]
             else:
                 # The logits cover the last columns (all of them, or `logits_to_keep`).
-                pieces = [(logits, targets[:, targets.shape[1] - logits.shape[1] :])]
+                pieces = [(scores, targets[:, targets.shape[1] - width :])]
             out["loss"] = token_cross_entropy(pieces, call.num_items_in_batch)
         return _trim(call, out, ("logits",))
+
+    @staticmethod
+    def _loss_only(call: Call, head: nn.Linear) -> tuple[Any, Projected]:
+        """The model's body only: its output (no logits) and the output layer's input for
+        the loss, `Projected` (see `losses.LinearCrossEntropy`)."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from .prefix import backbone
+
+        inputs = dict(call.inputs)
+        keep = inputs.pop("logits_to_keep", 0)
+        body = backbone(call.base)(**inputs)
+        hidden = body.last_hidden_state  # (B, T, H)
+        if isinstance(keep, int):
+            hidden = hidden[:, -keep:] if keep > 0 else hidden
+        else:  # transformers' 1-D tensor of columns
+            hidden = hidden[:, keep]
+        fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}  # cache, hidden states...
+        out = CausalLMOutputWithPast(**{k: v for k, v in body.items() if k in fields})
+        return out, Projected(hidden, head.weight, head.bias)
 
 
 class Seq2SeqLM(TaskSpec):
