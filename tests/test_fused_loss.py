@@ -211,3 +211,22 @@ def test_the_generation_objective_trains_without_logits():
         labels[row, width - n :] = ids[row, width - n :]
     want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_loss_only_under_bfloat16_autocast(copies):
+    """The trainer's bf16 run (autocast, optionally bfloat16 copies of the frozen weights):
+    the loss-only path scores the logits in bfloat16 as the output layer would."""
+    from softprompt.bf16 import bf16_weight_copies
+
+    model = _model("llama")
+    ids, mask = _batch()
+    results = []
+    for return_logits in (True, False):
+        with bf16_weight_copies(model.base_model, copies), torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(model, ids, mask, ids, return_logits=return_logits))
+    (want, want_grads), (got, got_grads) = results
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-2, atol=1e-3)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max()

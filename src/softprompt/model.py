@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -640,9 +641,16 @@ class SoftPromptModel(nn.Module):
         batch_size, length = embeds.shape[:2]
         names = self.resolve_adapters(adapter_names, batch_size)
         layout, routing = self.layout(None, attention_mask, names, batch_size, length)
+        extra = attention.key_padding(
+            self.base_model, embeds.device, embeds.dtype, layout.prompt_width + length
+        )
+        if extra and layout.perm is None:
+            layout = _widened(layout, extra, self.position_style.pad_value)
         layout.prompt_cached = True
         with_logits = labels is not None and self.spec.prompt_logits
-        cache, prompt_logits = self.prompt_cache_for(names, embeds.dtype, with_logits=with_logits)
+        cache, prompt_logits = self.prompt_cache_for(
+            names, embeds.dtype, with_logits=with_logits, width=layout.prompt_width
+        )
         inputs: dict[str, Any] = {
             "inputs_embeds": embeds,
             "attention_mask": layout.attention_mask,
@@ -660,6 +668,7 @@ class SoftPromptModel(nn.Module):
         *,
         with_logits: bool = False,
         repeat: int = 1,
+        width: int | None = None,
     ) -> tuple[Any, torch.Tensor | None]:
         """A transformers cache holding each row's prompt keys/values, right-aligned.
 
@@ -671,14 +680,16 @@ class SoftPromptModel(nn.Module):
             dtype: The dtype of the inputs that will follow.
             with_logits: Also return the last virtual token's logits `(B, V)` (causal LM loss).
             repeat: Repeat each row this many times (beams, `num_return_sequences`).
+            width: The cache's columns, at least `prompt_width(names)` (the default); columns
+                on the left of a row's prompt hold zeros (mask them).
 
         Returns:
-            The cache `(B * repeat, kv_heads, prompt_width(names), head_dim)` per layer, and
-            the logits or None.
+            The cache `(B * repeat, kv_heads, width, head_dim)` per layer, and the logits or
+            None.
         """
         states = {n: self.prompt_kv.get(self, n, dtype, with_logits) for n in dict.fromkeys(names) if n}
         rows = [n for n in names for _ in range(repeat)]
-        return batch_cache(self, states, rows, self.prompt_width(names))
+        return batch_cache(self, states, rows, max(width or 0, self.prompt_width(names)))
 
     def clear_prompt_cache(self) -> None:
         """Forget the prompts' remembered keys/values (needed only after changing the base model)."""
@@ -815,6 +826,21 @@ def _row_prompt(entry: Any) -> RowPrompt:
             return None
         return parts[0] if len(parts) == 1 else parts
     return entry
+
+
+def _widened(layout: Layout, extra: int, pad_value: int) -> Layout:
+    """`layout` with `extra` more prompt columns on the left, masked (see
+    `attention.key_padding`): every row's prompt then starts later, as a shorter prompt
+    does in a batch of mixed prompts."""
+    mask, positions = layout.attention_mask, layout.position_ids
+    return dataclasses.replace(
+        layout,
+        attention_mask=torch.cat([mask.new_zeros(mask.shape[0], extra), mask], dim=1),
+        position_ids=None
+        if positions is None
+        else torch.cat([positions.new_full((positions.shape[0], extra), pad_value), positions], dim=1),
+        prompt_width=layout.prompt_width + extra,
+    )
 
 
 def _plain_inputs(

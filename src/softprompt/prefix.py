@@ -254,6 +254,12 @@ def _cache_holding(base: nn.Module, tensors: list[tuple[torch.Tensor, torch.Tens
     return cache
 
 
+def _left_padded(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`(1, heads, N, head_dim)` with zeros in front up to `width` positions (as is if N == width)."""
+    extra = width - t.shape[2]
+    return t if extra <= 0 else torch.cat([t.new_zeros(*t.shape[:2], extra, t.shape[3]), t], dim=2)
+
+
 def batch_cache(
     model: Any, states: dict[str, PromptState], names: list[str | None], width: int
 ) -> tuple[Any, torch.Tensor | None]:
@@ -268,7 +274,13 @@ def batch_cache(
     base = model.base_model
     if len(unique) == 1 and unique[0] is not None:
         state = states[unique[0]]
-        tensors = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in state.kv]
+        tensors = [
+            (
+                _left_padded(k, width).expand(batch, -1, -1, -1),
+                _left_padded(v, width).expand(batch, -1, -1, -1),
+            )
+            for k, v in state.kv
+        ]
         logits = state.last_logits.expand(batch, -1) if state.last_logits is not None else None
         return _cache_holding(base, tensors), logits
     some = next(states[u] for u in unique if u is not None)
