@@ -230,3 +230,78 @@ def test_loss_only_under_bfloat16_autocast(copies):
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-2, atol=1e-3)
     for a, b in zip(got_grads, want_grads, strict=True):
         assert (a - b).abs().max() <= 1e-2 * b.abs().max()
+
+
+def _first_layer_inputs(model):
+    """Record the (batch, columns) the first transformer layer is fed on each call."""
+    seen = []
+    layers = next(m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList))
+
+    def hook(mod, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(tuple(hidden.shape[:2]))
+
+    return seen, layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_loss_only_training_packs_prompt_and_batch_into_one_pass(arch):
+    """A loss-only training call of one prompt runs one pass over `[prompt][row 1]...[row B]`
+    (no pass of the prompt's own) and gives the default path's loss and prompt gradient;
+    mixed prompts, inference and calls that want logits keep their own passes."""
+    model = _model(arch)
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    batch, length = ids.shape
+    linear_output_layer(model.base_model)
+    for names, packed in (("a", True), ("b", True), (["a", "b", "a"], False)):
+        want, want_grads = _loss_and_grads(model, ids, mask, labels, adapter_names=names)
+        seen, handle = _first_layer_inputs(model)
+        got, got_grads = _loss_and_grads(model, ids, mask, labels, adapter_names=names, return_logits=False)
+        handle.remove()
+        if packed:
+            assert seen == [(1, model.prompts[names].num_virtual_tokens + batch * length)], seen
+        else:  # each prompt's own pass, then the batch
+            assert seen[-1] == (batch, length) and len(seen) == 3, seen
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    seen, handle = _first_layer_inputs(model)
+    with torch.no_grad():  # nothing to train: the prompt KV (remembered), the batch alone
+        model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False)
+    handle.remove()
+    assert seen == [(1, 5), (batch, length)], seen
+
+
+def test_packed_bfloat16_pass_matches_the_cached_prompt_pass(monkeypatch):
+    """In bfloat16 the packed pass's rows attend over aligned key lengths (see
+    `attention.key_padding`) and match the cached prompt's pass up to bfloat16 rounding."""
+    from softprompt import attention
+
+    torch.manual_seed(0)
+    model = wrap(
+        build_model("CAUSAL_LM", "llama").to(torch.bfloat16),
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+    ).train()
+    ids, mask = _batch()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    keys = []
+
+    def spy(query, key, value, *args, **kw):
+        keys.append(key.shape[2])
+        return sdpa(query, key, value, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    results = []
+    for pack in (True, False):
+        keys.clear()
+        with monkeypatch.context() as m:
+            if not pack:
+                m.setattr(attention, "supports_packing", lambda model: False)
+            out = model(input_ids=ids, attention_mask=mask, labels=ids, return_logits=False)
+        (grad,) = torch.autograd.grad(out.loss, [model.prompts["default"].embedding])
+        results.append((out.loss, grad))
+        assert 16 in keys and not {k for k in keys if k > 5} - {16}, keys  # 5 + 7 keys -> 16
+    (packed, g_packed), (cached, g_cached) = results
+    torch.testing.assert_close(packed, cached, rtol=1e-2, atol=1e-2)
+    assert (g_packed - g_cached).abs().max() <= 3e-2 * g_cached.abs().max()

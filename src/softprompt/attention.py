@@ -1,12 +1,15 @@
 """Which attention implementation a forward pass runs with, switched for one block:
-eager attention for bfloat16 training steps on CPU, and a grouped-query sdpa variant for
-passes that start from a cached prompt; and how many masked key columns make a cached
-prompt's keys a length the CPU's bfloat16 sdpa kernel runs fast on."""
+eager attention for bfloat16 training steps on CPU, a grouped-query sdpa variant for
+passes that start from a cached prompt, and the attention of a packed training pass (one
+prompt and every row of a batch in one sequence); and how many masked key columns make a
+cached prompt's keys a length the CPU's bfloat16 sdpa kernel runs fast on."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -174,3 +177,155 @@ def key_padding(model: nn.Module, device: torch.device, dtype: torch.dtype, keys
     ):
         return 0
     return -keys % KEY_ALIGNMENT
+
+
+# ---------------------------------------------------------------------- packed training pass
+PACKED_ATTENTION = "softprompt_packed"
+
+
+@dataclass(frozen=True)
+class PackedPlan:
+    """How one packed sequence `[prompt (N)][row 1 (L)]...[row B (L)]` attends.
+
+    The prompt's tokens attend causally to each other; every row's tokens attend to the
+    whole prompt and causally to their own row, as in a pass from the prompt's cached KV
+    (see `softprompt.prefix`). The prompt's weights are then read once with the batch's
+    instead of in a pass of its own, forward and backward.
+
+    Attributes:
+        prompt: N, the prompt's tokens (first in the sequence).
+        rows: B.
+        length: L, each row's tokens.
+        mask: `(B, 1, L, pad + N + L)` additive (0 / -inf, the queries' dtype): row b's
+            queries against `pad` zero keys (masked, see `key_padding`), the prompt's
+            keys and the row's own keys.
+    """
+
+    prompt: int
+    rows: int
+    length: int
+    mask: torch.Tensor
+
+
+_PLAN: ContextVar[PackedPlan | None] = ContextVar("softprompt_packed_plan", default=None)
+
+
+def packed_mask(attention_mask: torch.Tensor, prompt: int, pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """`PackedPlan.mask` from a batch's `(B, N + L)` attention mask (prompt columns first).
+
+    As transformers' causal mask for a pass after N cached positions: key j is attended by
+    query i when it is not padding and `j <= i + N`."""
+    batch, total = attention_mask.shape
+    length = total - prompt
+    device = attention_mask.device
+    causal = (
+        torch.arange(total, device=device)[None, :] <= torch.arange(length, device=device)[:, None] + prompt
+    )
+    allowed = (attention_mask.bool()[:, None, :] & causal[None]).unsqueeze(1)  # (B, 1, L, N + L)
+    if pad:
+        allowed = torch.cat([allowed.new_zeros(batch, 1, length, pad), allowed], dim=-1)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, float("-inf"))
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """Whether `model`'s attention can be run as a packed pass: sdpa attention (the packed
+    pass computes exactly what sdpa does, in two calls) that can be switched."""
+    config = getattr(model, "config", None)
+    can_switch = getattr(model, "_can_set_attn_implementation", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or can_switch is None or not can_switch():
+        return False
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return (_GQA_IN_SDPA or kv_heads == heads) and _register_packed_attention()
+
+
+@contextmanager
+def packed(model: nn.Module, plan: PackedPlan) -> Iterator[None]:
+    """Run the block's forward passes of `model` as packed passes laid out by `plan`."""
+    token = _PLAN.set(plan)
+    try:
+        with attention_implementation(model, PACKED_ATTENTION):
+            yield
+    finally:
+        _PLAN.reset(token)
+
+
+def _packed_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """sdpa attention of a packed sequence `(1, heads, N + B * L, head_dim)` (see
+    `PackedPlan`): the prompt's causal attention, and the rows' attention over the prompt's
+    keys and their own, as a batch of B."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan = _PLAN.get()
+    if plan is None:  # not a packed pass (the model called outside `packed`)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    n, rows, length = plan.prompt, plan.rows, plan.length
+    special = [k for k in _SPECIAL_ATTENTION if kwargs.get(k) is not None and kwargs.get(k) is not False]
+    if special or query.shape[0] != 1 or query.shape[2] != n + rows * length:
+        raise NotImplementedError(
+            f"a packed pass cannot run this attention ({', '.join(special) or 'unexpected shapes'}); "
+            "call the model with return_logits=True."
+        )
+    dropout = float(kwargs.get("dropout", 0.0) or 0.0)
+    scale = kwargs.get("scaling")
+    gqa = key.shape[1] != query.shape[1]
+
+    def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (1, heads, N + B * L, d) -> the prompt's (1, heads, N, d), the rows' (B, heads, L, d);
+        # one split (its backward concatenates) rather than two slices (each zero-filling a
+        # gradient of the whole)
+        prompt, own = x.split([n, rows * length], dim=2)
+        return prompt, own[0].unflatten(1, (rows, length)).transpose(0, 1)
+
+    (q_prompt, q_rows), (k_prompt, k_rows), (v_prompt, v_rows) = split(query), split(key), split(value)
+    pad = plan.mask.shape[-1] - n - length
+
+    def row_keys(prompt: torch.Tensor, own: torch.Tensor) -> torch.Tensor:  # (B, kv_heads, pad + N + L, d)
+        parts = [prompt.expand(rows, -1, -1, -1), own]
+        if pad:
+            parts.insert(0, own.new_zeros(rows, own.shape[1], pad, own.shape[3]))
+        return torch.cat(parts, dim=2)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    out_prompt = sdpa(
+        q_prompt, k_prompt, v_prompt, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa
+    )
+    mask = plan.mask if plan.mask.dtype == query.dtype else plan.mask.to(query.dtype)
+    out_rows = sdpa(
+        q_rows,
+        row_keys(k_prompt, k_rows),
+        row_keys(v_prompt, v_rows),
+        attn_mask=mask,
+        dropout_p=dropout,
+        scale=scale,
+        enable_gqa=gqa,
+    )  # (B, heads, L, d)
+    heads, dim = out_rows.shape[1], out_rows.shape[3]
+    out = torch.cat(
+        [out_prompt.transpose(1, 2), out_rows.transpose(1, 2).reshape(1, rows * length, heads, dim)], dim=1
+    )
+    return out, None  # (1, N + B * L, heads, d), as transformers' sdpa returns it
+
+
+def _no_mask(*args: object, **kwargs: object) -> None:
+    """The packed pass's mask function: the plan holds the mask."""
+
+
+@lru_cache(maxsize=1)
+def _register_packed_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
+    return True

@@ -98,7 +98,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     `SummedCrossEntropy`.
     """
 
-    BLOCK_BYTES = 24 << 20  # one block's float32 logits; the weight is read twice per block
+    BLOCK_BYTES = 96 << 20  # one block's float32 logits; the weight is read twice per block
     MIN_ROWS = 64
 
     @staticmethod
@@ -222,18 +222,22 @@ def token_cross_entropy(
     `pieces` are `(logits, targets)` pairs counted as one set of tokens, so logits that
     come in parts are never concatenated (a copy of a `(B, L, vocab)` tensor). Logits given
     as `Projected` (an output layer's input and weight) are scored by `LinearCrossEntropy`,
-    without materialising them.
+    without materialising them; pieces of the same output layer in one call (their hidden
+    states are concatenated, a small copy), so that its weight is read once.
     """
-    flat = []
+    plain: list[tuple[torch.Tensor, torch.Tensor]] = []
+    projected: dict[tuple[int, int], list[tuple[Projected, torch.Tensor, torch.Tensor]]] = {}
     for scores, targets in pieces:
         if isinstance(scores, Projected):
             hidden = scores.hidden.reshape(-1, scores.hidden.shape[-1])
-            flat.append((scores, hidden, targets.reshape(-1).to(hidden.device)))
+            layer = (id(scores.weight), id(scores.bias))
+            projected.setdefault(layer, []).append((scores, hidden, targets.reshape(-1).to(hidden.device)))
         else:
             logits = scores.reshape(-1, scores.shape[-1])
-            flat.append((logits, logits, targets.reshape(-1).to(logits.device)))
+            plain.append((logits, targets.reshape(-1).to(logits.device)))
+    every = [t for _, t in plain] + [t for group in projected.values() for _, _, t in group]
     count = None
-    for _, _, targets in flat:
+    for targets in every:
         valid = (targets != -100).sum()
         count = valid if count is None else count + valid
     if num_items_in_batch is not None:
@@ -243,14 +247,16 @@ def token_cross_entropy(
             else num_items_in_batch
         )
     total, fused = None, None
-    for scores, rows, targets in flat:
-        if isinstance(scores, Projected):
-            scale = torch.reciprocal(torch.as_tensor(count, dtype=torch.float64, device=rows.device))
-            part = LinearCrossEntropy.apply(rows, scores.weight, scores.bias, targets, scale)
-            fused = part if fused is None else fused + part
-        else:
-            part = SummedCrossEntropy.apply(rows, targets)
-            total = part if total is None else total + part
+    for logits, targets in plain:
+        part = SummedCrossEntropy.apply(logits, targets)
+        total = part if total is None else total + part
+    for group in projected.values():
+        layer = group[0][0]
+        hidden = torch.cat([h for _, h, _ in group]) if len(group) > 1 else group[0][1]
+        targets = torch.cat([t for _, _, t in group]) if len(group) > 1 else group[0][2]
+        scale = torch.reciprocal(torch.as_tensor(count, dtype=torch.float64, device=hidden.device))
+        part = LinearCrossEntropy.apply(hidden, layer.weight, layer.bias, targets, scale)
+        fused = part if fused is None else fused + part
     if total is None:
         return fused
     return total / count if fused is None else total / count + fused

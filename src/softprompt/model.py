@@ -18,6 +18,7 @@ from .config import PromptPosition, PromptTuningConfig, TaskType
 from .heads import HeadSwitch, find_module, routed
 from .init import initial_prompt
 from .layout import Layout, build_layout
+from .losses import linear_output_layer
 from .prefix import PromptKV, batch_cache, right_aligned, supports_prefix_cache
 from .prompt import SoftPrompt
 from .tasks import Call, task_spec
@@ -565,15 +566,21 @@ class SoftPromptModel(nn.Module):
                 embeds, attention_mask, adapter_names, cache, cache_key, labels, kwargs, prompt_positions
             )
 
+        plan = None
         if (
             cache is None
             and encoder_outputs is None
             and not full_sequence
             and self.uses_prompt_cache(adapter_names, batch_size, prompt_positions)
         ):
-            layout, routing, inputs, prompt_logits = self._cached_prompt_inputs(
-                embeds, attention_mask, adapter_names, labels, token_type_ids, cache_key
-            )
+            prompt_logits = None
+            names = self.resolve_adapters(adapter_names, batch_size)
+            if self._packs(names, labels, return_logits, token_type_ids, kwargs):
+                layout, routing, inputs, plan = self._packed_inputs(embeds, attention_mask, names)
+            else:
+                layout, routing, inputs, prompt_logits = self._cached_prompt_inputs(
+                    embeds, attention_mask, adapter_names, labels, token_type_ids, cache_key
+                )
         else:
             prompt_logits = None
             layout, routing = self.layout(
@@ -596,12 +603,16 @@ class SoftPromptModel(nn.Module):
             num_items_in_batch,
             prompt_logits,
             return_logits,
+            plan.prompt if plan is not None else 0,
         )
-        attn = attention.prefix_attention(self.base_model, embeds.device) if layout.prompt_cached else None
-        with (
-            routed(list(self.heads.values()), routing),
-            attention.attention_implementation(self.base_model, attn),
-        ):
+        if plan is not None:
+            attend = attention.packed(self.base_model, plan)
+        else:
+            attn = (
+                attention.prefix_attention(self.base_model, embeds.device) if layout.prompt_cached else None
+            )
+            attend = attention.attention_implementation(self.base_model, attn)
+        with routed(list(self.heads.values()), routing), attend:
             return self.spec.forward(call)
 
     # ------------------------------------------------------------------ prompt KV cache
@@ -625,6 +636,54 @@ class SoftPromptModel(nn.Module):
         if any(self.placement(n) is PromptPosition.MARKER for n in names):
             return False
         return self.prompt_width(names) > 0
+
+    def _packs(
+        self,
+        names: list[RowPrompt],
+        labels: torch.Tensor | None,
+        return_logits: bool,
+        token_type_ids: torch.Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> bool:
+        """Whether a call runs as one packed pass, the prompt in the same sequence as the
+        batch (`attention.PackedPlan`) instead of in a pass of its own: a loss-only training
+        call (`return_logits=False`, gradients for the prompt) of one prompt for every row,
+        on a task, an output layer and an attention that allow it. Results are those of the
+        cached prompt's pass up to rounding."""
+        if return_logits or labels is None or token_type_ids is not None or not self.spec.packed_training:
+            return False
+        if set(kwargs) - {"logits_to_keep"} or len(set(names)) != 1 or not isinstance(names[0], str):
+            return False
+        if not (torch.is_grad_enabled() and self.prompts[names[0]].embedding.requires_grad):
+            return False  # inference: the remembered prompt KV costs nothing
+        return (
+            attention.supports_packing(self.base_model) and linear_output_layer(self.base_model) is not None
+        )
+
+    def _packed_inputs(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, names: list[RowPrompt]
+    ) -> tuple[Layout, Any, dict[str, Any], attention.PackedPlan]:
+        """Layout, head routing, the base model's inputs for one sequence
+        `[prompt][row 1]...[row B]` `(1, N + B * L)`, and its attention plan."""
+        batch_size, length, hidden = embeds.shape
+        layout, routing = self.layout(None, attention_mask, names, batch_size, length)
+        layout.prompt_cached = True  # outputs come back per row, without the prompt's columns
+        prompt = self.prompts[names[0]](embeds.dtype).to(embeds.device)  # (N, H)
+        n = prompt.shape[0]
+        positions = torch.cat(
+            [
+                torch.arange(n, device=embeds.device) + self.position_style.offset,
+                layout.position_ids[:, n:].reshape(-1),
+            ]
+        )
+        inputs: dict[str, Any] = {
+            "inputs_embeds": torch.cat([prompt, embeds.reshape(-1, hidden)]).unsqueeze(0),
+            "position_ids": positions.unsqueeze(0),
+            "use_cache": False,
+        }
+        pad = attention.key_padding(self.base_model, embeds.device, embeds.dtype, n + length)
+        mask = attention.packed_mask(layout.attention_mask, n, pad, embeds.dtype)
+        return layout, routing, inputs, attention.PackedPlan(n, batch_size, length, mask)
 
     def _cached_prompt_inputs(
         self,

@@ -42,6 +42,8 @@ class Call:
             (it predicts the first user token).
         return_logits: False when the caller needs the loss only (see
             `SoftPromptModel.forward`).
+        packed: N > 0 when the batch runs as one packed sequence behind an N-token prompt
+            (`attention.PackedPlan`; loss-only calls of tasks with `packed_training`).
     """
 
     base: nn.Module
@@ -53,6 +55,7 @@ class Call:
     num_items_in_batch: int | torch.Tensor | None = None
     prompt_logits: torch.Tensor | None = None
     return_logits: bool = True
+    packed: int = 0
 
 
 def _trim(call: Call, out: Any, names: tuple[str, ...]) -> Any:
@@ -88,6 +91,8 @@ class TaskSpec:
     extra_inputs: tuple[str, ...] = ()
     #: Whether the loss needs the last virtual token's logits (see `softprompt.prefix`).
     prompt_logits: bool = False
+    #: Whether loss-only training calls may run as one packed pass (see `Call.packed`).
+    packed_training: bool = False
     #: The transformers Auto class that loads a model for this task.
     auto_class: str = "AutoModel"
 
@@ -103,6 +108,7 @@ class CausalLM(TaskSpec):
     auto_class = "AutoModelForCausalLM"
     generative = True
     prompt_logits = True
+    packed_training = True
 
     def check_model(self, base: nn.Module) -> None:
         if is_encoder_decoder(base):
@@ -115,18 +121,20 @@ class CausalLM(TaskSpec):
         if not call.return_logits and call.labels is not None:
             head = linear_output_layer(call.base)
         if head is None:
+            if call.packed:
+                raise ValueError("a packed pass needs an output layer the loss can score (see losses).")
             out = call.base(**call.inputs)
-            scores = out.logits
+            scores, prompt_scores = out.logits, call.prompt_logits
         else:
-            out, scores = self._loss_only(call, head)
+            out, scores, prompt_scores = self._loss_only(call, head)
         if call.labels is not None:
             targets = call.layout.next_token_targets(call.labels)  # (B, T) model columns
             width = scores.shape[1] if head is None else scores.hidden.shape[1]
-            if call.prompt_logits is not None and width == call.layout.user_len:
-                # Cached prompt: the last virtual token's logits (which predict the first
-                # user token) come from the prompt pass.
+            if prompt_scores is not None and width == call.layout.user_len:
+                # Cached or packed prompt: the last virtual token's logits (which predict
+                # the first user token) come from the prompt's own pass or columns.
                 targets = targets[:, -width - 1 :]
-                pieces = [(call.prompt_logits, targets[:, 0]), (scores, targets[:, 1:])]
+                pieces = [(prompt_scores, targets[:, 0]), (scores, targets[:, 1:])]
             else:
                 # The logits cover the last columns (all of them, or `logits_to_keep`).
                 pieces = [(scores, targets[:, targets.shape[1] - width :])]
@@ -134,9 +142,10 @@ class CausalLM(TaskSpec):
         return _trim(call, out, ("logits",))
 
     @staticmethod
-    def _loss_only(call: Call, head: nn.Linear) -> tuple[Any, Projected]:
-        """The model's body only: its output (no logits) and the output layer's input for
-        the loss, `Projected` (see `losses.LinearCrossEntropy`)."""
+    def _loss_only(call: Call, head: nn.Linear) -> tuple[Any, Projected, Any]:
+        """The model's body only: its output (no logits), the output layer's input for the
+        loss (`Projected`, see `losses.LinearCrossEntropy`) and the last virtual token's
+        (`Projected` for a packed pass, else `call.prompt_logits`)."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         from .prefix import backbone
@@ -145,13 +154,19 @@ class CausalLM(TaskSpec):
         keep = inputs.pop("logits_to_keep", 0)
         body = backbone(call.base)(**inputs)
         hidden = body.last_hidden_state  # (B, T, H)
+        prompt_scores = call.prompt_logits
+        if call.packed:  # (1, N + B * L, H): the prompt, then every row
+            n, batch = call.packed, call.layout.batch_size
+            prompt, rows = hidden[0].split([n, hidden.shape[1] - n])  # one split: one backward copy
+            prompt_scores = Projected(prompt[-1].expand(batch, -1), head.weight, head.bias)  # (B, H)
+            hidden = rows.unflatten(0, (batch, -1))  # (B, L, H)
         if isinstance(keep, int):
             hidden = hidden[:, -keep:] if keep > 0 else hidden
         else:  # transformers' 1-D tensor of columns
             hidden = hidden[:, keep]
         fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}  # cache, hidden states...
         out = CausalLMOutputWithPast(**{k: v for k, v in body.items() if k in fields})
-        return out, Projected(hidden, head.weight, head.bias)
+        return out, Projected(hidden, head.weight, head.bias), prompt_scores
 
 
 class Seq2SeqLM(TaskSpec):
