@@ -143,6 +143,19 @@ def generate_fn(model, ids, mask, new_tokens, **kw):
     return gen
 
 
+def bare_train_step_fn(model, ids, mask):
+    """The bare model's own training step with gradients for its input embeddings (what a
+    prompt's gradient needs at the least, without the prompt): a reference for ours."""
+
+    def step():
+        model.train()
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        model(inputs_embeds=embeds, attention_mask=mask, labels=ids).loss.backward()
+        model.eval()
+
+    return step
+
+
 def optimizer_for(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
@@ -189,6 +202,7 @@ def bench_step(base, pool, n, length, batch, repeats) -> dict[str, float]:
         {
             "softprompt_train_step": train_step_fn(mine, ids, mask, optimizer),
             "softprompt_train_step_loss_only": train_step_fn(mine, ids, mask, optimizer, return_logits=False),
+            "bare_train_step": bare_train_step_fn(base, ids, mask),
             "bare_forward": forward_fn(base, ids, mask),
         },
         repeats,
@@ -432,6 +446,12 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str) -> None:
                 f"bare forward: {st['seconds']['bare_forward']:.2f} s | "
                 f"step / bare forward = **{st['loss_only_step_over_bare_forward']:.2f}** | <= 2.2 |"
             )
+        if "bare_step_over_bare_forward" in st:
+            lines.append(
+                "| the bare model's own train step (input-embedding gradients, no prompt) | | | "
+                f"{st['seconds']['bare_train_step']:.2f} s | "
+                f"step / bare forward = {st['bare_step_over_bare_forward']:.2f} | (reference) |"
+            )
     b = results.get("bf16")
     if b:
         tag = f"bfloat16, N={b['n']}, L={b['length']}, B={b['batch']}"
@@ -652,6 +672,7 @@ def main() -> None:
             "step_over_bare_forward": secs["softprompt_train_step"] / secs["bare_forward"],
             "loss_only_step_over_bare_forward": secs["softprompt_train_step_loss_only"]
             / secs["bare_forward"],
+            "bare_step_over_bare_forward": secs["bare_train_step"] / secs["bare_forward"],
         }
         log(json.dumps(results["step"]))
     if "bf16" in sections:
