@@ -276,7 +276,7 @@ def _packed_sdpa(
         )
     dropout = float(kwargs.get("dropout", 0.0) or 0.0)
     scale = kwargs.get("scaling")
-    gqa = key.shape[1] != query.shape[1]
+    gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}  # torch >= 2.5 (supports_packing)
 
     def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # (1, heads, N + B * L, d) -> the prompt's (1, heads, N, d), the rows' (B, heads, L, d);
@@ -295,9 +295,7 @@ def _packed_sdpa(
         return torch.cat(parts, dim=2)
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    out_prompt = sdpa(
-        q_prompt, k_prompt, v_prompt, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa
-    )
+    out_prompt = sdpa(q_prompt, k_prompt, v_prompt, dropout_p=dropout, is_causal=True, scale=scale, **gqa)
     mask = plan.mask if plan.mask.dtype == query.dtype else plan.mask.to(query.dtype)
     out_rows = sdpa(
         q_rows,
@@ -306,7 +304,7 @@ def _packed_sdpa(
         attn_mask=mask,
         dropout_p=dropout,
         scale=scale,
-        enable_gqa=gqa,
+        **gqa,
     )  # (B, heads, L, d)
     heads, dim = out_rows.shape[1], out_rows.shape[3]
     out = torch.cat(
