@@ -399,3 +399,33 @@ def test_packed_prefill_in_chunks_next_to_decoding_rows_equals_generate(arch):
         assert not engine._batch.rows and len(engine._batch) == 0
     finally:
         engine.stop(5)
+
+
+def test_packed_serving_and_the_packed_training_pass_coexist_in_one_process():
+    """The server's attention function and the training pass's (`attention.PackedPlan`) are
+    registered under different names: registering the training one after the engine's
+    first step leaves served tokens equal to `generate`."""
+    from softprompt import attention
+    from softprompt.serve import packed as packed_module
+
+    tok = make_tokenizer()
+    model = _model("llama")
+    engine = _engine(model, tok, packed=True)
+    engine.start()
+    try:
+        first = _request(engine, tok, "good movie", "a", 4)
+        engine.scheduler.submit(first)
+        assert first.done.wait(30)
+        attention._register_packed_attention.cache_clear()
+        assert attention._register_packed_attention()
+        from transformers import AttentionInterface
+
+        assert AttentionInterface._global_mapping[packed_module.NAME] is packed_module.attention
+        reqs = [_request(engine, tok, t, a, 8) for t, a in zip(TEXTS, ["a", "b", None, "c", "a"])]
+        for r in reqs:
+            engine.scheduler.submit(r)
+        for r in reqs:
+            assert r.done.wait(30)
+        _assert_each_equals_generate(model, engine, [first, *reqs])
+    finally:
+        engine.stop(5)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-NAME = "softprompt_packed"
+NAME = "softprompt_serve_packed"  # not attention.PACKED_ATTENTION (the training pass)
 _registered = False
 
 
