@@ -95,6 +95,14 @@ def _matches(tokens: list[int], expected: list[int], stops) -> bool:
     return tokens == expected[:cut]
 
 
+def _mixed_requests(engine, tok) -> list:
+    """Ten requests: adapters a, b, none and c, different lengths, some with n=2."""
+    return [
+        _request(engine, tok, text, ["a", "b", None, "c"][j % 4], 3 + 2 * (j % 4), n=1 + (j % 3 == 1))
+        for j, text in enumerate(TEXTS * 2)
+    ]
+
+
 def _assert_each_equals_generate(model, engine, reqs) -> None:
     """Every request succeeded and each of its choices is greedy `generate` of its prompt."""
     for r in reqs:
@@ -298,10 +306,7 @@ def test_batched_prefill_of_mixed_adapters_and_lengths_equals_generate(arch):
     together = []
     prefill = engine._prefill_together
     engine._prefill_together = lambda shared: together.append(len(shared)) or prefill(shared)
-    reqs = []
-    for j, text in enumerate(TEXTS * 2):
-        adapter = ["a", "b", None, "c"][j % 4]
-        reqs.append(_request(engine, tok, text, adapter, 3 + 2 * (j % 4), n=1 + (j % 3 == 1)))
+    reqs = _mixed_requests(engine, tok)
     for r in reqs:
         engine.scheduler.submit(r)
     engine.start()
@@ -384,10 +389,7 @@ def test_packed_prefill_in_chunks_next_to_decoding_rows_equals_generate(arch):
     steps = []
     step = engine._step_packed
     engine._step_packed = lambda: steps.append([r.pending is None for r in engine._batch.rows]) or step()
-    reqs = []
-    for j, text in enumerate(TEXTS * 2):
-        adapter = ["a", "b", None, "c"][j % 4]
-        reqs.append(_request(engine, tok, text, adapter, 3 + 2 * (j % 4), n=1 + (j % 3 == 1)))
+    reqs = _mixed_requests(engine, tok)
     for r in reqs:
         engine.scheduler.submit(r)
     engine.start()

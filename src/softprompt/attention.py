@@ -6,11 +6,12 @@ cached prompt's keys a length the CPU's bfloat16 sdpa kernel runs fast on."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,19 +120,32 @@ def _prefix_mask(*args: object, dtype: torch.dtype = torch.float32, **kwargs: ob
     return torch.where(mask, zero, float("-inf"))
 
 
+def register_attention(
+    name: str, function: Callable[..., Any], mask: Callable[..., Any] | None = None
+) -> bool:
+    """Register an attention `function` (and its mask function, if any) with transformers
+    under `name`; False for a transformers without the attention interface."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(name, function)
+    if mask is not None:
+        AttentionMaskInterface.register(name, mask)
+    return True
+
+
 @lru_cache(maxsize=1)
 def _register_prefix_attention() -> bool:
     try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     except ImportError:
         return False
-    AttentionInterface.register(PREFIX_ATTENTION, _prefix_sdpa)
-    if ALL_MASK_ATTENTION_FUNCTIONS["sdpa"].__name__ == "sdpa_mask":
-        AttentionMaskInterface.register(PREFIX_ATTENTION, _prefix_mask)
-    else:  # a transformers whose sdpa mask function this module does not know
-        AttentionMaskInterface.register(PREFIX_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return True
+    sdpa = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    # a transformers whose sdpa mask function this module does not know keeps its own
+    mask = _prefix_mask if sdpa.__name__ == "sdpa_mask" else sdpa
+    return register_attention(PREFIX_ATTENTION, _prefix_sdpa, mask)
 
 
 def prefix_attention(model: nn.Module, device: torch.device) -> str | None:
@@ -319,11 +333,4 @@ def _no_mask(*args: object, **kwargs: object) -> None:
 
 @lru_cache(maxsize=1)
 def _register_packed_attention() -> bool:
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError:
-        return False
-    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
-    AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
-    return True
+    return register_attention(PACKED_ATTENTION, _packed_sdpa, _no_mask)
