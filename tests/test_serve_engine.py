@@ -3,6 +3,7 @@ with requests of several adapters joining mid-decode, seeds, faults, the prompt-
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -264,6 +265,61 @@ def test_scheduler_bounds_the_queue_and_keeps_order():
     assert reqs[1].done.is_set() and s.queue_depth == 0
     with pytest.raises(Exception, match="batch size"):
         s.submit(GenerationRequest("a", [1], SamplingParams(max_tokens=1), n=5))
+
+
+def _submit_spaced(s: Scheduler, reqs: list, gap_s: float) -> threading.Thread:
+    def run() -> None:
+        for r in reqs:
+            s.submit(r)
+            time.sleep(gap_s)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_an_idle_engine_gathers_a_burst_and_stops_at_its_limit():
+    one = [GenerationRequest("a", [1], SamplingParams(max_tokens=1)) for _ in range(5)]
+    s = Scheduler(burst_quiet_s=0.5, burst_limit_s=30)
+    s.gather_burst()  # nothing queued: returns at once
+    t = _submit_spaced(s, one, 0.02)
+    while s.queue_depth == 0:
+        time.sleep(0.001)
+    s.gather_burst()  # the others arrive well within the quiet time of each other
+    assert s.admit(0) == one
+    t.join(10)
+    # a stream that never goes quiet: the wait ends at the limit, the rest come later
+    stream = [GenerationRequest("a", [1], SamplingParams(max_tokens=1)) for _ in range(200)]
+    s = Scheduler(max_queue=500, burst_quiet_s=0.5, burst_limit_s=0.2)
+    t = _submit_spaced(s, stream, 0.01)
+    while s.queue_depth == 0:
+        time.sleep(0.001)
+    s.gather_burst()
+    assert 0 < s.queue_depth < len(stream)
+    t.join(30)
+
+
+@MODES
+def test_a_burst_reaching_an_idle_engine_is_prefilled_in_one_step(packed, monkeypatch):
+    model = _model("llama")
+    tok = make_tokenizer()
+    engine = _engine(model, tok, packed=packed)
+    engine.scheduler.burst_quiet_s, engine.scheduler.burst_limit_s = 0.5, 30
+    first_rows = []
+    step = engine._step_packed if packed else engine._step
+    monkeypatch.setattr(
+        engine, "_step_packed" if packed else "_step", lambda: (first_rows.append(len(engine._batch)), step())
+    )
+    reqs = _mixed_requests(engine, tok)[:6]
+    engine.start()
+    try:
+        _submit_spaced(engine.scheduler, reqs, 0.02).join(10)
+        for r in reqs:
+            assert r.done.wait(60)
+    finally:
+        engine.stop()
+    assert first_rows[0] == sum(r.n for r in reqs)  # without the wait: 1 (the first alone)
+    _assert_each_equals_generate(model, engine, reqs)
 
 
 def test_stream_safe_holds_back_a_possible_stop_string():

@@ -11,6 +11,7 @@ a cancelled request (client gone) leaves the queue, or the batch at the next ste
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 from .request import GenerationRequest, Job, Overloaded, Unavailable
@@ -24,14 +25,26 @@ class Scheduler:
         max_queue: Requests and jobs waiting at most; more are refused.
         max_joins_per_step: New requests prefilled between two decode steps at most, so a
             burst of arrivals does not stall the running batch for long.
+        burst_quiet_s, burst_limit_s: An idle engine that gets a request waits for the rest
+            of its burst (`gather_burst`): until no request came for `burst_quiet_s`, at
+            most `burst_limit_s` in all.
     """
 
-    def __init__(self, max_batch_size: int = 32, max_queue: int = 256, max_joins_per_step: int = 64) -> None:
+    def __init__(
+        self,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_joins_per_step: int = 64,
+        burst_quiet_s: float = 0.002,
+        burst_limit_s: float = 0.02,
+    ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_joins_per_step < 1:
             raise ValueError("max_batch_size, max_queue and max_joins_per_step must be at least 1.")
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_joins_per_step = max_joins_per_step
+        self.burst_quiet_s = burst_quiet_s
+        self.burst_limit_s = burst_limit_s
         self._waiting: deque[GenerationRequest] = deque()
         self._jobs: deque[Job] = deque()
         self._lock = threading.Lock()
@@ -119,6 +132,27 @@ class Scheduler:
                 free -= head.rows
                 out.append(head)
         return out
+
+    def gather_burst(self) -> None:
+        """Called by an idle engine with requests waiting: let the rest of their burst arrive.
+
+        Clients that send together (a page of prompts, the clients of a batch that just
+        ended) reach the queue a millisecond or two apart. Starting a step on the first
+        alone makes the others wait a whole step, then prefill in a step of their own;
+        waiting until the queue has been quiet for `burst_quiet_s` (at most `burst_limit_s`)
+        prefills them all in one. A lone request pays `burst_quiet_s`.
+        """
+        deadline = time.monotonic() + self.burst_limit_s
+        with self._lock:
+            seen = len(self._waiting)
+            while seen and not self._closed:
+                quiet = min(self.burst_quiet_s, deadline - time.monotonic())
+                if quiet <= 0:
+                    return
+                self._wake.wait(quiet)
+                if len(self._waiting) == seen:  # nothing came while it waited: the burst is in
+                    return
+                seen = len(self._waiting)
 
     def wait_for_work(self, timeout: float) -> None:
         """Block the idle model thread until something is queued (or `timeout` passes)."""
