@@ -253,6 +253,39 @@ def test_prompt_kv_is_computed_once_for_inference_and_again_after_an_update():
     assert seen[3:] == [4, 5]
 
 
+@pytest.mark.parametrize("arch", DECODERS)
+def test_several_prompts_computed_in_one_pass_equal_each_alone(arch):
+    """`PromptKV.compute_missing` (the server's misses at once): one pass, each state as alone."""
+    together, alone = _pair("CAUSAL_LM", arch)
+    c = torch.randn(3, 32, generator=torch.Generator().manual_seed(3))
+    for model in (together, alone):
+        model.add_adapter("c", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        model.prompts["c"].embedding.data.copy_(c)
+    store = together.prompt_kv
+    dtype = torch.float32
+    with torch.no_grad():
+        store.get(together, "b", dtype, False)  # remembered: not computed again
+        seen, handle = _widths(together)
+        assert store.compute_missing(together, ["a", "c", "b", "a"], dtype) == 2
+        assert store.compute_missing(together, ["a", "c"], dtype) == 0
+        handle.remove()
+        assert seen == [5], "a (5 tokens) and c (3), one pass"
+        assert store.misses == 3 and len(store) == 3
+        hits = store.hits
+        for name in ("a", "b", "c"):
+            got = store.get(together, name, dtype, False).kv
+            want = alone.prompt_kv.get(alone, name, dtype, False).kv
+            assert [k.shape for k, _ in got] == [k.shape for k, _ in want]
+            for (k1, v1), (k2, v2) in zip(got, want):
+                torch.testing.assert_close(k1, k2, atol=ATOL, rtol=1e-5)
+                torch.testing.assert_close(v1, v2, atol=ATOL, rtol=1e-5)
+        assert store.hits == hits + 3
+        ids, mask = _batch()
+        logits = together(input_ids=ids, attention_mask=mask, adapter_names=["a", "c", "b"]).logits
+        want = alone(input_ids=ids, attention_mask=mask, adapter_names=["a", "c", "b"]).logits
+    torch.testing.assert_close(logits[mask.bool()], want[mask.bool()], atol=ATOL, rtol=1e-5)
+
+
 def test_prompt_changed_through_data_is_not_served_stale():
     """`.data` writes bypass the version counter; the cache must still notice them."""
     cached, plain = _pair("CAUSAL_LM", "llama")

@@ -322,6 +322,32 @@ def test_a_burst_reaching_an_idle_engine_is_prefilled_in_one_step(packed, monkey
     _assert_each_equals_generate(model, engine, reqs)
 
 
+@MODES
+def test_requests_joining_together_compute_their_missing_prompts_in_one_pass(packed, monkeypatch):
+    model = _model("llama")
+    tok = make_tokenizer()
+    engine = _engine(model, tok, packed=packed)
+    passes = []
+    compute = PromptKV._compute
+
+    def counted(model, names, dtype, with_logits):
+        passes.append(list(names))
+        return compute(model, names, dtype, with_logits)
+
+    monkeypatch.setattr(PromptKV, "_compute", staticmethod(counted))
+    reqs = [_request(engine, tok, TEXTS[i], name, 4) for i, name in enumerate(["a", "b", None, "c", "a"])]
+    for r in reqs:
+        engine.scheduler.submit(r)
+    engine.start()
+    try:
+        for r in reqs:
+            assert r.done.wait(60)
+    finally:
+        engine.stop()
+    assert passes == [["a", "b", "c"]]  # not one pass per adapter
+    _assert_each_equals_generate(model, engine, reqs)
+
+
 def test_stream_safe_holds_back_a_possible_stop_string():
     assert _stream_safe("hello wor", ("world",)) == len("hello ")
     assert _stream_safe("hello", ("xyz",)) == 5

@@ -156,54 +156,93 @@ class PromptKV:
             torch.get_autocast_dtype(prompt.device.type) if autocast else None,
         )
 
-    def get(self, model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState:
-        """The prompt state of `adapter`; recomputed when gradients are needed or it changed."""
+    def _fresh(self, model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState | None:
+        """The remembered state of `adapter` if it is still valid for this call, else None."""
         prompt = model.prompts[adapter].embedding
-        grad = torch.is_grad_enabled() and prompt.requires_grad
-        key = self._key(prompt, dtype, model.base_model)
+        if torch.is_grad_enabled() and prompt.requires_grad:
+            return None
         entry = self._store.get(adapter)
         cached = entry[0] if entry is not None else None
         if (
-            not grad
-            and cached is not None
-            and cached.key == key
+            cached is not None
+            and cached.key == self._key(prompt, dtype, model.base_model)
             and (cached.last_logits is not None or not with_logits)
             and torch.equal(cached.values, prompt.detach())
         ):  # any change, `.data` writes included
+            return cached
+        return None
+
+    def get(self, model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState:
+        """The prompt state of `adapter`; recomputed when gradients are needed or it changed."""
+        cached = self._fresh(model, adapter, dtype, with_logits)
+        if cached is not None:
             self._store.move_to_end(adapter)
             self.hits += 1
             return cached
-        state = self._compute(model, adapter, dtype, with_logits)
-        if grad:
+        prompt = model.prompts[adapter].embedding
+        state = self._compute(model, [adapter], dtype, with_logits)[0]
+        if torch.is_grad_enabled() and prompt.requires_grad:
             return state
-        self.misses += 1
-        state.key = key
-        state.values = prompt.detach().clone()
-        self._remember(adapter, state)
+        self._keep(model, adapter, dtype, state)
         return state
 
+    def _keep(self, model: Any, adapter: str, dtype: torch.dtype, state: PromptState) -> None:
+        prompt = model.prompts[adapter].embedding
+        self.misses += 1
+        state.key = self._key(prompt, dtype, model.base_model)
+        state.values = prompt.detach().clone()
+        self._remember(adapter, state)
+
+    @torch.no_grad()
+    def compute_missing(self, model: Any, adapters: list[str], dtype: torch.dtype) -> int:
+        """Compute the states of those of `adapters` not remembered (or stale) in one forward
+        pass and remember them; how many it computed.
+
+        The serving engine calls it with the adapters of the requests joining a step, so
+        several misses cost one pass instead of one each. Each prompt sits at positions
+        0..N-1 of its row and later columns are padding, so causal attention gives every
+        row the keys/values it gets alone (up to float rounding of the wider matmuls).
+        (More than the budget holds: the first ones are dropped again and `get` computes
+        them when asked.)
+        """
+        missing = [a for a in dict.fromkeys(adapters) if self._fresh(model, a, dtype, False) is None]
+        if len(missing) < 2:
+            return 0  # `get` computes a lone one as it always has
+        for adapter, state in zip(missing, self._compute(model, missing, dtype, False)):
+            self._keep(model, adapter, dtype, state)
+        return len(missing)
+
     @staticmethod
-    def _compute(model: Any, adapter: str, dtype: torch.dtype, with_logits: bool) -> PromptState:
+    def _compute(model: Any, adapters: list[str], dtype: torch.dtype, with_logits: bool) -> list[PromptState]:
+        """The states of `adapters`' prompts from one forward pass, a row each, right-padded."""
         base = model.base_model
-        embeds = model.prompts[adapter](dtype).unsqueeze(0)  # (1, N, H)
-        n = embeds.shape[1]
-        style = model.position_style
-        positions = torch.arange(n, device=embeds.device).unsqueeze(0) + style.offset
-        mask = torch.ones(1, n, dtype=torch.long, device=embeds.device)
+        prompts = [model.prompts[a](dtype) for a in adapters]  # (N_i, H)
+        lengths = [p.shape[0] for p in prompts]
+        n = max(lengths)
+        embeds = torch.stack([torch.cat([p, p.new_zeros(n - len(p), p.shape[1])]) for p in prompts])
+        device = embeds.device
+        positions = torch.arange(n, device=device).unsqueeze(0) + model.position_style.offset
+        mask = (torch.arange(n, device=device) < torch.tensor(lengths, device=device).unsqueeze(1)).long()
         inputs = {
             "inputs_embeds": embeds,
             "attention_mask": mask,
-            "position_ids": positions,
+            "position_ids": positions.expand(len(prompts), -1),
             "use_cache": True,
         }
-        if with_logits:
+        if with_logits:  # one adapter (`get`): the last virtual token's logits
             out = base(**inputs, logits_to_keep=1)
-            logits = out.logits[:, -1]
+            logits = [out.logits[:, -1]]
         else:
             out = backbone(base)(**inputs)
-            logits = None
-        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-        return PromptState(cache_tensors(cache), logits)
+            logits = [None] * len(prompts)
+        kv = cache_tensors(out.get("cache") if out.get("cache") is not None else out.get("past_key_values"))
+        if len(prompts) == 1:
+            return [PromptState(kv, logits[0])]
+        rows = [
+            [(k[i : i + 1, :, :m].clone(), v[i : i + 1, :, :m].clone()) for k, v in kv]
+            for i, m in enumerate(lengths)
+        ]
+        return [PromptState(row, None) for row in rows]
 
 
 def right_aligned(table: list[torch.Tensor], which: torch.Tensor, width: int, dim: int) -> torch.Tensor:

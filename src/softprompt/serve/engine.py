@@ -443,6 +443,19 @@ class Engine:
             self._batch.add([rows[i] for i in keep], kv)
         self._finished(req)
 
+    def _compute_missing_prompts(self, reqs: list[GenerationRequest]) -> None:
+        """The prompt KV of the joining requests' adapters that is not in the cache (evicted,
+        never used), in one forward pass for all of them instead of one each. On any error
+        nothing fails here: each request computes its own as it joins, and fails alone."""
+        with self._names_lock:  # an unknown (unloaded) adapter: its join reports it
+            names = [self._served.get(r.adapter) for r in reqs if r.adapter is not None]
+        names = [n for n in names if n is not None and self.model.uses_prompt_cache([n], 1)]
+        if len(set(names)) > 1:
+            try:
+                self.model.prompt_kv.compute_missing(self.model, names, self.dtype)
+            except Exception:
+                logger.debug("computing several prompts' KV at once failed", exc_info=True)
+
     def _prefill_alone(
         self, req: GenerationRequest, internal: str | None
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, torch.Tensor]:
@@ -472,6 +485,7 @@ class Engine:
         Others (a prompt at a marker, a model without the prompt cache) and any request of a
         batch whose forward fails are prefilled alone (`_join`), so only a bad request fails.
         """
+        self._compute_missing_prompts(reqs)
         shared: list[tuple[GenerationRequest, str | None]] = []
         for req in reqs:
             if req.cancelled.is_set() or req.done.is_set():
@@ -620,6 +634,7 @@ class Engine:
         batch = self._batch
         if batch.slots is None:
             batch.slots = KVSlots(*self._kv_shape, self.dtype, self.model.device)
+        self._compute_missing_prompts(reqs)
         for req in reqs:
             if req.cancelled.is_set() or req.done.is_set():
                 continue
