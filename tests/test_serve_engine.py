@@ -348,6 +348,30 @@ def test_requests_joining_together_compute_their_missing_prompts_in_one_pass(pac
     _assert_each_equals_generate(model, engine, reqs)
 
 
+def test_kv_slots_grown_past_the_idle_limit_are_released_when_idle(monkeypatch):
+    import softprompt.serve.engine as engine_module
+
+    model = _model("llama")
+    tok = make_tokenizer()
+    engine = _engine(model, tok, packed=True)
+    engine.start()
+    try:
+        for limit, released in ((2**40, False), (0, True), (2**40, False)):
+            monkeypatch.setattr(engine_module, "IDLE_SLOTS_BYTES", limit)
+            reqs = _mixed_requests(engine, tok)[:4]
+            for r in reqs:
+                engine.scheduler.submit(r)
+            for r in reqs:
+                assert r.done.wait(60)
+            deadline = time.monotonic() + 10
+            while (engine._batch.slots is None) != released and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert (engine._batch.slots is None) == released
+            _assert_each_equals_generate(model, engine, reqs)  # the third on slots made anew
+    finally:
+        engine.stop()
+
+
 def test_stream_safe_holds_back_a_possible_stop_string():
     assert _stream_safe("hello wor", ("world",)) == len("hello ")
     assert _stream_safe("hello", ("xyz",)) == 5

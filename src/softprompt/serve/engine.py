@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 PLACEHOLDER = "_serve_placeholder_"
+IDLE_SLOTS_BYTES = 256 * 2**20  # packed KV slots kept through an idle spell at most
 
 
 # ---------------------------------------------------------------------- adapters on disk
@@ -406,6 +407,7 @@ class Engine:
                     (self._step_packed if self.packed else self._step)()
                 else:
                     self.scheduler.running_rows = 0
+                    self._release_idle_slots()
                     if not self._stop.is_set():
                         self.scheduler.wait_for_work(0.1)
         except BaseException:  # a bug: report it, fail what is running, mark the engine dead
@@ -417,6 +419,15 @@ class Engine:
             self._fail_all(Unavailable("the server is shutting down."))
             if self.state != "dead":
                 self.state = "stopped"
+
+    def _release_idle_slots(self) -> None:
+        """With nothing running, give back KV slots grown past `IDLE_SLOTS_BYTES` (a burst of
+        long rows) rather than hold them until the next burst; smaller ones are kept, so
+        steady traffic does not reallocate them after every lull."""
+        slots = getattr(self._batch, "slots", None)
+        if slots is not None and slots.nbytes > IDLE_SLOTS_BYTES:
+            logger.debug("idle: releasing %.0f MB of KV slots", slots.nbytes / 2**20)
+            self._batch.slots = None
 
     def _fail_all(self, error: ServeError) -> None:
         for row in self._batch.rows:

@@ -99,6 +99,10 @@ class KVSlots:
         return self.keys[0].shape[0]
 
     @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
