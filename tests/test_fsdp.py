@@ -188,5 +188,130 @@ def test_a_sharded_model_initialises_and_computes_as_the_whole_one(tmp_path):
         assert model.prompts["default"].embedding.shape == (6, 32)
 
 
+# ---------------------------------------------------------------------- weights read on rank 0 only
+# (task, architecture, extra config) of the saved models: every tiny architecture that generates
+RANK0_CASES = [
+    ("CAUSAL_LM", "llama", {}),
+    ("CAUSAL_LM", "llama", {"tie_word_embeddings": True}),
+    ("CAUSAL_LM", "gpt2", {}),
+    ("CAUSAL_LM", "qwen2", {}),
+    ("CAUSAL_LM", "opt", {}),
+    ("CAUSAL_LM", "gpt_neox", {}),
+    ("SEQ_2_SEQ_LM", "t5", {}),
+    ("SEQ_2_SEQ_LM", "bart", {}),
+]
+
+
+def _rank0_worker(root: Path) -> None:
+    """One rank of `test_only_rank_0_reads_the_weights` (run by torchrun): rank 0 loads each model
+    folder; rank 1 is given a copy whose weights file is garbage, so reading it would fail."""
+    from softprompt import distributed
+    from softprompt.base_models import ModelLoadError, load_model, load_model_on_rank0
+    from tests.tiny import VOCAB
+
+    distributed.init("cpu")
+    rank = distributed.rank()
+    report: dict[str, object] = {}
+    for i, (task, arch, _) in enumerate(RANK0_CASES):
+        key = f"{i} {arch}"
+        folder = root / (f"model-{i}" if rank == 0 else f"broken-{i}")
+        base, tokenizer = load_model_on_rank0(folder, task_type=task)
+        tensors = [*base.parameters(), *base.buffers()]
+        report[f"{key} weights on meta before sharding"] = all(t.is_meta for t in tensors)
+        report[f"{key} tokenizer"] = tokenizer("good movie")["input_ids"]
+        for p in base.parameters():
+            p.requires_grad_(False)
+        assert distributed.shard_model(base, torch.device("cpu"), weights_from_rank0=True)
+        # the reference: the whole model, read from the intact folder by every rank (after the fact)
+        whole, _ = load_model(root / f"model-{i}", task_type=task)
+        out_in = base.get_output_embeddings(), base.get_input_embeddings()
+        report[f"{key} tied"] = out_in[0] is not None and out_in[0].weight is out_in[1].weight
+        report[f"{key} tied in the whole model"] = (
+            whole.get_output_embeddings() is not None
+            and whole.get_output_embeddings().weight is whole.get_input_embeddings().weight
+        )
+        reference = dict(whole.named_parameters())
+        # (a weight of the root unit only, outside every other, stays gathered after a forward)
+        report[f"{key} weights bit-identical"] = all(
+            torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, reference[n])
+            and p.dtype == reference[n].dtype
+            for n, p in base.named_parameters()
+        ) and set(reference) == {n for n, _ in base.named_parameters()}
+        # every buffer and tensor attribute: rank 0's, and the whole model's
+        extras = {f"{path}.{name}": t for _, path, name, t in distributed._plain_tensors(base)}
+        extras.update({f"buffer {n}": b for n, b in base.named_buffers()})
+        rank0 = distributed.broadcast_object(extras)
+        report[f"{key} buffers"] = sorted(extras)
+        report[f"{key} buffers equal rank 0's"] = rank0.keys() == extras.keys() and all(
+            torch.equal(rank0[k], t) and rank0[k].dtype == t.dtype for k, t in extras.items()
+        )
+        whole_buffers = dict(whole.named_buffers())
+        report[f"{key} buffers equal the whole model's"] = all(
+            torch.equal(b, whole_buffers[n]) for n, b in base.named_buffers()
+        ) and whole_buffers.keys() == {n for n, _ in base.named_buffers()}
+        ids = torch.randint(4, VOCAB, (2, 6), generator=torch.Generator().manual_seed(rank))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if task == "SEQ_2_SEQ_LM":
+            inputs["decoder_input_ids"] = ids[:, :3]
+        with torch.no_grad():
+            logits = [m(**inputs).logits for m in (base, whole)]
+        report[f"{key} logits bit-identical"] = bool(torch.equal(*logits))
+        report[f"{key} generation config"] = (
+            base.generation_config.to_dict() == whole.generation_config.to_dict()
+        )
+    # rank 0 cannot load: every rank stops with its error, none waits
+    try:
+        load_model_on_rank0(root / "missing" if rank == 0 else root / "model-0")
+        report["error"] = "no error"
+    except ModelLoadError as err:
+        report["error"] = str(err)
+    (root / f"rank{rank}.json").write_text(json.dumps(report))
+    distributed.close()
+
+
+def test_only_rank_0_reads_the_weights(tmp_path):
+    """Rank 0 loads each model; rank 1 builds it on the meta device from rank 0's config and never
+    reads its weights file (it is given one of garbage bytes); after sharding every rank holds rank
+    0's weights and buffers, and the sharded model computes the whole model's logits bit for bit."""
+    from tests.tiny import build_model, make_tokenizer
+
+    for i, (task, arch, extra) in enumerate(RANK0_CASES):
+        folder = tmp_path / f"model-{i}"
+        model = build_model(task, arch, seed=i, initializer_range=0.5, **extra)
+        model.save_pretrained(folder)
+        make_tokenizer().save_pretrained(folder)
+        broken = tmp_path / f"broken-{i}"
+        broken.mkdir()
+        for file in folder.iterdir():
+            data = file.read_bytes()
+            if file.suffix == ".safetensors":  # the same size, unreadable
+                data = bytes(b ^ 0x5A for b in data)
+            (broken / file.name).write_bytes(data)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__)), str(tmp_path), "rank0"]  # fmt: skip
+    result = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for i, (_, arch, extra) in enumerate(RANK0_CASES):
+        key = f"{i} {arch}"
+        assert reports[0][f"{key} weights on meta before sharding"] is False
+        assert reports[1][f"{key} weights on meta before sharding"] is True  # False with every rank loading
+        assert reports[1][f"{key} tokenizer"] == reports[0][f"{key} tokenizer"]
+        for report in reports:
+            checks = {k: v for k, v in report.items() if k.startswith(f"{key} ") and isinstance(v, bool)}
+            checks.pop(f"{key} weights on meta before sharding")
+            assert checks.pop(f"{key} tied") == checks.pop(f"{key} tied in the whole model")
+            assert len(checks) == 5 and all(checks.values()), (report is reports[1], checks)
+    assert reports[0]["1 llama tied"] is True and reports[0]["0 llama tied"] is False
+    assert "model.rotary_emb.inv_freq" in reports[1]["0 llama buffers"]  # non-persistent, sent by rank 0
+    assert "does not exist" in reports[0]["error"]
+    assert (
+        reports[1]["error"].startswith("(rank 0) ModelLoadError") and "does not exist" in reports[1]["error"]
+    )
+
+
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    if sys.argv[2:] == ["rank0"]:
+        _rank0_worker(Path(sys.argv[1]))
+    else:
+        _worker(Path(sys.argv[1]))

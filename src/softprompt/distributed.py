@@ -268,8 +268,9 @@ def replicated() -> Iterator[None]:
 # ---------------------------------------------------------------------- FSDP
 def _fsdp_units(base: torch.nn.Module) -> list[list[torch.nn.Module]]:
     """The groups of modules `shard_model` makes FSDP units of, innermost first: each
-    transformer block, the input embeddings (with the output embeddings when their weight is
-    tied to them; else those on their own), then the transformer body."""
+    transformer block, the input embeddings (with every other module holding their weight:
+    the output embeddings when tied to them, else those on their own), then the transformer
+    body."""
     from .prefix import backbone
 
     names = set(getattr(base, "_no_split_modules", None) or ())
@@ -288,18 +289,29 @@ def _fsdp_units(base: torch.nn.Module) -> list[list[torch.nn.Module]]:
     if callable(getter):
         embed_out = getter()
     in_weight = getattr(embed_in, "weight", None)
-    tied = embed_out is not None and getattr(embed_out, "weight", None) is in_weight
-    if embed_out is not None and not tied and embed_out is not embed_in:
+    # every module holding the input embeddings' weight (the output embeddings when tied; an
+    # encoder-decoder's shared table, encoder and decoder embeddings): one unit, as FSDP needs
+    sharing = [m for m in base.modules() if m is not embed_in and in_weight is not None
+               and any(p is in_weight for p in m.parameters(recurse=False))]  # fmt: skip
+    if embed_out is not None and embed_out not in sharing and embed_out is not embed_in:
         units.append([embed_out])
-    units.append([embed_in, embed_out] if tied and embed_out is not embed_in else [embed_in])
+    units.append([embed_in, *sharing])
     body = backbone(base)
+    # a body that only wraps another (OPT's `model.decoder`; OPTForCausalLM calls the decoder
+    # itself, never the `model` around it): the inner one, whose forward runs
+    while body is not base and len(list(body.children())) == 1 and not list(body.parameters(recurse=False)):
+        body = next(body.children())
     if body is not base:
         units.append([body])
     return units
 
 
 def shard_model(
-    base: torch.nn.Module, device: torch.device, replicated_params: Iterable[torch.nn.Parameter] = ()
+    base: torch.nn.Module,
+    device: torch.device,
+    replicated_params: Iterable[torch.nn.Parameter] = (),
+    *,
+    weights_from_rank0: bool = False,
 ) -> bool:
     """Shard the frozen `base` over the ranks with PyTorch's FSDP (`fully_shard`, FSDP2).
 
@@ -309,6 +321,14 @@ def shard_model(
     for its forward (and again for its backward). `replicated_params` (the prompt's heads:
     trained, so their gradients are all-reduced by hand like the prompt's) are left whole.
     A no-op in one process.
+
+    With `weights_from_rank0` only rank 0 needs the weights: the other ranks may hold the
+    model on the `meta` device (`base_models.load_model_on_rank0` builds it so, from rank 0's
+    config, without reading the weight files). After sharding, rank 0's whole state dict is
+    sent into every rank's shards, one tensor at a time (PyTorch's `set_model_state_dict`
+    with `broadcast_from_rank0`), and so are the tensors a state dict leaves out (non-persistent
+    buffers such as the rotary `inv_freq`, and plain tensor attributes): every rank ends with
+    rank 0's values, bit for bit. Without it every rank must hold the same whole model.
 
     Returns:
         Whether the model was sharded.
@@ -320,9 +340,15 @@ def shard_model(
 
     mesh = init_device_mesh(device.type, (world_size(),))
     ignored = set(replicated_params)
+    # rank 0's whole weights, read after sharding: references, not copies (sharding copies each
+    # rank's slice out of them, and moves the model to its device, so these stay where they were)
+    whole = base.state_dict() if weights_from_rank0 and is_main() else {}
     for unit in _fsdp_units(base):
         fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, ignored_params=ignored or None)
     fully_shard(base, mesh=mesh, ignored_params=ignored or None)
+    if weights_from_rank0:
+        _load_from_rank0(base, whole, device)
+        del whole
     # FSDP takes the first unit that runs a forward as the root of all the others, and the
     # input embeddings run first in every call of a SoftPromptModel: one forward of `base`
     # itself (a collective, on every rank) makes it the root.
@@ -334,6 +360,74 @@ def shard_model(
         _collective("FSDP's first forward", base, **inputs)
     logger.debug("rank %d: base model sharded over %d processes (FSDP)", rank(), world_size())
     return True
+
+
+def _plain_tensors(base: torch.nn.Module) -> list[tuple[torch.nn.Module, str, str, torch.Tensor]]:
+    """The tensors of `base` that a state dict leaves out, in module order: (module, its path,
+    attribute name, tensor) for each non-persistent buffer and each plain tensor attribute."""
+    out = []
+    for path, module in base.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name in module._non_persistent_buffers_set:
+                out.append((module, path, name, buffer))
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                out.append((module, path, name, value))
+    return out
+
+
+def _load_from_rank0(base: torch.nn.Module, whole: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Fill every rank's shards (and the tensors outside the state dict) of the sharded `base`
+    with rank 0's values (`whole`: rank 0's state dict taken before sharding; empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not is_main():
+        # room for this rank's shards (and the buffers) on its device, filled below; a model
+        # already holding weights is overwritten with rank 0's all the same
+        base.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    _collective("sending rank 0's weights", set_model_state_dict, base, whole, options=options)
+    # Non-persistent buffers and plain tensor attributes are computed in the model's
+    # constructor (on the meta device here, so never computed): rank 0 sends its own. Its list
+    # names them, so every rank makes the same broadcasts in the same order.
+    mine = _plain_tensors(base)
+    listing = [
+        (path, name, tuple(t.shape), str(t.dtype), t.device.type == device.type) for _, path, name, t in mine
+    ]
+    listing = broadcast_object(listing)
+    found = {(path, name): (module, tensor) for module, path, name, tensor in mine}
+    for path, name, shape, dtype_name, on_device in listing:
+        module, tensor = found.get((path, name), (None, None))
+        if module is None or tuple(tensor.shape) != shape or str(tensor.dtype) != dtype_name:
+            raise DistributedError(
+                f"rank {rank()}: the model differs from rank 0's: {path or '(root)'}.{name} "
+                f"{'missing' if module is None else f'{tuple(tensor.shape)} {tensor.dtype}'} here, "
+                f"{shape} {dtype_name} on rank 0."
+            )
+        sent = tensor.to(device) if is_main() else torch.empty(shape, dtype=tensor.dtype, device=device)
+        _collective("sending rank 0's buffers", dist.broadcast, sent, src=0)
+        if not is_main():
+            value = sent if on_device else sent.cpu()
+            if name in module._buffers:
+                module._buffers[name] = value
+            else:
+                setattr(module, name, value)
+    # nothing of the model may stay on the meta device, on any rank (decided together: a rank
+    # that stopped alone would leave the others waiting in the first forward)
+    left = [n for n, p in base.named_parameters() if getattr(p, "_local_tensor", p).is_meta]
+    left += [n for n, b in base.named_buffers() if b.is_meta]
+    left += [f"{path}.{name}" for _, path, name, t in _plain_tensors(base) if t.is_meta]
+    flag = all_reduce_sum(torch.tensor([float(bool(left))], device=device))
+    if flag.item():
+        raise DistributedError(
+            f"rank {rank()}: after loading rank 0's weights, "
+            + (
+                f"{', '.join(left[:5])} are still on the meta device."
+                if left
+                else "another rank has tensors on the meta device."
+            )
+        )
+    logger.debug("rank %d: rank 0's weights loaded into the shards", rank())
 
 
 def _fsdp_unit(module: torch.nn.Module) -> bool:

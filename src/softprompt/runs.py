@@ -322,13 +322,17 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     if config.max_train_examples is not None:
         spec.train = spec.train[: config.max_train_examples]
     notify("phase", {"message": f"loading model {config.model or 'SmolLM2-135M-Instruct (packaged)'}"})
-    from .base_models import load_model
+    from .base_models import load_model, load_model_on_rank0
 
     device = distributed.resolve_device(config.device)
     dtype = distributed.resolve_dtype(config.dtype, device)
     fsdp = config.fsdp and distributed.active()
-    # FSDP: every process reads the model into host memory, then keeps 1/N of it on the device
-    base, tokenizer = load_model(config.model, dtype=dtype, device=torch.device("cpu") if fsdp else device)
+    if fsdp:
+        # FSDP: rank 0 reads the model into host memory; the others build it on the meta device
+        # (no weights read, no memory taken) and get rank 0's weights when it is sharded
+        base, tokenizer = load_model_on_rank0(config.model, dtype=dtype)
+    else:
+        base, tokenizer = load_model(config.model, dtype=dtype, device=device)
     if config.gradient_checkpointing:
         # transformers 5.x renamed it (the old name warns and goes in v6)
         (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
@@ -338,16 +342,21 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     train_obj, dev_obj, test_obj = objectives
     if train_obj is None:
         raise _error(f"no training examples in {config.data}.")
+    if fsdp:
+        # Sharded before the prompt is added: only rank 0 held the weights until now. The
+        # prompt's initialisation then gathers the embedding table (softprompt.init), which
+        # gives bit-identical rows. The base is frozen first: FSDP gives the weights it
+        # gathers the requires_grad they have when it first gathers them.
+        notify("phase", {"message": f"sharding the model over {distributed.world_size()} processes (FSDP)"})
+        for p in base.parameters():
+            p.requires_grad_(False)
+        distributed.shard_model(base, device, weights_from_rank0=True)
     torch.manual_seed(config.seed)  # the prompt's initialisation depends on the seed only
     model = SoftPromptModel(base, prompt_config(config, train_obj), tokenizer=tokenizer)
     if fsdp:
-        # The prompt was initialised from the whole embedding table above; the prompt and trained
-        # heads stay whole on every process (their gradients are all-reduced by hand).
-        notify("phase", {"message": f"sharding the model over {distributed.world_size()} processes (FSDP)"})
-        trained = model.trainable_parameters()
-        distributed.shard_model(model.base_model, device, replicated_params=trained)
+        # the prompt stays whole on every process (its gradient is all-reduced by hand)
         with torch.no_grad():
-            for p in trained:
+            for p in model.trainable_parameters():
                 p.data = p.data.to(device)
     info = {
         "config": config.to_dict(),
