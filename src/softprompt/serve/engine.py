@@ -398,8 +398,7 @@ class Engine:
                 for job in self.scheduler.jobs():
                     job.execute()
                 if not self._stop.is_set():
-                    if not self._batch:
-                        self.scheduler.gather_burst()
+                    self.scheduler.gather_burst(busy=bool(self._batch))
                     joining = self.scheduler.admit(len(self._batch))
                     if joining:
                         (self._join_packed if self.packed else self._join_all)(joining)

@@ -25,9 +25,10 @@ class Scheduler:
         max_queue: Requests and jobs waiting at most; more are refused.
         max_joins_per_step: New requests prefilled between two decode steps at most, so a
             burst of arrivals does not stall the running batch for long.
-        burst_quiet_s, burst_limit_s: An idle engine that gets a request waits for the rest
-            of its burst (`gather_burst`): until no request came for `burst_quiet_s`, at
-            most `burst_limit_s` in all.
+        burst_quiet_s, burst_limit_s, busy_burst_limit_s: Before a step the engine lets a
+            burst that is still arriving come in (`gather_burst`): it waits until no request
+            came for `burst_quiet_s`, at most `burst_limit_s` when idle and
+            `busy_burst_limit_s` when rows are decoding (they wait too).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class Scheduler:
         max_joins_per_step: int = 64,
         burst_quiet_s: float = 0.002,
         burst_limit_s: float = 0.02,
+        busy_burst_limit_s: float = 0.005,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_joins_per_step < 1:
             raise ValueError("max_batch_size, max_queue and max_joins_per_step must be at least 1.")
@@ -45,6 +47,8 @@ class Scheduler:
         self.max_joins_per_step = max_joins_per_step
         self.burst_quiet_s = burst_quiet_s
         self.burst_limit_s = burst_limit_s
+        self.busy_burst_limit_s = busy_burst_limit_s
+        self._last_arrival = float("-inf")
         self._waiting: deque[GenerationRequest] = deque()
         self._jobs: deque[Job] = deque()
         self._lock = threading.Lock()
@@ -75,6 +79,7 @@ class Scheduler:
                     retry_after=self.retry_after(),
                 )
             self._waiting.append(request)
+            self._last_arrival = time.monotonic()
             self._wake.notify_all()
 
     def submit_job(self, job: Job) -> None:
@@ -133,26 +138,24 @@ class Scheduler:
                 out.append(head)
         return out
 
-    def gather_burst(self) -> None:
-        """Called by an idle engine with requests waiting: let the rest of their burst arrive.
+    def gather_burst(self, busy: bool = False) -> None:
+        """Let a burst of requests that is still arriving come in before the next step.
 
-        Clients that send together (a page of prompts, the clients of a batch that just
-        ended) reach the queue a millisecond or two apart. Starting a step on the first
-        alone makes the others wait a whole step, then prefill in a step of their own;
-        waiting until the queue has been quiet for `burst_quiet_s` (at most `burst_limit_s`)
-        prefills them all in one. A lone request pays `burst_quiet_s`.
+        Clients that send together (a page of prompts, the clients of requests that just
+        ended) reach the queue a millisecond or two apart. A step that starts on the first
+        of them makes the others wait a whole step, then prefill in a step of their own. So
+        while the newest waiting request came less than `burst_quiet_s` ago, this waits
+        (`burst_limit_s` at most, `busy_burst_limit_s` when `busy`: the decoding rows wait
+        too); with no fresh arrival it returns at once. A lone request pays `burst_quiet_s`.
         """
-        deadline = time.monotonic() + self.burst_limit_s
+        deadline = time.monotonic() + (self.busy_burst_limit_s if busy else self.burst_limit_s)
         with self._lock:
-            seen = len(self._waiting)
-            while seen and not self._closed:
-                quiet = min(self.burst_quiet_s, deadline - time.monotonic())
-                if quiet <= 0:
+            while self._waiting and not self._closed:
+                now = time.monotonic()
+                wait = min(self._last_arrival + self.burst_quiet_s, deadline) - now
+                if wait <= 0:
                     return
-                self._wake.wait(quiet)
-                if len(self._waiting) == seen:  # nothing came while it waited: the burst is in
-                    return
-                seen = len(self._waiting)
+                self._wake.wait(wait)
 
     def wait_for_work(self, timeout: float) -> None:
         """Block the idle model thread until something is queued (or `timeout` passes)."""
