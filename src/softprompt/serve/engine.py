@@ -398,7 +398,8 @@ class Engine:
                 for job in self.scheduler.jobs():
                     job.execute()
                 if not self._stop.is_set():
-                    self.scheduler.gather_burst(busy=bool(self._batch))
+                    if not self._batch:
+                        self.scheduler.gather_burst()
                     joining = self.scheduler.admit(len(self._batch))
                     if joining:
                         (self._join_packed if self.packed else self._join_all)(joining)
