@@ -272,6 +272,9 @@ def test_several_prompts_computed_in_one_pass_equal_each_alone(arch):
         assert seen == [5], "a (5 tokens) and c (3), one pass"
         assert store.misses == 3 and len(store) == 3
         hits = store.hits
+        for name in ("a", "c"):  # the requests whose misses were computed ahead: not hits too
+            store.get(together, name, dtype, False)
+        assert store.hits == hits
         for name in ("a", "b", "c"):
             got = store.get(together, name, dtype, False).kv
             want = alone.prompt_kv.get(alone, name, dtype, False).kv

@@ -104,6 +104,7 @@ class PromptKV:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self._computed_ahead: set[str] = set()  # computed by `compute_missing`, not yet asked for
 
     def __contains__(self, adapter: object) -> bool:
         return adapter in self._store
@@ -119,6 +120,7 @@ class PromptKV:
     def evict(self, adapter: str) -> bool:
         """Forget one adapter's remembered state; whether there was one."""
         entry = self._store.pop(adapter, None)
+        self._computed_ahead.discard(adapter)
         if entry is not None:
             self._nbytes -= entry[1]
         return entry is not None
@@ -127,6 +129,7 @@ class PromptKV:
         """Forget remembered prompt KV (all adapters, or one)."""
         if adapter is None:
             self._store.clear()
+            self._computed_ahead.clear()
             self._nbytes = 0
         else:
             self.evict(adapter)
@@ -177,7 +180,10 @@ class PromptKV:
         cached = self._fresh(model, adapter, dtype, with_logits)
         if cached is not None:
             self._store.move_to_end(adapter)
-            self.hits += 1
+            if adapter in self._computed_ahead:  # its miss was counted by `compute_missing`
+                self._computed_ahead.discard(adapter)
+            else:
+                self.hits += 1
             return cached
         prompt = model.prompts[adapter].embedding
         state = self._compute(model, [adapter], dtype, with_logits)[0]
@@ -210,6 +216,7 @@ class PromptKV:
             return 0  # `get` computes a lone one as it always has
         for adapter, state in zip(missing, self._compute(model, missing, dtype, False)):
             self._keep(model, adapter, dtype, state)
+            self._computed_ahead.add(adapter)
         return len(missing)
 
     @staticmethod
