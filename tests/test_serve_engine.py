@@ -113,6 +113,22 @@ def _assert_each_equals_generate(model, engine, reqs) -> None:
             assert _matches(c.tokens, expected, engine.stop_token_ids), (r.adapter, c.tokens, expected)
 
 
+def _serve_all(engine, reqs, gap_s: float | None = None) -> None:
+    """Queue `reqs` (all before the engine starts, or `gap_s` apart once it runs), let the
+    engine serve them all, stop it."""
+    if gap_s is None:
+        for r in reqs:
+            engine.scheduler.submit(r)
+    engine.start()
+    try:
+        if gap_s is not None:
+            _submit_spaced(engine.scheduler, reqs, gap_s).join(10)
+        for r in reqs:
+            assert r.done.wait(60)
+    finally:
+        engine.stop(5)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @MODES
 def test_greedy_equals_generate_with_adapters_joining_mid_decode(arch, packed):
@@ -312,13 +328,7 @@ def test_a_burst_reaching_an_idle_engine_is_prefilled_in_one_step(packed, monkey
         engine, "_step_packed" if packed else "_step", lambda: (sizes.append(len(engine._batch)), step())
     )
     reqs = _mixed_requests(engine, tok)[:6]
-    engine.start()
-    try:
-        _submit_spaced(engine.scheduler, reqs, 0.02).join(10)
-        for r in reqs:
-            assert r.done.wait(60)
-    finally:
-        engine.stop()
+    _serve_all(engine, reqs, gap_s=0.02)
     assert sizes[0] == sum(r.n for r in reqs)  # without the wait: 1 (the first alone)
     _assert_each_equals_generate(model, engine, reqs)
 
@@ -337,14 +347,7 @@ def test_requests_joining_together_compute_their_missing_prompts_in_one_pass(pac
 
     monkeypatch.setattr(PromptKV, "_compute", staticmethod(counted))
     reqs = [_request(engine, tok, TEXTS[i], name, 4) for i, name in enumerate(["a", "b", None, "c", "a"])]
-    for r in reqs:
-        engine.scheduler.submit(r)
-    engine.start()
-    try:
-        for r in reqs:
-            assert r.done.wait(60)
-    finally:
-        engine.stop()
+    _serve_all(engine, reqs)
     assert passes == [["a", "b", "c"]]  # not one pass per adapter
     _assert_each_equals_generate(model, engine, reqs)
 
@@ -414,16 +417,9 @@ def test_batched_prefill_of_mixed_adapters_and_lengths_equals_generate(arch):
     prefill = engine._prefill_together
     engine._prefill_together = lambda shared: together.append(len(shared)) or prefill(shared)
     reqs = _mixed_requests(engine, tok)
-    for r in reqs:
-        engine.scheduler.submit(r)
-    engine.start()
-    try:
-        for r in reqs:
-            assert r.done.wait(60)
-        assert together and together[0] == len(reqs)
-        _assert_each_equals_generate(model, engine, reqs)
-    finally:
-        engine.stop(5)
+    _serve_all(engine, reqs)
+    assert together and together[0] == len(reqs)
+    _assert_each_equals_generate(model, engine, reqs)
 
 
 @MODES
@@ -497,17 +493,10 @@ def test_packed_prefill_in_chunks_next_to_decoding_rows_equals_generate(arch):
     step = engine._step_packed
     engine._step_packed = lambda: steps.append([r.pending is None for r in engine._batch.rows]) or step()
     reqs = _mixed_requests(engine, tok)
-    for r in reqs:
-        engine.scheduler.submit(r)
-    engine.start()
-    try:
-        for r in reqs:
-            assert r.done.wait(60)
-        assert any(any(s) and not all(s) for s in steps)  # prefilling and decoding rows in one step
-        _assert_each_equals_generate(model, engine, reqs)
-        assert not engine._batch.rows and len(engine._batch) == 0
-    finally:
-        engine.stop(5)
+    _serve_all(engine, reqs)
+    assert any(any(s) and not all(s) for s in steps)  # prefilling and decoding rows in one step
+    _assert_each_equals_generate(model, engine, reqs)
+    assert not engine._batch.rows and len(engine._batch) == 0
 
 
 def test_packed_serving_and_the_packed_training_pass_coexist_in_one_process():
