@@ -17,8 +17,9 @@ a failed collective is raised as `DistributedError`, which names the rank and th
 operation, so the launcher sees a non-zero exit code.
 
 With `--fsdp` the frozen model is sharded over the ranks by PyTorch's own FSDP
-(`shard_model`); then every forward pass is a collective, and `replicated()` makes every
-rank do all of a piece of work (evaluation) instead of its share.
+(`shard_model`), with `--zero3` by DeepSpeed ZeRO-3 (`softprompt.zero3`, which joins this
+module's process group); then every forward pass is a collective, and `replicated()` makes
+every rank do all of a piece of work (evaluation) instead of its share.
 """
 
 from __future__ import annotations
@@ -444,11 +445,20 @@ def gathered_input_embeddings(base: torch.nn.Module) -> Iterator[None]:
     (a collective: every rank enters it); a no-op otherwise.
 
     Saving an adapter reads a few fixed rows of the table to fingerprint the base model; with
-    FSDP those rows may live on another rank.
+    FSDP those rows may live on another rank, and with DeepSpeed ZeRO-3 (`softprompt.zero3`)
+    outside a forward pass the table is an empty placeholder on every rank.
     """
     embed = base.get_input_embeddings()
     if not _fsdp_unit(embed):
-        yield
+        from .zero3 import gathered, partitioned
+
+        weights = [p for p in embed.parameters() if partitioned(p)]
+        if not weights or not active():
+            yield
+            return
+        with contextlib.ExitStack() as stack:  # (the gather is the collective; partitioning again is not)
+            _collective("gathering the input embeddings", stack.enter_context, gathered(weights))
+            yield
         return
     _collective("gathering the input embeddings", embed.unshard)
     try:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import distributed
+from . import distributed, zero3
 from ._io import atomic_write_text
 from .bf16 import resolve_bf16
 from .config import PromptPosition, PromptTuningConfig, PromptTuningInit
@@ -50,6 +50,8 @@ class Run:
     dev: Objective | None
     test: Objective | None
     info: dict[str, Any] = field(default_factory=dict)
+    #: ZeRO-3's partitioned base and what keeps it working (`softprompt.zero3.Sharded`), or None
+    zero3: Any = None
 
 
 @dataclass
@@ -326,8 +328,18 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
 
     device = distributed.resolve_device(config.device)
     dtype = distributed.resolve_dtype(config.dtype, device)
+    zero3_plan = _zero3_plan(config) if distributed.active() else None
     fsdp = config.fsdp and distributed.active()
-    if fsdp:
+    sharded = None
+    if zero3_plan is not None:
+        # ZeRO-3: every rank loads its 1/N of the weights (transformers under zero.Init)
+        try:
+            world = distributed.world_size()
+            sharded = zero3.load_partitioned(config.model, zero3_plan, dtype, device, world)
+        except zero3.Zero3Error as err:
+            raise _error(str(err)) from err
+        base, tokenizer = sharded.base, sharded.tokenizer
+    elif fsdp:
         # FSDP: rank 0 reads the model into host memory; the others build it on the meta device
         # (no weights read, no memory taken) and get rank 0's weights when it is sharded
         base, tokenizer = load_model_on_rank0(config.model, dtype=dtype)
@@ -351,6 +363,12 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
         for p in base.parameters():
             p.requires_grad_(False)
         distributed.shard_model(base, device, weights_from_rank0=True)
+    if sharded is not None:
+        # DeepSpeed's hooks gather each module's weights for its forward and backward passes; the
+        # prompt, added after, is an ordinary parameter (whole on every rank). Its initialisation
+        # gathers the embedding table (softprompt.init): the rows are those of the whole model.
+        notify("phase", {"message": f"sharding the model over {world} processes (DeepSpeed ZeRO-3)"})
+        zero3.attach(sharded)
     torch.manual_seed(config.seed)  # the prompt's initialisation depends on the seed only
     model = SoftPromptModel(base, prompt_config(config, train_obj), tokenizer=tokenizer)
     if fsdp:
@@ -367,6 +385,7 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
             "dtype": str(dtype).removeprefix("torch."),
             "world_size": distributed.world_size(),
             "fsdp": fsdp,
+            "zero3": sharded is not None,
             "task": spec.task,
             "template": spec.template,
             "label_words": spec.label_words,
@@ -384,4 +403,13 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     }
     if distributed.is_main() and not (config.resume and (out / "run_config.json").exists()):
         atomic_write_text(out / "run_config.json", json.dumps(info, indent=2, default=str) + "\n")
-    return Run(model, tokenizer, train_obj, dev_obj, test_obj, info)
+    return Run(model, tokenizer, train_obj, dev_obj, test_obj, info, sharded)
+
+
+def _zero3_plan(config: TrainConfig) -> zero3.Plan | None:
+    """ZeRO-3 for this (distributed) run: `--zero3`, or accelerate launch --use_deepspeed with
+    stage 3 (see `softprompt.zero3.plan`)."""
+    try:
+        return zero3.plan(config.zero3, config.fsdp)
+    except zero3.Zero3Error as err:
+        raise _error(str(err)) from err

@@ -192,9 +192,18 @@ class OptimConfig:
         "FSDP (each keeps 1/N of every weight), for a model that does not fit one device; the prompt "
         "stays whole on every process. Same results as without it (no effect in one process).",
     )
+    zero3: bool = option(
+        False,
+        "Under torchrun / accelerate launch: shard the frozen model over the processes with DeepSpeed "
+        "ZeRO stage 3 instead of FSDP (pip install 'softprompt[deepspeed]'); the prompt stays whole on "
+        "every process. On by itself under accelerate launch --use_deepspeed --zero_stage 3. Same "
+        "results as without it (no effect in one process).",
+    )
 
     def _validate_optim(self) -> None:
         _at_least_one(self, ("batch_size", "grad_accum"))
+        if self.fsdp and self.zero3:
+            raise ValueError("fsdp and zero3 are two ways to shard the frozen model; choose one.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (or None); got {self.max_steps}.")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -23,10 +23,11 @@ data, order and update; float sums in another order: allclose, not bit-identical
 test examples are shared out and their predictions gathered: the metrics are the
 1-process numbers. Only rank 0 writes files and reports progress. See `distributed`.
 
-With `fsdp=True` the frozen model is sharded over the processes (`distributed.shard_model`);
-every forward pass then gathers weights, so every rank makes the same passes (a stand-in
-pass at the end of an epoch, evaluation not shared out) and training passes take the
-uncached prompt path (see `Trainer._prompt_cache`).
+With `fsdp=True` the frozen model is sharded over the processes (`distributed.shard_model`),
+with `zero3=True` (or under `accelerate launch --use_deepspeed --zero_stage 3`) by DeepSpeed
+ZeRO-3 (`softprompt.zero3`); either way every forward pass then gathers weights, so every rank
+makes the same passes (a stand-in pass at the end of an epoch, evaluation not shared out) and
+training passes take the uncached prompt path (see `Trainer._prompt_cache`).
 """
 
 from __future__ import annotations
@@ -245,7 +246,9 @@ class Trainer:
             self.notify = lambda event, info: None
         self.run: Run = prepare_run(config, self.notify)
         self.model, self.objective, self.dev = self.run.model, self.run.train, self.run.dev
-        self.fsdp = bool(self.run.info["resolved"].get("fsdp"))
+        resolved = self.run.info["resolved"]
+        #: the frozen model is sharded (FSDP or ZeRO-3): every forward pass is a collective
+        self.sharded = bool(resolved.get("fsdp") or resolved.get("zero3"))
         self.params = self.model.trainable_parameters()
         distributed.broadcast_parameters(self.params)  # every rank starts from rank 0's prompt
         per_step = config.batch_size * config.grad_accum * self.world
@@ -261,8 +264,10 @@ class Trainer:
         resumed = load_latest(out / "checkpoints") if config.resume and self.main else None
         if self.world > 1 and config.resume:  # rank 0 read the checkpoint: the others get it from there
             resumed = distributed.broadcast_object(resumed)
-            if resumed is not None and self.main:
-                load_weights_into(self.model, self.adapter, resumed[0])
+            # (a sharded table is gathered on every rank: the adapter's base-model check reads it)
+            with distributed.gathered_input_embeddings(self.model.base_model):
+                if resumed is not None and self.main:
+                    load_weights_into(self.model, self.adapter, resumed[0])
             distributed.broadcast_parameters(self.params)
         elif resumed is not None:
             load_weights_into(self.model, self.adapter, resumed[0])
@@ -311,7 +316,7 @@ class Trainer:
         step_loss, bad = 0.0, None
         mine = distributed.shard(group)  # this rank's micro-batches (all of them in one process)
         turns = len(mine)
-        if self.fsdp:
+        if self.sharded:
             # Every forward and backward gathers sharded weights, a collective: every rank makes
             # the same number of passes. A rank with fewer micro-batches (the end of an epoch)
             # repeats one whose loss counts zero, and a non-finite loss does not stop the others.
@@ -330,7 +335,7 @@ class Trainer:
                     if self.world == 1:
                         raise TrainingDiverged(_diverged(loss, state.position, state.scheduler, self.out))
                     bad = loss.detach()  # every rank must learn of it in the all-reduce below
-                    if not self.fsdp:
+                    if not self.sharded:
                         break
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if real:
@@ -362,14 +367,15 @@ class Trainer:
         computed inside each transformer block and reaches the loss through the cache, not
         through the block's output, so FSDP's backward hooks (registered on block outputs)
         would not gather the block's weights again for that part of the backward pass.
-        Evaluation runs without gradients and keeps the cached path."""
-        if not self.fsdp:
+        ZeRO-3 gathers on the same kind of hooks and takes the same path (the one its tests
+        check). Evaluation runs without gradients and keeps the cached path."""
+        if not self.sharded:
             return contextlib.nullcontext()
         return _attribute(self.model, "prefix_cache", False)
 
     def _evaluation(self) -> contextlib.AbstractContextManager[None]:
-        """Under FSDP every rank scores every example (see `distributed.replicated`)."""
-        return distributed.replicated() if self.fsdp else contextlib.nullcontext()
+        """Under FSDP or ZeRO-3 every rank scores every example (see `distributed.replicated`)."""
+        return distributed.replicated() if self.sharded else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ evaluate / save
     def evaluate(self) -> bool:
@@ -424,8 +430,9 @@ class Trainer:
                               "train_examples": len(self.objective)})  # fmt: skip
         self.model.train()
         window = _Window()
-        # (FSDP manages the sharded weights itself: autocast casts them per call, the same rounding)
-        copies = self.bf16 and not self.fsdp
+        # (FSDP and ZeRO-3 manage the sharded weights themselves: autocast casts them per call, the
+        # same rounding)
+        copies = self.bf16 and not self.sharded
         with _StopOnSignal() as stop, bf16_weight_copies(self.model.base_model, copies):
             self._stop = stop
             while position.step < self.total_steps:
@@ -508,8 +515,9 @@ class Trainer:
         if data is None:
             return {}
         best = self.out / "best"
-        if self.main and (best / "adapter_config.json").exists():
-            load_weights_into(self.model, self.adapter, best)
+        with distributed.gathered_input_embeddings(self.model.base_model):  # see `setup`
+            if self.main and (best / "adapter_config.json").exists():
+                load_weights_into(self.model, self.adapter, best)
         distributed.broadcast_parameters(self.params)  # rank 0 read best/: no shared disk needed
         results: dict[str, Any] = {"final_split": split}
         names = [("tuned", self.adapter)] + ([("zero_shot", None)] if self.config.zero_shot else [])
