@@ -494,8 +494,9 @@ def fit_to_model(
     model has it or not, and matches them by name; a name this model lacks is dropped.
     """
     from .heads import find_module
+    from .introspect import hidden_size
 
-    hidden = int(base.get_input_embeddings().weight.shape[1])
+    hidden = hidden_size(base)
     prompt = tensors[PROMPT_KEY]
     if prompt.shape[1] != hidden:
         raise AdapterFileError(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import PromptTuningConfig, PromptTuningInit
+from .zero3 import full_shape, gathered, partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,12 @@ def _embed_ids(embed: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         if _sharded(getattr(embed, "weight", None)):
             return _embed_ids_sharded(embed, ids.to(device))
+        if any(partitioned(p) for p in embed.parameters()):
+            # DeepSpeed ZeRO-3: the table is gathered whole on every process for the lookup (a
+            # collective) and read by the module's own forward (not __call__: DeepSpeed's hooks
+            # would release the table after it); bit-identical to the unpartitioned lookup
+            with gathered(embed.parameters()):
+                return embed.forward(ids.to(device)).detach().to("cpu", torch.float32)
         return embed(ids.to(device)).detach().to("cpu", torch.float32)
 
 
@@ -80,7 +87,7 @@ def _vocab_rows(embed: nn.Module) -> int:
     weight = getattr(embed, "weight", None)
     if weight is None:
         raise TypeError(f"the input embedding module {type(embed).__name__} has no weight matrix")
-    return int(weight.shape[0])
+    return int(full_shape(weight)[0])  # (a ZeRO-3 partitioned table's own shape is (0,))
 
 
 def special_token_ids(tokenizer: Any | None, model_config: Any | None = None) -> set[int]:

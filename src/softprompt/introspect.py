@@ -78,8 +78,10 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 
 def hidden_size(model: nn.Module) -> int:
     """The width of the input embeddings (the prompt's hidden size)."""
+    from .zero3 import full_shape  # (a ZeRO-3 partitioned weight's own shape is (0,))
+
     emb = model.get_input_embeddings()
-    return int(emb.weight.shape[1])
+    return int(full_shape(emb.weight)[1])
 
 
 def describe_model(model: nn.Module) -> dict[str, int | None]:

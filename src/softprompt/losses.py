@@ -181,6 +181,8 @@ def linear_output_layer(base: nn.Module) -> nn.Linear | None:
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.weight.requires_grad:
         return None
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: outside its forward the weight is a placeholder
+        return None
     if head.bias is not None and head.bias.requires_grad:
         return None
     body = backbone(base)

@@ -395,7 +395,7 @@ class SoftPromptModel(nn.Module):
         """
         names = self.resolve_adapters(adapter_names, batch_size)
         unique = list(dict.fromkeys(names))
-        hidden = self.base_model.get_input_embeddings().weight.shape[1]
+        hidden = introspect.hidden_size(self.base_model)
         if len(unique) == 1:
             if unique[0] is None:
                 prompts = torch.zeros(batch_size, 0, hidden, dtype=dtype, device=device)
