@@ -534,8 +534,9 @@ def test_adapter_folder_added_later_is_served_just_in_time(world, client):
 
 # ---------------------------------------------------------------------- a small, locked server
 def test_api_key_queue_limit_and_shutdown_with_requests_in_flight(tmp_path):
-    """Also: padded batches (--padded-batches), and a broken adapter folder under --adapters
-    is skipped with a message while the others are served."""
+    """Also: padded batches (--padded-batches), bfloat16 weights (--dtype; greedy tokens equal
+    the library's on the bfloat16 model), and a broken adapter folder under --adapters is
+    skipped with a message while the others are served."""
     model_dir, adapters_dir = build_served_folder(tmp_path)
     (adapters_dir / "broken").mkdir()
     (adapters_dir / "broken" / "adapter_config.json").write_text("{not json", encoding="utf-8")
@@ -546,6 +547,10 @@ def test_api_key_queue_limit_and_shutdown_with_requests_in_flight(tmp_path):
             "--adapters",
             str(adapters_dir),
             "--padded-batches",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
             "--api-key",
             "s3cret",
             "--max-batch-size",
@@ -570,6 +575,19 @@ def test_api_key_queue_limit_and_shutdown_with_requests_in_flight(tmp_path):
         assert client.completions.create(model="sst", prompt="good", max_tokens=2).choices
         assert {m.id for m in client.models.list().data} >= {"sst", "qa", "third"}
         assert "not serving broken" in server.output() and "padded batches" in server.output()
+        assert "on cpu in bfloat16" in server.output()
+        model, tok = load_library(model_dir, adapters_dir, dtype=torch.bfloat16)
+        ids = tok("good movie", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                adapter_names=["qa"], max_new_tokens=6, do_sample=False,
+            )  # fmt: skip
+        served = client.completions.create(model="qa", prompt="good movie", max_tokens=6, temperature=0)
+        eos = model.base_model.generation_config.eos_token_id
+        new = out[0, len(ids) :].tolist()
+        new = new[: next((i for i, t in enumerate(new) if t == eos), len(new))]
+        assert served.choices[0].text == tok.decode(new, skip_special_tokens=True)
 
         async def burst():
             headers = {"Authorization": "Bearer s3cret"}
@@ -602,3 +620,15 @@ def test_api_key_queue_limit_and_shutdown_with_requests_in_flight(tmp_path):
         assert "Finished server process" in server.output()
     finally:
         server.stop()
+
+
+def test_a_bad_device_or_dtype_stops_serve_at_once():
+    import subprocess
+    import sys
+
+    for flag, value in (("--dtype", "float8"), ("--device", "tpu")):
+        done = subprocess.run(
+            [sys.executable, "-m", "softprompt", "serve", flag, value, "--port", "1"],
+            check=False, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode != 0 and repr(value) in done.stderr, done.stderr[-500:]

@@ -50,12 +50,12 @@ def build_served_folder(root: Path, arch: str = "llama") -> tuple[Path, Path]:
     return model_dir, adapters_dir
 
 
-def load_library(model_dir: Path, adapters_dir: Path, names=tuple(ADAPTERS)):
+def load_library(model_dir: Path, adapters_dir: Path, names=tuple(ADAPTERS), dtype=None):
     """The same model and adapters loaded through the library, for reference results."""
     from softprompt import SoftPromptModel
     from softprompt.base_models import load_model
 
-    base, tok = load_model(str(model_dir))
+    base, tok = load_model(str(model_dir), dtype=dtype)
     first, *rest = names
     model = SoftPromptModel.from_pretrained(base, adapters_dir / first, adapter_name=first)
     for n in rest:

@@ -122,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible server: one model, many soft prompts.")
     p.add_argument("--model", default=None, help="Model id or local folder (default: SmolLM2-135M-Instruct).")
     p.add_argument("--served-model-name", default=None, help="The base model's name in requests.")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the first GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps.",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="Weights' dtype: auto (bfloat16 on a GPU that has it, float16 on one that does not, float32 on "
+        "the CPU), float32, bfloat16 or float16.",
+    )
     p.add_argument("--adapters", action="append", help="Serve every adapter folder under DIR by folder name.")
     p.add_argument("--adapter", action="append", help="name=folder (or folder); repeat for several.")
     p.add_argument("--adapter-root", action="append", help="A further folder /v1/load_adapter may load from.")

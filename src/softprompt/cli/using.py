@@ -105,6 +105,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     if args.prefill_tokens < 1:
         raise ValueError(f"--prefill-tokens must be at least 1; got {args.prefill_tokens}.")
+    from ..distributed import resolve_device, resolve_dtype
+
+    resolve_dtype(args.dtype, resolve_device(args.device))  # a bad value stops here, not in the worker
     config = ServeConfig(
         model=args.model,
         base_id=args.served_model_name,
@@ -121,6 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_seconds=args.drain_seconds,
         packed=False if args.padded_batches else None,
         prefill_tokens=args.prefill_tokens,
+        device=args.device,
+        dtype=args.dtype,
     )
     for folder in config.adapters_dirs:
         if not Path(folder).is_dir():

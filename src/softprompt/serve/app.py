@@ -85,6 +85,10 @@ class ServeConfig:
         packed: Packed steps (see `softprompt.serve.packed`); None: where the model
             passes the engine's start-up check; False: padded batches.
         prefill_tokens: Prompt tokens prefilled per step at most (packed steps).
+        device: Where the model runs: auto (the first GPU if there is one, else the CPU),
+            cpu, cuda, cuda:N or mps, as for `softprompt train`.
+        dtype: The weights' dtype: auto (bfloat16 on a GPU that has it, float16 on one that
+            does not, float32 on the CPU), float32, bfloat16 or float16.
     """
 
     model: str | None = None
@@ -102,6 +106,8 @@ class ServeConfig:
     drain_seconds: float = 30.0
     packed: bool | None = None
     prefill_tokens: int = 256
+    device: str = "auto"
+    dtype: str = "auto"
 
     def resolved_base_id(self) -> str:
         if self.base_id:
@@ -160,7 +166,13 @@ class _Server:
                 engine.load_adapter_now(name, path)
             engine.start()
             self.tokenizer, self.engine, self.state = tokenizer, engine, "ready"
-            logger.info("ready: %s with %d adapters", self.base_id, len(engine.adapters()))
+            logger.info(
+                "ready: %s with %d adapters, on %s in %s",
+                self.base_id,
+                len(engine.adapters()),
+                model.device,
+                str(engine.dtype).removeprefix("torch."),
+            )
         except Exception as err:
             logger.exception("loading failed")
             self.error = f"{type(err).__name__}: {err}"
@@ -178,10 +190,12 @@ def _default_loader(config: ServeConfig) -> Callable[[], tuple[Any, Any]]:
     def load() -> tuple[Any, Any]:
         from ..base_models import load_model
         from ..config import PromptTuningConfig
+        from ..distributed import resolve_device, resolve_dtype
         from ..model import SoftPromptModel
         from .engine import PLACEHOLDER
 
-        base, tokenizer = load_model(config.model)
+        device = resolve_device(config.device)
+        base, tokenizer = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device)
         model = SoftPromptModel(
             base,
             PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1),
