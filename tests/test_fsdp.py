@@ -33,10 +33,16 @@ def ws(tmp_path_factory):
     return review_workspace(tmp_path_factory.mktemp("fsdp"), SPLITS)
 
 
-def test_fsdp_over_two_processes_trains_the_prompt_of_one_process(ws):
+@pytest.fixture(scope="module")
+def reference(ws):
+    """One process, grad_accum 2: the global batch of the 2-process runs, float32."""
+    out = ws / "fsdp-reference"
+    _run(_one(ws, out, "--grad-accum", "2", *FLOAT32_15_BATCHES))
+    return out
+
+
+def test_fsdp_over_two_processes_trains_the_prompt_of_one_process(ws, reference):
     """float32 (--no-bf16): under bfloat16 autocast the two paths agree to bfloat16's precision only."""
-    reference = ws / "fsdp-reference"
-    _run(_one(ws, reference, "--grad-accum", "2", *FLOAT32_15_BATCHES))
     out = ws / "fsdp"
     result = _run(_torchrun(ws, out, "--fsdp", *FLOAT32_15_BATCHES))
     info = json.loads((out / "run_config.json").read_text())
@@ -56,6 +62,25 @@ def test_fsdp_over_two_processes_trains_the_prompt_of_one_process(ws):
     )
     losses = [r["loss"] for r in _records(out) if "loss" in r]
     assert losses == pytest.approx([r["loss"] for r in _records(reference) if "loss" in r], rel=1e-5)
+
+
+def test_accelerate_launch_use_fsdp_shards_with_no_softprompt_flag(ws, reference, tmp_path):
+    """`accelerate launch --use_fsdp --num_processes 2` (torchrun's launcher, on CPUs too) sets
+    ACCELERATE_USE_FSDP: the run is sharded as with --fsdp and ends with the 1-process prompt."""
+    pytest.importorskip("accelerate")
+    from tests.test_distributed import _accelerate
+
+    out = ws / "accelerate-fsdp"
+    command = _accelerate(ws, out, "--use_fsdp", "--num_processes", "2")
+    command += list(FLOAT32_15_BATCHES)
+    env = _env(HF_HOME=str(tmp_path / "hf"))  # no accelerate config of this machine's user in the way
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "run_config.json").read_text())
+    assert info["resolved"]["fsdp"] is True and info["resolved"]["world_size"] == 2
+    assert "sharding the model over 2 processes (FSDP)" in result.stderr
+    torch.testing.assert_close(_prompt(out / "last"), _prompt(reference / "last"), rtol=1e-4, atol=1e-5)
+    assert _evals(out) == _evals(reference)
 
 
 def test_fsdp_on_the_uncached_prompt_path_is_bit_identical_to_one_process(ws):

@@ -76,6 +76,13 @@ def launch_env() -> tuple[int, int, int]:
     return _env_int(_RANK_VARS, 0), _env_int(_WORLD_VARS, 1), _env_int(_LOCAL_RANK_VARS, 0)
 
 
+def accelerate_fsdp() -> bool:
+    """Whether `accelerate launch --use_fsdp` (or an accelerate config that uses FSDP) started
+    this process: it sets `ACCELERATE_USE_FSDP`. softprompt then shards with its own FSDP2
+    (`shard_model`), as `--fsdp` does; accelerate's other FSDP settings are not read."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+
+
 def launched() -> bool:
     """Whether a launcher started this process as one of several (a world size > 1)."""
     return launch_env()[1] > 1
@@ -523,7 +530,8 @@ def resolve_dtype(setting: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[value]
 
 
-__all__ = ["DistributedError", "active", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object",
-           "broadcast_parameters", "close", "gather_objects", "gathered_input_embeddings", "init", "is_main",
-           "launch_env", "launched", "local_rank", "rank", "reduce_gradients", "replicated", "resolve_device",
-           "resolve_dtype", "shard", "shard_model", "timeout_s", "world_size"]  # fmt: skip
+__all__ = ["DistributedError", "accelerate_fsdp", "active", "all_reduce_mean", "all_reduce_sum", "barrier",
+           "broadcast_object", "broadcast_parameters", "close", "gather_objects", "gathered_input_embeddings",
+           "init", "is_main", "launch_env", "launched", "local_rank", "rank", "reduce_gradients",
+           "replicated", "resolve_device", "resolve_dtype", "shard", "shard_model", "timeout_s",
+           "world_size"]  # fmt: skip

@@ -329,7 +329,7 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     device = distributed.resolve_device(config.device)
     dtype = distributed.resolve_dtype(config.dtype, device)
     zero3_plan = _zero3_plan(config) if distributed.active() else None
-    fsdp = config.fsdp and distributed.active()
+    fsdp = (config.fsdp or distributed.accelerate_fsdp()) and distributed.active()
     sharded = None
     if zero3_plan is not None:
         # ZeRO-3: every rank loads its 1/N of the weights (transformers under zero.Init)
@@ -410,6 +410,6 @@ def _zero3_plan(config: TrainConfig) -> zero3.Plan | None:
     """ZeRO-3 for this (distributed) run: `--zero3`, or accelerate launch --use_deepspeed with
     stage 3 (see `softprompt.zero3.plan`)."""
     try:
-        return zero3.plan(config.zero3, config.fsdp)
+        return zero3.plan(config.zero3, config.fsdp or distributed.accelerate_fsdp())
     except zero3.Zero3Error as err:
         raise _error(str(err)) from err
