@@ -482,7 +482,7 @@ def test_a_packed_step_that_raises_fails_the_requests_prefilled_in_it(monkeypatc
         engine.stop(5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "opt", "gpt_neox"])
 def test_packed_prefill_in_chunks_next_to_decoding_rows_equals_generate(arch):
     """A small prefill budget: prompts are prefilled a few tokens a step, in the same
     forward as the rows decoding; n > 1 copies the prefilled slot; all equal `generate`."""

@@ -43,38 +43,107 @@ def register() -> bool:
 class StepLayout:
     """Where each of a step's `T` packed tokens goes (all on the model's device).
 
-    slot, column: the token's row slot and key/value column (also its position).
-    query: the token's index among its row's queries this step (< q_max).
-    mask: `(rows, 1, q_max, width)` bool, what each row's queries see.
-    rows, q_max, width: active rows (slots 0..rows-1), queries per row at most, and
-    the columns attention reads.
+    Attention runs in two groups, so that a row decoding one token does not pay for the
+    longest prompt chunk of the step: the rows that feed one token (decoding rows, and a
+    prompt's last single token) as one query each over all rows' slots, and the rows that
+    feed several (prompt chunks) padded to the longest chunk, over their own slots only.
+
+    slot, column: each token's row slot and key/value column (also its position).
+    rows, width: active rows (slots 0..rows-1) and the columns attention reads.
+    mask: `(rows, 1, 1, width)` bool: the columns a row's one query sees (up to its length).
+    single_tokens, single_slots: the tokens of one-token rows and their slots (None when
+        every row feeds one token, in slot order: then token i is row i's).
+    multi_rows: the slots of the rows that feed several tokens (None: there are none);
+        multi_tokens, multi_rank, multi_query: their tokens, each one's row among them and
+        its index among its row's queries; multi_mask `(len(multi_rows), 1, q_max, width)`:
+        query j of such a row sees columns up to its length + j; q_max: the longest chunk.
     """
 
     slot: torch.Tensor
     column: torch.Tensor
-    query: torch.Tensor
-    mask: torch.Tensor
     rows: int
-    q_max: int
     width: int
+    mask: torch.Tensor
+    single_tokens: torch.Tensor | None
+    single_slots: torch.Tensor | None
+    multi_rows: torch.Tensor | None
+    multi_tokens: torch.Tensor | None
+    multi_rank: torch.Tensor | None
+    multi_query: torch.Tensor | None
+    multi_mask: torch.Tensor | None
+    q_max: int
+    multi_all: bool = False  # every row feeds several tokens: the multi rows are all the slots
+    _grouped: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, lengths: list[int], feeds: list[int], device: torch.device) -> StepLayout:
         """Rows `0..len(lengths)-1` with `lengths[i]` columns filled feed `feeds[i]` tokens each."""
-        slot, column, query = [], [], []
+        slot, column = [], []
+        single_tokens, single_slots, multi_rows, multi_tokens, multi_rank, multi_query = (
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
         for i, (n, q) in enumerate(zip(lengths, feeds)):
+            first = len(slot)
             slot += [i] * q
             column += range(n, n + q)
-            query += range(q)
-        q_max = max(feeds)
+            if q == 1:
+                single_tokens.append(first)
+                single_slots.append(i)
+            elif q > 1:
+                multi_tokens += range(first, first + q)
+                multi_rank += [len(multi_rows)] * q
+                multi_query += range(q)
+                multi_rows.append(i)
+        rows = len(lengths)
         width = max(n + q for n, q in zip(lengths, feeds))
         start = torch.tensor(lengths, device=device).view(-1, 1, 1, 1)
-        # a query j of row i sees columns 0..lengths[i]+j (padding queries see column 0 on)
-        j = torch.arange(q_max, device=device).view(1, 1, -1, 1)
         c = torch.arange(width, device=device).view(1, 1, 1, -1)
-        mask = c <= start + j
-        slot_t, column_t, query_t = (_long(v, device) for v in (slot, column, query))
-        return cls(slot_t, column_t, query_t, mask, len(lengths), q_max, width)
+        mask = c <= start
+        every_row_one = len(single_slots) == rows == len(slot)
+        single = (None, None) if every_row_one or not single_slots else (single_tokens, single_slots)
+        q_max, multi = 1, (None, None, None, None, None)
+        if multi_rows:
+            q_max = max(feeds)
+            index = _long(multi_rows, device)
+            j = torch.arange(q_max, device=device).view(1, 1, -1, 1)
+            multi_mask = c <= start.index_select(0, index) + j  # padding queries see column 0 on
+            multi = (
+                index,
+                _long(multi_tokens, device),
+                _long(multi_rank, device),
+                _long(multi_query, device),
+            )
+            multi = (*multi, multi_mask)
+        return cls(
+            _long(slot, device),
+            _long(column, device),
+            rows,
+            width,
+            mask,
+            *(None if v is None else _long(v, device) for v in single),
+            *multi,
+            q_max=q_max,
+            multi_all=len(multi_rows) == rows,
+        )
+
+    @property
+    def every_row_one(self) -> bool:
+        """Every row feeds one token (decoding only): token i is row i's."""
+        return self.multi_rows is None and self.single_tokens is None
+
+    def grouped_multi_mask(self, groups: int) -> torch.Tensor:
+        """`multi_mask` for `grouped_sdpa` with `groups` query heads per key/value head: each
+        query's row of the mask repeated for each head of its group (made once a step)."""
+        if groups == 1 or self.q_max == 1:
+            return self.multi_mask
+        if self._grouped is None or self._grouped[0] != groups:
+            self._grouped = (groups, self.multi_mask.repeat(1, 1, groups, 1))
+        return self._grouped[1]
 
 
 def _long(values: list[int], device: Any) -> torch.Tensor:
@@ -175,26 +244,47 @@ def attention(
     lay: StepLayout | None = kwargs.pop("softprompt_layout", None)
     if lay is None:  # not a packed forward: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError("packed serving does not support attention logit soft-capping (softcap).")
     heads, dim = query.shape[1], query.shape[3]
     tokens = query[0].transpose(0, 1)  # (T, heads, dim)
-    if lay.q_max == 1 and tokens.shape[0] == lay.rows:  # every row feeds one token: no layout needed
-        padded = tokens.unsqueeze(1)
-    else:
-        padded = tokens.new_zeros(lay.rows, lay.q_max, heads, dim)
-        padded[lay.slot, lay.query] = tokens
-    out, _ = sdpa_attention_forward(
-        module,
-        padded.transpose(1, 2),
-        key,
-        value,
-        lay.mask,
-        dropout=0.0,
-        scaling=scaling,
-        is_causal=False,
-    )  # (rows, q_max, heads, dim)
-    if lay.q_max == 1 and tokens.shape[0] == lay.rows:
-        return out.transpose(0, 1), None
-    return out[lay.slot, lay.query].unsqueeze(0), None
+    if lay.every_row_one:  # token i is row i's query
+        out = grouped_sdpa(tokens.unsqueeze(2), key, value, lay.mask, scaling)  # (rows, heads, 1, dim)
+        return out.transpose(1, 2).transpose(0, 1), None
+    out = tokens.new_empty(tokens.shape)
+    if lay.single_tokens is not None:  # one query per row over all slots; other rows' are unused
+        one = tokens.new_zeros(lay.rows, heads, dim)
+        one[lay.single_slots] = tokens[lay.single_tokens]
+        got = grouped_sdpa(one.unsqueeze(2), key, value, lay.mask, scaling)
+        out[lay.single_tokens] = got[lay.single_slots, :, 0]
+    if lay.multi_rows is not None:  # prompt chunks, padded to the longest, over their rows' slots
+        keys, values = key, value
+        if not lay.multi_all:
+            keys, values = key.index_select(0, lay.multi_rows), value.index_select(0, lay.multi_rows)
+        chunks = tokens.new_zeros(len(lay.multi_rows), lay.q_max, heads, dim)
+        chunks[lay.multi_rank, lay.multi_query] = tokens[lay.multi_tokens]
+        mask = lay.grouped_multi_mask(heads // key.shape[1])
+        got = grouped_sdpa(chunks.transpose(1, 2), keys, values, mask, scaling).transpose(1, 2)
+        out[lay.multi_tokens] = got[lay.multi_rank, lay.multi_query]
+    return out.unsqueeze(0), None
+
+
+def grouped_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """SDPA of queries `(rows, heads, q, dim)` over keys/values `(rows, kv_heads, width, dim)`
+    with a mask that broadcasts over the query heads (`StepLayout.mask`, or
+    `StepLayout.grouped_multi_mask`): the query heads that share a key/value head are
+    stacked along the query axis (`(rows, kv_heads, groups * q, dim)`), so no key or value is
+    repeated per query head. Each query row is computed as before (the same numbers as with
+    repeated keys); transformers' SDPA repeats them whenever there is a mask and more than one
+    query per row, several times the cost of the attention itself at serving sizes."""
+    rows, heads, q, dim = query.shape
+    kv_heads = key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(rows, kv_heads, (heads // kv_heads) * q, dim), key, value, attn_mask=mask, scale=scaling
+    )
+    return out.reshape(rows, heads, q, dim)
 
 
 @contextmanager
