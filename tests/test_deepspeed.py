@@ -139,19 +139,12 @@ def test_a_generation_task_decodes_the_same_under_zero3(ws):
 
 
 # ---------------------------------------------------------------------- a partitioned model
-INITS = {
-    "TEXT": {"prompt_tuning_init_text": "classify the sentiment of this review"},
-    "CLASS_LABELS": {"prompt_tuning_init_text": ["positive", "negative"]},
-    "SAMPLE_VOCAB": {},
-    "RANDOM": {},
-}
-
-
 def _worker(root: Path) -> None:
     """One rank of `test_a_partitioned_model_initialises_and_computes_as_the_whole_one`."""
-    from softprompt import PromptTuningConfig, SoftPromptModel, distributed
+    from softprompt import distributed
     from softprompt.adapter_files import base_fingerprint
     from softprompt.base_models import load_model
+    from tests.sharded_support import prompts_of_every_init, training_and_evaluation_passes
     from tests.tiny import VOCAB, make_tokenizer
 
     distributed.init("cpu")
@@ -172,40 +165,14 @@ def _worker(root: Path) -> None:
             p.numel() for p in whole.parameters()
         )
         report[f"{key} tied"] = base.get_output_embeddings().weight is weight
-        models = []
-        for model_base in (whole, base):
-            torch.manual_seed(11)
-            first = PromptTuningConfig(num_virtual_tokens=6, prompt_tuning_init="TEXT",
-                                       tokenizer_name_or_path="tiny", **INITS["TEXT"])  # fmt: skip
-            model = SoftPromptModel(model_base, first, tokenizer=tokenizer)
-            for name, extra in INITS.items():
-                torch.manual_seed(12)
-                config = PromptTuningConfig(
-                    num_virtual_tokens=6, prompt_tuning_init=name, tokenizer_name_or_path="tiny", **extra
-                )
-                model.add_adapter(name, config, tokenizer=tokenizer)
-            models.append(model)
-        for name in ("default", *INITS):
-            a, b = (m.prompts[name].embedding.detach() for m in models)
-            report[f"{key} init {name} bit-identical"] = bool(torch.equal(a, b))
-        # a training pass (uncached prompt, as the trainer takes it under ZeRO-3) and an evaluation
-        # pass (the cached prompt KV), each rank on its own batch
-        ids = torch.randint(4, VOCAB, (3, 7), generator=torch.Generator().manual_seed(rank))
-        mask = torch.ones_like(ids)
-        mask[0, :2] = 0
-        grads = []
-        for model in models:
-            model.prefix_cache = False
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-            loss.backward()
-            grads.append(model.prompts["default"].embedding.grad.clone())
-            model.prefix_cache = True
+        # initialised from the partitioned table; a training pass (the uncached prompt, as the
+        # trainer takes it under ZeRO-3) and an evaluation pass (the cached prompt KV)
+        models = prompts_of_every_init((whole, base), tokenizer, report, key)
+        grads, logits = training_and_evaluation_passes(models, rank, VOCAB)
         # (ZeRO-3 computes linear layers with its own autograd function, whose backward rounds
         # differently: allclose, not bit-identical; see README)
         report[f"{key} gradient difference"] = (grads[0] - grads[1]).abs().max().item()
         report[f"{key} frozen weights without gradients"] = all(p.grad is None for p in base.parameters())
-        with torch.no_grad():
-            logits = [m(input_ids=ids, attention_mask=mask).logits for m in models]
         report[f"{key} cached-KV logits bit-identical"] = bool(torch.equal(*logits))
         report[f"{key} fingerprint outside a gather"] = base_fingerprint(base)
         with distributed.gathered_input_embeddings(base):

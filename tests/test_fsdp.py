@@ -104,18 +104,13 @@ def _worker(out: Path) -> None:
     from torch.distributed.tensor import DTensor
 
     from softprompt import PromptTuningConfig, SoftPromptModel, distributed
+    from tests.sharded_support import prompts_of_every_init, training_and_evaluation_passes
     from tests.tiny import VOCAB, build_model, make_tokenizer
 
     distributed.init("cpu")
     rank = distributed.rank()
     tokenizer = make_tokenizer()
     report: dict[str, object] = {}
-    inits = {
-        "TEXT": {"prompt_tuning_init_text": "classify the sentiment of this review"},
-        "CLASS_LABELS": {"prompt_tuning_init_text": ["positive", "negative"]},
-        "SAMPLE_VOCAB": {},
-        "RANDOM": {},
-    }
     for tied in (False, True):
         whole = build_model("CAUSAL_LM", "llama", initializer_range=0.5, tie_word_embeddings=tied)
         sharded = build_model("CAUSAL_LM", "llama", initializer_range=0.5, tie_word_embeddings=tied)
@@ -132,43 +127,11 @@ def _worker(out: Path) -> None:
         report[f"{key} local fraction"] = local / sum(p.numel() for p in whole.parameters())
         report[f"{key} sharded rows"] = [type(weight).__name__, isinstance(weight, DTensor) and
                                          weight.to_local().shape[0], VOCAB]  # fmt: skip
-        models = []
-        for base in (whole, sharded):
-            torch.manual_seed(11)
-            first = PromptTuningConfig(
-                num_virtual_tokens=6,
-                prompt_tuning_init="TEXT",
-                tokenizer_name_or_path="tiny",
-                **inits["TEXT"],
-            )
-            model = SoftPromptModel(base, first, tokenizer=tokenizer)  # initialised from the sharded table
-            for name, extra in inits.items():  # and through add_adapter
-                torch.manual_seed(12)
-                config = PromptTuningConfig(
-                    num_virtual_tokens=6, prompt_tuning_init=name, tokenizer_name_or_path="tiny", **extra
-                )
-                model.add_adapter(name, config, tokenizer=tokenizer)
-            models.append(model)
-        for name in ("default", *inits):
-            a, b = (m.prompts[name].embedding.detach() for m in models)
-            report[f"{key} init {name} bit-identical"] = bool(torch.equal(a, b))
-        # a training pass (the plain path, as the trainer takes it under FSDP) and an evaluation
-        # pass (the cached prompt KV), each rank on its own batch: the same numbers as the whole model
-        ids = torch.randint(4, VOCAB, (3, 7), generator=torch.Generator().manual_seed(rank))
-        mask = torch.ones_like(ids)
-        mask[0, :2] = 0
-        grads = []
-        for model in models:
-            model.prefix_cache = False
-            model.prompts["default"].embedding.grad = None
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-            loss.backward()
-            grads.append(model.prompts["default"].embedding.grad.clone())
-            model.prefix_cache = True
+        # initialised from the sharded table; training and evaluation: the whole model's numbers
+        models = prompts_of_every_init((whole, sharded), tokenizer, report, key)
+        grads, logits = training_and_evaluation_passes(models, rank, VOCAB)
         report[f"{key} gradient bit-identical"] = bool(torch.equal(*grads))
         report[f"{key} frozen weights without gradients"] = all(p.grad is None for p in sharded.parameters())
-        with torch.no_grad():
-            logits = [m(input_ids=ids, attention_mask=mask).logits for m in models]
         report[f"{key} cached-KV logits bit-identical"] = bool(torch.equal(*logits))
         # the tokenizer's ids all lie in rank 0's half of the table: rank 1 reads them from rank 0
         with distributed.gathered_input_embeddings(sharded):
