@@ -72,3 +72,24 @@ def tokenizer():
 
 
 __all__ = ["WORDS", "build_model"]
+
+
+@pytest.fixture(scope="session")
+def sharded_ws(tmp_path_factory):
+    """The tiny model and data of tests/test_distributed.py, shared by the FSDP and ZeRO-3 tests."""
+    from tests.test_distributed import SPLITS
+    from tests.tiny import review_workspace
+
+    return review_workspace(tmp_path_factory.mktemp("sharded"), SPLITS)
+
+
+@pytest.fixture(scope="session")
+def sharded_reference(sharded_ws):
+    """One process, float32, grad_accum 2: the global batch of the 2-process FSDP and ZeRO-3
+    runs (trained once for both test modules)."""
+    from tests.sharded_support import FLOAT32_15_BATCHES
+    from tests.test_distributed import _one, _run
+
+    out = sharded_ws / "reference-1-process"
+    _run(_one(sharded_ws, out, "--grad-accum", "2", *FLOAT32_15_BATCHES))
+    return out

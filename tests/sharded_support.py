@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import torch
 
+# 60 examples: 15 batches of 4, so the 8th step of 2 batches has one, and when the model is sharded
+# rank 1 makes a stand-in pass (every rank must make the same passes: each gathers weights)
+FLOAT32_15_BATCHES = ("--no-bf16", "--max-train-examples", "60")
+
 INITS = {
     "TEXT": {"prompt_tuning_init_text": "classify the sentiment of this review"},
     "CLASS_LABELS": {"prompt_tuning_init_text": ["positive", "negative"]},

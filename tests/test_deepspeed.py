@@ -15,19 +15,18 @@ import torch
 from safetensors import safe_open
 
 from softprompt import zero3
+from tests.sharded_support import FLOAT32_15_BATCHES
 from tests.test_distributed import (
-    SPLITS,
     _env,
     _evals,
     _free_port,
-    _one,
     _prompt,
     _records,
     _run,
     _torchrun,
     _train_args,
 )
-from tests.test_fsdp import FLOAT32_15_BATCHES, TIMEOUT
+from tests.test_fsdp import TIMEOUT
 
 gloo = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -36,20 +35,16 @@ gloo = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(sharded_ws):
     """The tiny model and data of tests/test_distributed.py (DeepSpeed needed from here on)."""
     pytest.importorskip("deepspeed")
-    from tests.tiny import review_workspace
-
-    return review_workspace(tmp_path_factory.mktemp("zero3"), SPLITS)
+    return sharded_ws
 
 
 @pytest.fixture(scope="module")
-def reference(ws):
-    """One process, float32, grad_accum 2: the global batch of 2 processes."""
-    out = ws / "reference"
-    _run(_one(ws, out, "--grad-accum", "2", *FLOAT32_15_BATCHES))
-    return out
+def reference(ws, sharded_reference):
+    """One process, float32, grad_accum 2: the global batch of 2 processes (shared with FSDP's tests)."""
+    return sharded_reference
 
 
 def _same_run(out: Path, reference: Path) -> None:

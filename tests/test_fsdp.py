@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_distributed import SPLITS, _env, _evals, _one, _prompt, _records, _run, _torchrun
+from tests.sharded_support import FLOAT32_15_BATCHES
+from tests.test_distributed import _env, _evals, _one, _prompt, _records, _run, _torchrun
 
 TIMEOUT = 240
-# 60 examples: 15 batches of 4, so the 8th step of 2 batches has one, and under FSDP rank 1 makes a
-# stand-in pass (every rank must make the same passes: each gathers weights)
-FLOAT32_15_BATCHES = ("--no-bf16", "--max-train-examples", "60")
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -26,19 +24,15 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    """The tiny model and data of tests/test_distributed.py."""
-    from tests.tiny import review_workspace
-
-    return review_workspace(tmp_path_factory.mktemp("fsdp"), SPLITS)
+def ws(sharded_ws):
+    """The tiny model and data of tests/test_distributed.py (conftest's, shared with ZeRO-3's tests)."""
+    return sharded_ws
 
 
 @pytest.fixture(scope="module")
-def reference(ws):
-    """One process, grad_accum 2: the global batch of the 2-process runs, float32."""
-    out = ws / "fsdp-reference"
-    _run(_one(ws, out, "--grad-accum", "2", *FLOAT32_15_BATCHES))
-    return out
+def reference(sharded_reference):
+    """The 1-process run of the same global batch, float32 (conftest's, shared with ZeRO-3's tests)."""
+    return sharded_reference
 
 
 def test_fsdp_over_two_processes_trains_the_prompt_of_one_process(ws, reference):
