@@ -89,19 +89,35 @@ def _prefix_sdpa(
     ):
         if attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
             attention_mask = attention_mask.to(query.dtype)  # 0 and -inf: exact in any float dtype
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=float(kwargs.get("dropout", 0.0) or 0.0),
-            scale=kwargs.get("scaling"),
-            enable_gqa=True,
-        )
+        dropout = float(kwargs.get("dropout", 0.0) or 0.0)
+        out = grouped_sdpa(query, key, value, attention_mask, kwargs.get("scaling"), dropout)
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask == 0  # back to what transformers' sdpa mask function gives
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def grouped_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """SDPA `(batch, heads, q, dim)` over keys/values with as many or fewer heads, which are
+    used as they are (`enable_gqa`): transformers' sdpa copies them to every query head
+    whenever there is a mask on the CPU, which costs more than the attention itself at
+    these sizes. The same numbers as with the copies."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=dropout,
+        scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
 
 
 def _prefix_mask(*args: object, dtype: torch.dtype = torch.float32, **kwargs: object) -> torch.Tensor | None:

@@ -73,7 +73,6 @@ class StepLayout:
     multi_mask: torch.Tensor | None
     q_max: int
     multi_all: bool = False  # every row feeds several tokens: the multi rows are all the slots
-    _grouped: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, lengths: list[int], feeds: list[int], device: torch.device) -> StepLayout:
@@ -135,15 +134,6 @@ class StepLayout:
     def every_row_one(self) -> bool:
         """Every row feeds one token (decoding only): token i is row i's."""
         return self.multi_rows is None and self.single_tokens is None
-
-    def grouped_multi_mask(self, groups: int) -> torch.Tensor:
-        """`multi_mask` for `grouped_sdpa` with `groups` query heads per key/value head: each
-        query's row of the mask repeated for each head of its group (made once a step)."""
-        if groups == 1 or self.q_max == 1:
-            return self.multi_mask
-        if self._grouped is None or self._grouped[0] != groups:
-            self._grouped = (groups, self.multi_mask.repeat(1, 1, groups, 1))
-        return self._grouped[1]
 
 
 def _long(values: list[int], device: Any) -> torch.Tensor:
@@ -241,6 +231,8 @@ def attention(
     """SDPA over each row's slot for packed queries `(1, heads, T, dim)`; returns `(1, T, heads, dim)`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from ..attention import grouped_sdpa
+
     lay: StepLayout | None = kwargs.pop("softprompt_layout", None)
     if lay is None:  # not a packed forward: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -263,28 +255,9 @@ def attention(
             keys, values = key.index_select(0, lay.multi_rows), value.index_select(0, lay.multi_rows)
         chunks = tokens.new_zeros(len(lay.multi_rows), lay.q_max, heads, dim)
         chunks[lay.multi_rank, lay.multi_query] = tokens[lay.multi_tokens]
-        mask = lay.grouped_multi_mask(heads // key.shape[1])
-        got = grouped_sdpa(chunks.transpose(1, 2), keys, values, mask, scaling).transpose(1, 2)
+        got = grouped_sdpa(chunks.transpose(1, 2), keys, values, lay.multi_mask, scaling).transpose(1, 2)
         out[lay.multi_tokens] = got[lay.multi_rank, lay.multi_query]
     return out.unsqueeze(0), None
-
-
-def grouped_sdpa(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
-) -> torch.Tensor:
-    """SDPA of queries `(rows, heads, q, dim)` over keys/values `(rows, kv_heads, width, dim)`
-    with a mask that broadcasts over the query heads (`StepLayout.mask`, or
-    `StepLayout.grouped_multi_mask`): the query heads that share a key/value head are
-    stacked along the query axis (`(rows, kv_heads, groups * q, dim)`), so no key or value is
-    repeated per query head. Each query row is computed as before (the same numbers as with
-    repeated keys); transformers' SDPA repeats them whenever there is a mask and more than one
-    query per row, several times the cost of the attention itself at serving sizes."""
-    rows, heads, q, dim = query.shape
-    kv_heads = key.shape[1]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(rows, kv_heads, (heads // kv_heads) * q, dim), key, value, attn_mask=mask, scale=scaling
-    )
-    return out.reshape(rows, heads, q, dim)
 
 
 @contextmanager
