@@ -9,6 +9,7 @@ import transformers as T
 
 from softprompt import BASE, PromptTuningConfig, wrap
 from softprompt.losses import LinearCrossEntropy, SummedCrossEntropy, linear_output_layer
+from tests.test_prefix import _batch
 from tests.tiny import PAD, VOCAB, build_model, make_tokenizer
 
 DECODERS = ["gpt2", "llama", "qwen2", "opt", "gpt_neox"]
@@ -74,16 +75,6 @@ def test_linear_cross_entropy_under_autocast_matches_the_output_layer():
     (g_want,) = torch.autograd.grad(want, hidden)
     torch.testing.assert_close(ours, want, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(g_ours, g_want, rtol=2e-2, atol=2e-3)
-
-
-def _batch():
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(4, VOCAB, (3, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding
-    mask[2, 5:] = 0  # right padding
-    ids[mask == 0] = PAD
-    return ids, mask
 
 
 def _model(arch: str, prefix_cache: bool = True):
