@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -371,11 +372,9 @@ def _wait_ready(proc: subprocess.Popen, port: int) -> tuple[subprocess.Popen, st
     raise TimeoutError("the server did not become ready")
 
 
-def run_levels(
-    url: str, target: str, models: list[str], prompts: list[str], args: argparse.Namespace, out: list
-) -> None:
-    """The warm-up (not measured), then every concurrency level against one server; each level
-    is appended to `out` (and the results files rewritten) as soon as it ends."""
+def warm_up(url: str, models: list[str], prompts: list[str], args: argparse.Namespace) -> None:
+    """Requests before the measured levels (not measured): the adapters the levels use, warmed
+    as `--warm` says, so a level times serving, not first-use costs."""
     chosen = {m for c in args.concurrency for m in picked(models, level_requests(args, c), args.pick, 0)}
     if args.warm == "first":
         warm = models if args.warmup is None else models[: args.warmup]
@@ -385,18 +384,52 @@ def run_levels(
             warm += [m for m in models if m not in chosen][: args.cache_holds or 0]
     if warm:
         asyncio.run(load_level(url, warm, prompts, len(warm), min(len(warm), 64), None, 1, 0))
+
+
+def run_level(
+    url: str, target: str, models: list[str], prompts: list[str], args: argparse.Namespace, c: int, out: list
+) -> dict:
+    """One concurrency level against one server, appended to `out` (and the results files
+    rewritten) as soon as it ends."""
+    before, load_before = prompt_kv_counters(url), os.getloadavg()[0]
+    level = asyncio.run(
+        load_level(url, models, prompts, level_requests(args, c), c, args.rate, args.max_tokens, 0, args.pick)
+    )
+    after = prompt_kv_counters(url)
+    level["target"] = target
+    level["load_average"] = [load_before, os.getloadavg()[0]]
+    if before and after:
+        level["prompt_kv"] = {k: after[k] - before.get(k, 0) for k in ("hits", "misses", "evictions")}
+        level["prompt_kv"]["entries"] = after.get("entries")
+    print(json.dumps(level), flush=True)
+    out.append(level)
+    args.write(out)
+    return level
+
+
+def run_levels(
+    url: str, target: str, models: list[str], prompts: list[str], args: argparse.Namespace, out: list
+) -> None:
+    """The warm-up, then every concurrency level against one server."""
+    warm_up(url, models, prompts, args)
     for c in args.concurrency:
-        before, load_before = prompt_kv_counters(url), os.getloadavg()[0]
-        n = level_requests(args, c)
-        level = asyncio.run(load_level(url, models, prompts, n, c, args.rate, args.max_tokens, 0, args.pick))
-        after = prompt_kv_counters(url)
-        level["target"] = target
-        level["load_average"] = [load_before, os.getloadavg()[0]]
-        if before and after:
-            level["prompt_kv"] = {k: after[k] - before.get(k, 0) for k in ("hits", "misses", "evictions")}
-            level["prompt_kv"]["entries"] = after.get("entries")
-        print(json.dumps(level), flush=True)
-        out.append(level)
+        run_level(url, target, models, prompts, args, c, out)
+
+
+def run_interleaved(
+    servers: list[tuple[str, str, list[str]]], prompts: list[str], args: argparse.Namespace, out: list
+) -> None:
+    """The same levels against several running servers (target, url, models), interleaved so
+    that a machine whose speed drifts during the run favours none of them: every level runs
+    on each server in turn, in the opposite order every other round (A B, then B A), for
+    `--rounds` rounds. Each level records its round."""
+    for _, url, models in servers:
+        warm_up(url, models, prompts, args)
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            for target, url, models in servers if r % 2 == 0 else servers[::-1]:
+                run_level(url, target, models, prompts, args, c, out)
+                out[-1]["round"] = r
         args.write(out)
 
 
@@ -443,6 +476,13 @@ def main() -> None:
         help="With --transformers-serve: also the bare model through softprompt serve --padded-batches.",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="With --transformers-serve: the servers stay up and every level runs on each in turn, "
+        "this many rounds, the order reversed every other round.",
+    )
+    p.add_argument(
         "--baseline-requests", type=int, default=8, help="Requests for the one-at-a-time loops (0: none)."
     )
     p.add_argument("--name", default=None)
@@ -453,6 +493,7 @@ def main() -> None:
     prompts = TINY_PROMPTS if args.tiny else PROMPTS
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     proc = None
+    others: list[subprocess.Popen] = []  # the servers compared with ours (--transformers-serve)
     extra: dict = {}
     levels: list = []
     models: list[str] = []
@@ -489,30 +530,28 @@ def main() -> None:
                 from softprompt.base_models import DEFAULT_MODEL, default_model_dir
 
                 base_id = model_name or DEFAULT_MODEL
-                run_levels(url, "softprompt serve, bare model", [base_id], prompts, args, levels)
-                proc.terminate()
-                proc.wait(60)
+                servers = [("softprompt serve, bare model", url, [base_id])]
                 if args.padded_too:
                     log = work / "server-padded.log"
-                    proc, url = start_server(
+                    more, padded_url = start_server(
                         model_name, adapters, args.max_batch_size, log, budget, ("--padded-batches",)
                     )
-                    target = "softprompt serve --padded-batches, bare model"
-                    run_levels(url, target, [base_id], prompts, args, levels)
-                    proc.terminate()
-                    proc.wait(60)
+                    others.append(more)
+                    servers.append(("softprompt serve --padded-batches, bare model", padded_url, [base_id]))
                 folder = model_name or str(default_model_dir())
                 try:
-                    proc, url = start_transformers_serve(folder, work / "transformers-serve.log")
-                    run_levels(url, "transformers serve, bare model", [folder], prompts, args, levels)
+                    theirs, their_url = start_transformers_serve(folder, work / "transformers-serve.log")
+                    others.append(theirs)
+                    servers.append(("transformers serve, bare model", their_url, [folder]))
                 except Exception as err:  # noqa: BLE001  (reported instead of the figures)
                     log = (work / "transformers-serve.log").read_text(errors="replace")[-1500:]
                     extra["transformers_serve_error"] = f"{type(err).__name__}: {err}\n{log}"
                     print(extra["transformers_serve_error"], flush=True)
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
-            proc = None
+                run_interleaved(servers, prompts, args, levels)
+        for server in [proc, *others] if proc is not None else others:
+            server.terminate()
+            server.wait(60)
+        proc, others = None, []
         baselines = {}
         if args.baseline_requests and adapters is not None:
             baselines = sequential_baselines(
@@ -521,9 +560,49 @@ def main() -> None:
             print(json.dumps(baselines), flush=True)
         args.write(levels, baselines)
     finally:
-        if proc is not None:
-            proc.kill()
+        for server in [proc, *others] if proc is not None else others:
+            server.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def rounds_summary(levels: list[dict]) -> list[str]:
+    """Markdown lines comparing the first server of interleaved rounds (`--rounds`) with each
+    other one, level by level: medians over the rounds, the range of the throughput ratio, and
+    in how many rounds the first server's p99 latency was the higher (empty without rounds)."""
+    rounds = [lv for lv in levels if "round" in lv]
+    if not rounds or max(lv["round"] for lv in rounds) == 0:
+        return []
+    targets = list(dict.fromkeys(lv["target"] for lv in rounds))
+    ours, lines = targets[0], []
+    lines += [
+        "",
+        f"Interleaved rounds: {ours} against each other server, medians over the rounds.",
+        "",
+        (
+            "| against | concurrency | rounds | throughput ratio (median, range) "
+            "| latency p99, ours / theirs (s) | rounds where our p99 was higher |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
+    for other in targets[1:]:
+        for c in dict.fromkeys(lv["concurrency"] for lv in rounds):
+            pairs = []
+            for r in sorted({lv["round"] for lv in rounds}):
+                a = [lv for lv in rounds if (lv["target"], lv["concurrency"], lv["round"]) == (ours, c, r)]
+                b = [lv for lv in rounds if (lv["target"], lv["concurrency"], lv["round"]) == (other, c, r)]
+                if a and b and a[0]["latency_p99_s"] is not None and b[0]["latency_p99_s"] is not None:
+                    pairs.append((a[0], b[0]))
+            if not pairs:
+                continue
+            ratios = [a["throughput_tok_s"] / b["throughput_tok_s"] for a, b in pairs]
+            higher = sum(a["latency_p99_s"] > b["latency_p99_s"] for a, b in pairs)
+            lines.append(
+                f"| {other} | {c} | {len(pairs)} | {statistics.median(ratios):.2f} "
+                f"({min(ratios):.2f}-{max(ratios):.2f}) "
+                f"| {statistics.median(a['latency_p99_s'] for a, _ in pairs):.3f} / "
+                f"{statistics.median(b['latency_p99_s'] for _, b in pairs):.3f} | {higher} of {len(pairs)} |"
+            )
+    return lines
 
 
 def write_results(
@@ -591,12 +670,15 @@ def write_results(
     for lv in levels:
         kv = lv.get("prompt_kv")
         kv_text = f"{kv['hits']:.0f}/{kv['misses']:.0f}/{kv['evictions']:.0f}" if kv else "-"
+        when = f" (round {lv['round'] + 1})" if "round" in lv else ""
         lines.append(
-            f"| {lv.get('target', '')} | {lv['concurrency']} | {lv['requests']} "
+            f"| {lv.get('target', '')}{when} "
+            f"| {lv['concurrency']} | {lv['requests']} "
             f"| {lv['throughput_tok_s']:.1f} "
             f"| {fmt(lv['ttft_p50_s'])} | {fmt(lv['ttft_p99_s'])} "
             f"| {fmt(lv['latency_p50_s'])} | {fmt(lv['latency_p99_s'])} | {lv['errors']} | {kv_text} |"
         )
+    lines += rounds_summary(levels)
     if baselines:
         lines += ["", "| one request at a time (in-process) | tokens/s | note |", "|---|---|---|"]
         for k, v in baselines.items():
@@ -612,9 +694,12 @@ def write_results(
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         for i, target in enumerate(dict.fromkeys(lv.get("target", "") for lv in levels)):
             mine = [lv for lv in levels if lv.get("target", "") == target]
-            xs = [lv["concurrency"] for lv in mine]
-            ax.plot(xs, [lv["throughput_tok_s"] for lv in mine], "o-", color=f"C{i}", label=target)
-            ax2.plot(xs, [lv["latency_p99_s"] or 0 for lv in mine], "s--", color=f"C{i}", label=target)
+            xs = sorted({lv["concurrency"] for lv in mine})  # a median over the rounds at each level
+            at = [[lv for lv in mine if lv["concurrency"] == c] for c in xs]
+            tput = [statistics.median(lv["throughput_tok_s"] for lv in a) for a in at]
+            p99 = [statistics.median(lv["latency_p99_s"] or 0 for lv in a) for a in at]
+            ax.plot(xs, tput, "o-", color=f"C{i}", label=target)
+            ax2.plot(xs, p99, "s--", color=f"C{i}", label=target)
         for a, label in ((ax, "throughput (generated tokens/s)"), (ax2, "p99 latency (s)")):
             a.set_xscale("log", base=2)
             a.set_xlabel("concurrent requests")
