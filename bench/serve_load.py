@@ -422,9 +422,12 @@ def run_interleaved(
     """The same levels against several running servers (target, url, models), interleaved so
     that a machine whose speed drifts during the run favours none of them: every level runs
     on each server in turn, in the opposite order every other round (A B, then B A), for
-    `--rounds` rounds. Each level records its round."""
-    for _, url, models in servers:
+    `--rounds` rounds. Each level records its round. Before the first round each server runs
+    the busiest level once, unmeasured, so neither pays its first batch's growth in a round."""
+    top = max(args.concurrency)
+    for _, url, models in servers:  # then the busiest level once, unmeasured: batch buffers, allocator
         warm_up(url, models, prompts, args)
+        asyncio.run(load_level(url, models, prompts, top, top, None, args.max_tokens, 1))
     for r in range(args.rounds):
         for c in args.concurrency:
             for target, url, models in servers if r % 2 == 0 else servers[::-1]:
