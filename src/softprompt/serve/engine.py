@@ -23,6 +23,12 @@ an adapter can be replaced or removed while its requests finish.
 Adapters are known by their served name; inside the model each load gets a fresh
 internal name, so replacing an adapter is atomic. All model changes happen on the
 worker thread (as `Job`s between steps). The engine never sees HTTP.
+
+Keep every torch computation of a served process on this thread (the server loads the
+model in a thread that ends before serving starts). Another live thread that has run
+torch's parallel CPU ops keeps its own OpenMP thread pool; with more OpenMP threads than
+CPUs, GNU OpenMP stops spin-waiting between parallel regions, and on the 2-core test
+machine a one-row decode step went from about 50 ms to about 75 ms.
 """
 
 from __future__ import annotations
