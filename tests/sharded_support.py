@@ -3,11 +3,29 @@ embedding table, and a training and an evaluation pass, against the whole model.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 # 60 examples: 15 batches of 4, so the 8th step of 2 batches has one, and when the model is sharded
 # rank 1 makes a stand-in pass (every rank must make the same passes: each gathers weights)
 FLOAT32_15_BATCHES = ("--no-bf16", "--max-train-examples", "60")
+
+
+def two_rank_reports(script: str, folder: Path, *args: str, timeout: float = 240) -> list[dict]:
+    """Run `script` under torchrun on 2 CPU processes (`script folder *args`); each rank writes
+    `folder/rank{rank}.json`, returned as [rank 0's, rank 1's]."""
+    from tests.test_distributed import _env
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               script, str(folder), *args]  # fmt: skip
+    result = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
 
 INITS = {
     "TEXT": {"prompt_tuning_init_text": "classify the sentiment of this review"},

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from softprompt import zero3
-from tests.sharded_support import FLOAT32_15_BATCHES
+from tests.sharded_support import FLOAT32_15_BATCHES, two_rank_reports
 from tests.test_distributed import (
     _env,
     _evals,
@@ -196,12 +196,7 @@ def test_a_partitioned_model_initialises_and_computes_as_the_whole_one(tmp_path)
             tmp_path / f"model-{tied}"
         )
         make_tokenizer().save_pretrained(tmp_path / f"model-{tied}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__)), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for rank in (0, 1):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in two_rank_reports(str(Path(__file__)), tmp_path, timeout=TIMEOUT):
         for tied in (False, True):
             key = f"tied={tied}"
             assert report[f"{key} shapes"] == [[0], [VOCAB, 32]]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.sharded_support import FLOAT32_15_BATCHES
+from tests.sharded_support import FLOAT32_15_BATCHES, two_rank_reports
 from tests.test_distributed import _env, _evals, _one, _prompt, _records, _run, _torchrun
 
 TIMEOUT = 240
@@ -147,15 +147,11 @@ def _worker(out: Path) -> None:
 
 
 def test_a_sharded_model_initialises_and_computes_as_the_whole_one(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__)), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    reports = two_rank_reports(str(Path(__file__)), tmp_path, timeout=TIMEOUT)
     from softprompt import SoftPromptModel
     from tests.tiny import VOCAB, build_model
 
-    for rank in (0, 1):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in reports:
         for tied in (False, True):
             assert report[f"tied={tied} sharded rows"] == ["DTensor", VOCAB // 2, VOCAB]
             assert report[f"tied={tied} local fraction"] == 0.5  # each rank holds half of every weight
@@ -269,11 +265,7 @@ def test_only_rank_0_reads_the_weights(tmp_path):
             if file.suffix == ".safetensors":  # the same size, unreadable
                 data = bytes(b ^ 0x5A for b in data)
             (broken / file.name).write_bytes(data)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__)), str(tmp_path), "rank0"]  # fmt: skip
-    result = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    reports = two_rank_reports(str(Path(__file__)), tmp_path, "rank0", timeout=TIMEOUT)
     for i, (_, arch, extra) in enumerate(RANK0_CASES):
         key = f"{i} {arch}"
         assert reports[0][f"{key} weights on meta before sharding"] is False
