@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 
 from . import paths
 from ._io import atomic_write_text, fsync_dir, fsync_files, sha256_file
@@ -467,8 +468,32 @@ def _convert(gguf: Path, target_dir: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=True)
     del quantized
-    model.save_pretrained(target_dir)
+    write_pretrained(model, target_dir)
     tokenizer.save_pretrained(target_dir)
+
+
+def write_pretrained(model: PreTrainedModel, target_dir: Path) -> None:
+    """Write `model` as a folder `from_pretrained` reads: `config.json`, the generation config
+    (for models that generate) and one `model.safetensors`, a weight shared by several names
+    (tied input and output embeddings) stored once, under its first name.
+
+    Not `model.save_pretrained`: that unwraps the model through accelerate, which imports
+    DeepSpeed whenever it is installed, and DeepSpeed logs "Setting accelerator to CPU" on
+    import on every machine without a GPU, in a run that never uses it.
+    """
+    target_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for name, tensor in model.state_dict().items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if where in seen:  # a tied weight: from_pretrained ties it again from the config
+            continue
+        seen.add(where)
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(target_dir / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(target_dir)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(target_dir)
 
 
 # ---------------------------------------------------------------------------- the cache
