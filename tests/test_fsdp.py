@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.sharded_support import FLOAT32_15_BATCHES, two_rank_reports
-from tests.test_distributed import _env, _evals, _one, _prompt, _records, _run, _torchrun
+from tests.sharded_support import (
+    FLOAT32_15_BATCHES,
+    assert_same_training,
+    same_to_float32_rounding,
+    two_rank_reports,
+)
+from tests.test_distributed import _env, _one, _records, _run, _torchrun
 
 TIMEOUT = 240
 
@@ -44,18 +49,9 @@ def test_fsdp_over_two_processes_trains_the_prompt_of_one_process(ws, reference)
     assert "sharding the model over 2 processes (FSDP)" in result.stderr
     assert _records(out)[0]["train_examples"] == 60  # 15 batches: the last step has one
     # Under FSDP a training pass feeds the prompt as embeddings where one process starts from the
-    # prompt's cached KV (see Trainer._prompt_cache): the same sums in another order, float32
-    # rounding apart (~1e-7 per pass; the pass itself is bit-identical to the whole model's, see
-    # the next test), which Adam's normalisation enlarges on coordinates whose gradient is near
-    # zero: 8 steps end within 1.2e-6 here (4e-6 with all 64 examples).
-    torch.testing.assert_close(_prompt(out / "last"), _prompt(reference / "last"), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(_prompt(out / "best"), _prompt(reference / "best"), rtol=1e-4, atol=1e-5)
-    assert _evals(out) == _evals(reference) and len(_evals(out)) == 2
-    assert json.loads((out / "results.json").read_text()) == json.loads(
-        (reference / "results.json").read_text()
-    )
-    losses = [r["loss"] for r in _records(out) if "loss" in r]
-    assert losses == pytest.approx([r["loss"] for r in _records(reference) if "loss" in r], rel=1e-5)
+    # prompt's cached KV (see Trainer._prompt_cache): the same sums in another order, equal to
+    # float32 rounding (see sharded_support.assert_same_training).
+    assert_same_training(out, reference)
 
 
 def test_accelerate_launch_use_fsdp_shards_with_no_softprompt_flag(ws, reference, tmp_path):
@@ -73,24 +69,19 @@ def test_accelerate_launch_use_fsdp_shards_with_no_softprompt_flag(ws, reference
     info = json.loads((out / "run_config.json").read_text())
     assert info["resolved"]["fsdp"] is True and info["resolved"]["world_size"] == 2
     assert "sharding the model over 2 processes (FSDP)" in result.stderr
-    torch.testing.assert_close(_prompt(out / "last"), _prompt(reference / "last"), rtol=1e-4, atol=1e-5)
-    assert _evals(out) == _evals(reference)
+    assert_same_training(out, reference, folders=("last",))
 
 
-def test_fsdp_on_the_uncached_prompt_path_is_bit_identical_to_one_process(ws):
+def test_fsdp_on_the_uncached_prompt_path_trains_the_prompt_of_one_process(ws):
     """With --gradient-checkpointing one process also feeds the prompt as embeddings (no cached
-    KV), so the runs differ only by FSDP and the 2-process sums: sums of two terms, in either
-    order the same float, so the prompts are bit-identical."""
+    KV), so the runs differ only by FSDP and the 2-process sums. Not bit for bit: the ranks'
+    products run on weights gathered into FSDP's buffers, and on an AVX2 EPYC MKL rounds some of
+    them differently from the whole model's (the prompts 5.4e-7 apart, the metrics equal)."""
     reference = ws / "checkpointed-reference"
     _run(_one(ws, reference, "--grad-accum", "2", "--gradient-checkpointing", *FLOAT32_15_BATCHES))
     out = ws / "checkpointed-fsdp"
     _run(_torchrun(ws, out, "--fsdp", "--gradient-checkpointing", *FLOAT32_15_BATCHES))
-    for folder in ("last", "best"):
-        assert torch.equal(_prompt(out / folder), _prompt(reference / folder))
-    assert _evals(out) == _evals(reference)
-    assert json.loads((out / "results.json").read_text()) == json.loads(
-        (reference / "results.json").read_text()
-    )
+    assert_same_training(out, reference)
 
 
 def _worker(out: Path) -> None:
@@ -98,7 +89,12 @@ def _worker(out: Path) -> None:
     from torch.distributed.tensor import DTensor
 
     from softprompt import PromptTuningConfig, SoftPromptModel, distributed
-    from tests.sharded_support import prompts_of_every_init, training_and_evaluation_passes
+    from tests.sharded_support import (
+        PASS_POSITIONS,
+        pass_report,
+        prompts_of_every_init,
+        training_and_evaluation_passes,
+    )
     from tests.tiny import VOCAB, build_model, make_tokenizer
 
     distributed.init("cpu")
@@ -124,9 +120,8 @@ def _worker(out: Path) -> None:
         # initialised from the sharded table; training and evaluation: the whole model's numbers
         models = prompts_of_every_init((whole, sharded), tokenizer, report, key)
         grads, logits = training_and_evaluation_passes(models, rank, VOCAB)
-        report[f"{key} gradient bit-identical"] = bool(torch.equal(*grads))
+        pass_report(grads, logits, PASS_POSITIONS, report, key)
         report[f"{key} frozen weights without gradients"] = all(p.grad is None for p in sharded.parameters())
-        report[f"{key} cached-KV logits bit-identical"] = bool(torch.equal(*logits))
         # the tokenizer's ids all lie in rank 0's half of the table: rank 1 reads them from rank 0
         with distributed.gathered_input_embeddings(sharded):
             if distributed.is_main():
@@ -156,8 +151,12 @@ def test_a_sharded_model_initialises_and_computes_as_the_whole_one(tmp_path):
             assert report[f"tied={tied} sharded rows"] == ["DTensor", VOCAB // 2, VOCAB]
             assert report[f"tied={tied} local fraction"] == 0.5  # each rank holds half of every weight
             assert report[f"tied={tied} frozen weights without gradients"] is True
-        checks = {k: v for k, v in report.items() if "bit-identical" in k}
-        assert len(checks) == 2 * 7 and all(checks.values()), checks
+        # the prompts read from the table (copies of rows, or the same reduction over the same
+        # gathered rows) bit for bit; the passes to float32 rounding, their predictions exactly
+        checks = {
+            k: v for k, v in report.items() if ("bit-identical" in k or "rounding" in k or "predictions" in k)
+        }
+        assert len(checks) == 2 * (5 + 3) and all(checks.values()), checks
         assert "sharded inside a larger FSDP unit" in report["coarse"], report["coarse"]
     # rank 0 saved the whole prompt; it loads into a plain one-process model of the same base
     for tied in (False, True):
@@ -232,8 +231,11 @@ def _rank0_worker(root: Path) -> None:
         if task == "SEQ_2_SEQ_LM":
             inputs["decoder_input_ids"] = ids[:, :3]
         with torch.no_grad():
-            logits = [m(**inputs).logits for m in (base, whole)]
-        report[f"{key} logits bit-identical"] = bool(torch.equal(*logits))
+            logits = [m(**inputs).logits for m in (whole, base)]
+        report[f"{key} logits to float32 rounding"] = same_to_float32_rounding(
+            logits[1], logits[0], ids.numel()
+        )
+        report[f"{key} predictions equal"] = bool(torch.equal(logits[1].argmax(-1), logits[0].argmax(-1)))
         report[f"{key} generation config"] = (
             base.generation_config.to_dict() == whole.generation_config.to_dict()
         )
@@ -250,7 +252,8 @@ def _rank0_worker(root: Path) -> None:
 def test_only_rank_0_reads_the_weights(tmp_path):
     """Rank 0 loads each model; rank 1 builds it on the meta device from rank 0's config and never
     reads its weights file (it is given one of garbage bytes); after sharding every rank holds rank
-    0's weights and buffers, and the sharded model computes the whole model's logits bit for bit."""
+    0's weights and buffers bit for bit, and the sharded model computes the whole model's logits to
+    float32 rounding (its products run on weights gathered into other buffers) and its predictions."""
     from tests.tiny import build_model, make_tokenizer
 
     for i, (task, arch, extra) in enumerate(RANK0_CASES):
@@ -275,7 +278,7 @@ def test_only_rank_0_reads_the_weights(tmp_path):
             checks = {k: v for k, v in report.items() if k.startswith(f"{key} ") and isinstance(v, bool)}
             checks.pop(f"{key} weights on meta before sharding")
             assert checks.pop(f"{key} tied") == checks.pop(f"{key} tied in the whole model")
-            assert len(checks) == 5 and all(checks.values()), (report is reports[1], checks)
+            assert len(checks) == 6 and all(checks.values()), (report is reports[1], checks)
     assert reports[0]["1 llama tied"] is True and reports[0]["0 llama tied"] is False
     assert "model.rotary_emb.inv_freq" in reports[1]["0 llama buffers"]  # non-persistent, sent by rank 0
     assert "does not exist" in reports[0]["error"]

@@ -1,6 +1,12 @@
 """Nothing lost: real processes killed with SIGKILL (also mid-checkpoint) or interrupted with
 Ctrl-C resume to the bit-identical prompt of an uninterrupted run; a diverging run stops
-with its last good checkpoint."""
+with its last good checkpoint.
+
+Bit for bit holds by construction, on any CPU: the resumed run and the reference are one
+process each with one thread (`_env`), on the same machine, taking the same steps on the same
+batches of the same shapes, from the same values (prompt, optimizer moments, RNG states and data
+position restored exactly from the checkpoint's float32 tensors), so every kernel computes the
+same sums in the same order. Nothing here compares runs of other process or thread counts."""
 
 from __future__ import annotations
 
