@@ -8,6 +8,7 @@ import asyncio
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -399,6 +400,17 @@ def test_fuzzed_bodies_never_break_the_server(world, path, body):
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def _wait_for_gauge(url: str, name: str, value: float) -> None:
+    """Poll /metrics until the unlabelled gauge `name` reads `value` (at most TIMEOUT s)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+        if f"{name} {float(value)}" in lines:
+            return
+        assert time.monotonic() < deadline, f"{name} never read {value}"
+        time.sleep(0.01)
+
+
 def _metric(world, name, model):
     text = httpx.get(world["server"].url + "/metrics", timeout=10).text
     total = 0.0
@@ -538,6 +550,9 @@ def test_api_key_queue_limit_and_shutdown_with_requests_in_flight(tmp_path):
     the library's on the bfloat16 model), and a broken adapter folder under --adapters is
     skipped with a message while the others are served."""
     model_dir, adapters_dir = build_served_folder(tmp_path)
+    # room for a request that decodes for seconds (Llama's rotary positions: no weights change)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
     (adapters_dir / "broken").mkdir()
     (adapters_dir / "broken" / "adapter_config.json").write_text("{not json", encoding="utf-8")
     server = ServerProcess(
@@ -589,18 +604,29 @@ def test_api_key_queue_limit_and_shutdown_with_requests_in_flight(tmp_path):
         new = new[: next((i for i, t in enumerate(new) if t == eos), len(new))]
         assert served.choices[0].text == tok.decode(new, skip_special_tokens=True)
 
-        async def burst():
-            headers = {"Authorization": "Bearer s3cret"}
-            long = {"model": "qa", "prompt": "good movie", "max_tokens": 100, "temperature": 0}
-            async with httpx.AsyncClient(timeout=TIMEOUT, headers=headers) as h:
-                return await asyncio.gather(*(h.post(url + "/v1/completions", json=long) for _ in range(6)))
-
-        statuses = [r.status_code for r in asyncio.run(burst())]
-        assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}
-        limited = next(r for r in asyncio.run(burst()) if r.status_code == 429)
-        assert (
-            int(limited.headers["retry-after"]) >= 1 and limited.json()["error"]["type"] == "rate_limit_error"
-        )
+        # The queue limit, for certain: a long request decodes (the batch holds one row), a
+        # second waits (the queue holds one), so a third is refused at once. The long one (qa
+        # greedy on "fun" meets no EOS; 4000 tokens take seconds) only ends when its client
+        # leaves; then the waiting one is served.
+        auth = {"Authorization": "Bearer s3cret"}
+        short = {"model": "qa", "prompt": "good movie", "max_tokens": 6, "temperature": 0}
+        endless = {"model": "qa", "prompt": "fun", "max_tokens": 4000, "temperature": 0, "stream": True}
+        completions = url + "/v1/completions"
+        with ThreadPoolExecutor(1) as pool:
+            with httpx.stream("POST", completions, json=endless, headers=auth, timeout=TIMEOUT) as running:
+                assert running.status_code == 200
+                lines = running.iter_lines()  # kept open: dropping it would close the connection
+                assert next(x for x in lines if x.startswith("data: {"))  # under way
+                waiting = pool.submit(httpx.post, completions, json=short, headers=auth, timeout=TIMEOUT)
+                _wait_for_gauge(url, "softprompt_queue_depth", 1)
+                limited = httpx.post(completions, json=short, headers=auth, timeout=TIMEOUT)
+                assert limited.status_code == 429, limited.text
+                assert int(limited.headers["retry-after"]) >= 1
+                assert limited.json()["error"]["type"] == "rate_limit_error"
+                assert not waiting.done()  # still queued behind the long one
+            served_later = waiting.result(TIMEOUT)  # the client left: the long one was cancelled
+        assert served_later.status_code == 200, served_later.text
+        assert served_later.json()["choices"][0]["text"] == served.choices[0].text
 
         # shutdown while a request streams: it finishes (or ends with a clean error), the process exits
         lines = []

@@ -54,8 +54,10 @@ def _model(arch: str) -> SoftPromptModel:
 MODES = pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 
 
-def _engine(model, tok, **kw) -> Engine:
-    sched = Scheduler(max_batch_size=kw.pop("max_batch_size", 16), max_queue=kw.pop("max_queue", 64))
+def _engine(model, tok, scheduler_kw=None, **kw) -> Engine:
+    sched = Scheduler(
+        max_batch_size=kw.pop("max_batch_size", 16), max_queue=kw.pop("max_queue", 64), **(scheduler_kw or {})
+    )
     engine = Engine(model, tok, sched, base_id="base", **kw)
     assert engine.packed == kw.get("packed", engine.packed)
     for name in PROMPTS:  # serve the model's own adapters under their names
@@ -113,43 +115,130 @@ def _assert_each_equals_generate(model, engine, reqs) -> None:
             assert _matches(c.tokens, expected, engine.stop_token_ids), (r.adapter, c.tokens, expected)
 
 
-def _serve_all(engine, reqs, gap_s: float | None = None) -> None:
-    """Queue `reqs` (all before the engine starts, or `gap_s` apart once it runs), let the
-    engine serve them all, stop it."""
-    if gap_s is None:
-        for r in reqs:
-            engine.scheduler.submit(r)
+def _serve_all(engine, reqs) -> None:
+    """Queue `reqs` before the engine starts, let the engine serve them all, stop it."""
+    for r in reqs:
+        engine.scheduler.submit(r)
     engine.start()
     try:
-        if gap_s is not None:
-            _submit_spaced(engine.scheduler, reqs, gap_s).join(10)
         for r in reqs:
             assert r.done.wait(60)
     finally:
         engine.stop(5)
 
 
+def _before_each_step(monkeypatch, engine, hook) -> None:
+    """Run `hook()` on the worker thread before each decode step (packed or padded): what it
+    queues joins at the next admission, while the batch's rows are decoding."""
+    name = "_step_packed" if engine.packed else "_step"
+    step = getattr(engine, name)
+    monkeypatch.setattr(engine, name, lambda: (hook(), step()))
+
+
+class _TestTime:
+    """The scheduler's clock and burst wait, driven by the test (`Scheduler(clock=t, wait=t.wait)`).
+
+    Time moves only in `advance`. A wait ends when the scheduler is notified (an arrival,
+    an `advance`), never because time passed (a real 60 s bound only stops a hang). After
+    an arrival or an advance the gathering thread either waits again or returns, which
+    `act` tells apart without guessing how long it takes."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._cond: threading.Condition | None = None
+        self._seen = threading.Condition()
+        self.waits = 0
+        self._returned = False
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wait(self, cond: threading.Condition, seconds: float) -> None:
+        assert seconds > 0
+        with self._seen:
+            self._cond = cond
+            self.waits += 1
+            self._seen.notify_all()
+        cond.wait(60)  # called with the scheduler's lock held; released while waiting
+
+    def waiting(self, count: int = 1) -> bool:
+        """Whether the scheduler began its `count`-th wait (and `gather` did not return)."""
+        with self._seen:
+            self._seen.wait_for(lambda: self.waits >= count or self._returned, 60)
+            return self.waits >= count and not self._returned
+
+    def advance(self, seconds: float) -> None:
+        if self._cond is None:
+            self.now += seconds
+            return
+        with self._cond:
+            self.now += seconds
+            self._cond.notify_all()
+
+    def returned(self) -> None:
+        """Called once `gather_burst` returned (by `gather`'s thread, or an engine's first step)."""
+        with self._seen:
+            self._returned = True
+            self._seen.notify_all()
+
+    def gather(self, s: Scheduler) -> threading.Thread:
+        """`s.gather_burst()` on a thread; returns once it waits (or returned)."""
+        with self._seen:
+            self._returned = False
+            count = self.waits + 1
+        thread = threading.Thread(target=lambda: (s.gather_burst(), self.returned()), daemon=True)
+        thread.start()
+        self.waiting(count)
+        return thread
+
+    def act(self, action) -> bool:
+        """Do `action` (an arrival or an advance, which wake the gathering thread); True if
+        `gather_burst` then waits again, False if it returned."""
+        with self._seen:
+            count = self.waits + 1
+        action()
+        return self.waiting(count)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @MODES
-def test_greedy_equals_generate_with_adapters_joining_mid_decode(arch, packed):
+def test_greedy_equals_generate_with_adapters_joining_mid_decode(arch, packed, monkeypatch):
     tok = make_tokenizer()
     model = _model(arch)
     engine = _engine(model, tok, packed=packed)
+    reqs = []
+    for j, text in enumerate(TEXTS * 3):
+        adapter = ["a", "b", "c", None][j % 4]
+        reqs.append(_request(engine, tok, text, adapter, 4 + 3 * (j % 5), n=1 + (j % 3 == 0)))
+    later = list(reqs[1:])
+
+    def submit_next() -> None:  # staggered, one a step: each joins while earlier ones decode
+        if later:
+            engine.scheduler.submit(later.pop(0))
+
+    _before_each_step(monkeypatch, engine, submit_next)
+    joins = []  # (rows decoding, requests joining) at each admission that let some in
+    admit = engine.scheduler.admit
+
+    def admit_counted(running_rows: int) -> list:
+        out = admit(running_rows)
+        if out:
+            joins.append((running_rows, len(out)))
+        return out
+
+    monkeypatch.setattr(engine.scheduler, "admit", admit_counted)
+    engine.scheduler.submit(reqs[0])
     engine.start()
     try:
-        reqs = []
-        for j, text in enumerate(TEXTS * 3):
-            adapter = ["a", "b", "c", None][j % 4]
-            reqs.append(_request(engine, tok, text, adapter, 4 + 3 * (j % 5), n=1 + (j % 3 == 0)))
-        for r in reqs:  # staggered: later ones join while earlier ones decode
-            engine.scheduler.submit(r)
-            time.sleep(0.004)
         for r in reqs:
             assert r.done.wait(60)
         assert engine.steps > 0
         _assert_each_equals_generate(model, engine, reqs)
     finally:
         engine.stop(5)
+    # the first joined an idle engine, every later one alone, next to rows decoding
+    assert len(joins) == len(reqs) and joins[0] == (0, 1)
+    assert all(rows > 0 and joining == 1 for rows, joining in joins[1:]), joins
 
 
 def test_batch_merging_keeps_rows_aligned():
@@ -218,7 +307,7 @@ def test_a_request_that_raises_in_the_worker_fails_alone(packed):
 
 
 @MODES
-def test_unloading_an_adapter_mid_request_finishes_on_its_prompt(tmp_path, packed):
+def test_unloading_an_adapter_mid_request_finishes_on_its_prompt(tmp_path, packed, monkeypatch):
     tok = make_tokenizer()
     model = _model("llama")
     model.save_pretrained(tmp_path / "b", selected_adapters=["b"])
@@ -226,16 +315,27 @@ def test_unloading_an_adapter_mid_request_finishes_on_its_prompt(tmp_path, packe
     expected = _expected(model, reference)
     engine = _engine(model, tok, packed=packed)
     engine.load_adapter_now("bb", tmp_path / "b")
+    r = _request(engine, tok, "good movie", "bb", 40)
+    unloaded_at = []  # tokens r had when the unload ran (on the worker, between two steps)
+
+    def unload() -> None:
+        unloaded_at.append(None if r.done.is_set() else len(r.choices[0].tokens))
+        engine.unload_adapter_now("bb")
+
+    job = Job(unload)
+    queued = []
+
+    def unload_after_the_first_token() -> None:
+        if r.choices[0].tokens and not queued:
+            queued.append(job)
+            engine.scheduler.submit_job(job)  # runs before the next step
+
+    _before_each_step(monkeypatch, engine, unload_after_the_first_token)
     engine.start()
     try:
-        r = _request(engine, tok, "good movie", "bb", 40)
         engine.scheduler.submit(r)
-        deadline = time.monotonic() + 20
-        while not r.choices[0].tokens and time.monotonic() < deadline:
-            time.sleep(0.001)
-        job = Job(lambda: engine.unload_adapter_now("bb"))
-        engine.scheduler.submit_job(job)
         assert job.done.wait(20) and job.error is None
+        assert unloaded_at[0] is not None and 0 < unloaded_at[0] < len(expected), (unloaded_at, expected)
         assert r.done.wait(30) and r.error is None
         assert _matches(r.choices[0].tokens, expected, engine.stop_token_ids)
         late = _request(engine, tok, "good movie", "bb", 4)
@@ -283,52 +383,64 @@ def test_scheduler_bounds_the_queue_and_keeps_order():
         s.submit(GenerationRequest("a", [1], SamplingParams(max_tokens=1), n=5))
 
 
-def _submit_spaced(s: Scheduler, reqs: list, gap_s: float) -> threading.Thread:
-    def run() -> None:
-        for r in reqs:
-            s.submit(r)
-            time.sleep(gap_s)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
 def test_an_idle_engine_gathers_a_burst_and_stops_at_its_limit():
+    """The burst wait on the test's clock (binary fractions of a second: exact sums)."""
+    t = _TestTime()
+    s = Scheduler(burst_quiet_s=0.5, burst_limit_s=30, clock=t, wait=t.wait)
+    s.gather_burst()  # nothing queued: returns at once, without waiting
+    assert t.waits == 0
     one = [GenerationRequest("a", [1], SamplingParams(max_tokens=1)) for _ in range(5)]
-    s = Scheduler(burst_quiet_s=0.5, burst_limit_s=30)
-    s.gather_burst()  # nothing queued: returns at once
-    t = _submit_spaced(s, one, 0.02)
-    while s.queue_depth == 0:
-        time.sleep(0.001)
-    s.gather_burst()  # the others arrive well within the quiet time of each other
+    s.submit(one[0])
+    thread = t.gather(s)
+    assert t.waiting(), "a lone request did not wait for the rest of its burst"
+    for r in one[1:]:  # each 0.25 s after the one before: 1 s in all, twice the quiet time
+        assert t.act(lambda: t.advance(0.25))
+        assert t.act(lambda r=r: s.submit(r)), "the wait ended with the burst still arriving"
+    assert t.act(lambda: t.advance(0.375))  # 0.375 s since the last: not quiet yet
+    assert not t.act(lambda: t.advance(0.125)), "no arrival for burst_quiet_s, yet it waits on"
+    thread.join(60)
     assert s.admit(0) == one
-    t.join(10)
     # a stream that never goes quiet: the wait ends at the limit, the rest come later
-    stream = [GenerationRequest("a", [1], SamplingParams(max_tokens=1)) for _ in range(200)]
-    s = Scheduler(max_queue=500, burst_quiet_s=0.5, burst_limit_s=0.2)
-    t = _submit_spaced(s, stream, 0.01)
-    while s.queue_depth == 0:
-        time.sleep(0.001)
-    s.gather_burst()
-    assert 0 < s.queue_depth < len(stream)
-    t.join(30)
+    t = _TestTime()
+    s = Scheduler(max_queue=500, burst_quiet_s=0.5, burst_limit_s=2, clock=t, wait=t.wait)
+    stream = [GenerationRequest("a", [1], SamplingParams(max_tokens=1)) for _ in range(9)]
+    s.submit(stream[0])
+    thread = t.gather(s)
+    assert t.waiting()
+    for r in stream[1:8]:  # every 0.25 s until 1.75 s
+        assert t.act(lambda: t.advance(0.25))
+        assert t.act(lambda r=r: s.submit(r)), "the wait ended before its limit"
+    assert not t.act(lambda: t.advance(0.25)), "the wait went on past burst_limit_s"
+    thread.join(60)
+    assert s.queue_depth == 8  # the ones that came by the limit
+    s.submit(stream[8])
+    assert s.admit(0) == stream
 
 
 @MODES
 def test_a_burst_reaching_an_idle_engine_is_prefilled_in_one_step(packed, monkeypatch):
-    """Requests sent 20 ms apart (within the quiet time) join in one step."""
+    """Requests arriving 0.25 s apart on the scheduler's clock (within the 0.5 s quiet time)
+    join in one step."""
     model = _model("llama")
     tok = make_tokenizer()
-    engine = _engine(model, tok, packed=packed)
-    engine.scheduler.burst_quiet_s, engine.scheduler.burst_limit_s = 0.5, 30
+    t = _TestTime()
+    quiet = {"burst_quiet_s": 0.5, "burst_limit_s": 30, "clock": t, "wait": t.wait}
+    engine = _engine(model, tok, packed=packed, scheduler_kw=quiet)
     sizes = []
-    step = engine._step_packed if packed else engine._step
-    monkeypatch.setattr(
-        engine, "_step_packed" if packed else "_step", lambda: (sizes.append(len(engine._batch)), step())
-    )
+    _before_each_step(monkeypatch, engine, lambda: (sizes.append(len(engine._batch)), t.returned()))
     reqs = _mixed_requests(engine, tok)[:6]
-    _serve_all(engine, reqs, gap_s=0.02)
+    engine.scheduler.submit(reqs[0])
+    engine.start()
+    try:
+        assert t.waiting(), "the idle engine did not wait for the rest of the burst"
+        for r in reqs[1:]:
+            assert t.act(lambda: t.advance(0.25))
+            assert t.act(lambda r=r: engine.scheduler.submit(r)), "it stepped with the burst still arriving"
+        assert not t.act(lambda: t.advance(0.5)), "quiet for burst_quiet_s, yet it waits on"
+        for r in reqs:
+            assert r.done.wait(60)
+    finally:
+        engine.stop(5)
     assert sizes[0] == sum(r.n for r in reqs)  # without the wait: 1 (the first alone)
     _assert_each_equals_generate(model, engine, reqs)
 
@@ -465,16 +577,24 @@ def test_a_packed_step_that_raises_fails_the_requests_prefilled_in_it(monkeypatc
     good = [_request(engine, tok, t, a, 12) for t, a in zip(TEXTS, ["a", "b", None, "c", "a"])]
     bad = _request(engine, tok, "fun", "b", 6)
     bad.prompt_ids = poison
+    queued, beside_bad = [], []  # beside_bad: the good requests in the step that prefills bad
+
+    def submit_bad_once_all_decode() -> None:  # on the worker: bad joins at the next admission
+        in_step = {id(row.request) for row in engine._batch.rows}
+        if id(bad) in in_step and not beside_bad:
+            beside_bad.extend(r for r in good if id(r) in in_step)
+        if not queued and all(r.choices[0].tokens for r in good):
+            queued.append(bad)
+            engine.scheduler.submit(bad)
+
+    _before_each_step(monkeypatch, engine, submit_bad_once_all_decode)
     engine.start()
     try:
         for r in good:
             engine.scheduler.submit(r)
-        deadline = time.monotonic() + 20
-        while not all(r.choices[0].tokens for r in good) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        engine.scheduler.submit(bad)  # joins while the others decode
         for r in [*good, bad]:
             assert r.done.wait(30)
+        assert beside_bad == good  # bad prefilled in a step with all of them decoding
         assert bad.error is not None and "boom in the step" in bad.error.message
         _assert_each_equals_generate(model, engine, good)
         assert engine.alive

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from .request import GenerationRequest, Job, Overloaded, Unavailable
 
@@ -28,6 +29,10 @@ class Scheduler:
         burst_quiet_s, burst_limit_s: An idle engine that gets a request lets the rest of
             its burst come in (`gather_burst`): it waits until no request came for
             `burst_quiet_s`, at most `burst_limit_s`.
+        clock: Seconds now, for arrivals and the burst wait (`time.monotonic`).
+        wait: How the burst wait waits: `wait(condition, seconds)`, called with the
+            scheduler's lock held, returns when `condition` is notified (an arrival, `close`)
+            or `seconds` have passed (`threading.Condition.wait`). With `clock`, tests drive time.
     """
 
     def __init__(
@@ -37,6 +42,8 @@ class Scheduler:
         max_joins_per_step: int = 64,
         burst_quiet_s: float = 0.002,
         burst_limit_s: float = 0.02,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[threading.Condition, float], object] = threading.Condition.wait,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_joins_per_step < 1:
             raise ValueError("max_batch_size, max_queue and max_joins_per_step must be at least 1.")
@@ -45,6 +52,8 @@ class Scheduler:
         self.max_joins_per_step = max_joins_per_step
         self.burst_quiet_s = burst_quiet_s
         self.burst_limit_s = burst_limit_s
+        self._clock = clock
+        self._wait = wait
         self._last_arrival = float("-inf")
         self._waiting: deque[GenerationRequest] = deque()
         self._jobs: deque[Job] = deque()
@@ -76,7 +85,7 @@ class Scheduler:
                     retry_after=self.retry_after(),
                 )
             self._waiting.append(request)
-            self._last_arrival = time.monotonic()
+            self._last_arrival = self._clock()
             self._wake.notify_all()
 
     def submit_job(self, job: Job) -> None:
@@ -146,14 +155,14 @@ class Scheduler:
         decode: they would wait too, and measured, it changed nothing there (the next
         requests of clients whose requests just ended came 10-40 ms later, not within 2 ms).
         """
-        deadline = time.monotonic() + self.burst_limit_s
+        deadline = self._clock() + self.burst_limit_s
         with self._lock:
             while self._waiting and not self._closed:
-                now = time.monotonic()
+                now = self._clock()
                 wait = min(self._last_arrival + self.burst_quiet_s, deadline) - now
                 if wait <= 0:
                     return
-                self._wake.wait(wait)
+                self._wait(self._wake, wait)
 
     def wait_for_work(self, timeout: float) -> None:
         """Block the idle model thread until something is queued (or `timeout` passes)."""
