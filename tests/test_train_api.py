@@ -226,3 +226,54 @@ def test_best_holds_the_prompt_of_the_best_dev_evaluation(tmp_path, model_dir):
     for step, _ in evals:
         if step != best_step:  # the checkpoints differ, so the comparison above picks one step
             assert not torch.equal(best, prompt(run / "checkpoints" / f"step-{step:08d}")), step
+
+
+@pytest.mark.parametrize("float32_cpu", [True, False], ids=["float32-cpu", "bf16"])
+def test_the_recipe_follows_the_hardware_unless_the_schedule_is_yours(monkeypatch, float32_cpu):
+    """auto: the short recipe where the frozen model trains in float32 on a CPU (simulated
+    both ways, so the test is the same on every machine), the full one elsewhere or when
+    the user set a field the short recipe sets; an explicit recipe fills only the fields
+    left at their defaults; the line says which and why."""
+    from softprompt import runs
+    from softprompt.settings import RECIPES
+
+    monkeypatch.setattr(runs, "resolve_bf16", lambda setting, device: not float32_cpu)
+    short, full = RECIPES["short"], {k: getattr(TrainConfig(output_dir="x"), k) for k in RECIPES["short"]}
+    assert short and short != full
+    config, line = runs.resolve_recipe(TrainConfig(output_dir="x"))
+    want = short if float32_cpu else full
+    assert {k: getattr(config, k) for k in short} == want
+    assert config.recipe == ("short" if float32_cpu else "full")
+    assert line.startswith(f"recipe: {config.recipe}, because ")
+    assert ("without AMX or AVX512-BF16" in line) is float32_cpu
+    mine, line = runs.resolve_recipe(TrainConfig(output_dir="x", max_steps=7))  # my schedule
+    assert (mine.recipe, mine.max_steps, mine.batch_size, mine.eval_every) == ("full", 7, 32, 100)
+    assert ("because you set max_steps" in line) is float32_cpu
+    forced, _ = runs.resolve_recipe(TrainConfig(output_dir="x", recipe="short", max_steps=7))
+    assert (forced.max_steps, forced.batch_size, forced.eval_every) == (7, short["batch_size"], 0)
+    kept, _ = runs.resolve_recipe(TrainConfig(output_dir="x", recipe="full"))
+    assert {k: getattr(kept, k) for k in short} == full
+    with pytest.raises(ValueError, match="recipe must be auto, full or short; got 'fast'"):
+        TrainConfig(output_dir="x", recipe="fast")
+
+
+def test_a_run_records_and_prints_the_recipe_it_used(tmp_path, model_dir):
+    """run_config.json holds the values the run used and the recipe's name (batch_size left
+    at its default: the recipe's; max_steps and eval_every set: kept); the progress callback
+    gets the recipe's line first; resuming the run resolves to the same values."""
+    events = []
+    config = _config(tmp_path, model_dir, recipe="short", max_steps=2, batch_size=32)
+    result = train(config, callback=lambda event, info: events.append((event, info)))
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())["config"]
+    used = (saved["recipe"], saved["max_steps"], saved["batch_size"], saved["eval_every"])
+    assert used == ("short", 2, 16, 2)
+    assert result.steps == 2
+    phases = [info["message"] for event, info in events if event == "phase"]
+    assert phases[0] == (
+        "recipe: short, as asked: 2 steps of 16 at lr 0.08, 512 dev examples scored every 2 steps"
+    )
+    again = _config(tmp_path, model_dir, recipe="short", max_steps=2, batch_size=32, resume=True)
+    assert train(again).steps == 2  # the same resolved settings: accepted
+    other = _config(tmp_path, model_dir, recipe="full", max_steps=2, batch_size=32, resume=True)
+    with pytest.raises(TrainingError, match="batch_size: 16 -> 32"):
+        train(other)

@@ -52,7 +52,7 @@ from .adapter_files import load_weights_into
 from .attention import attention_implementation, training_attention
 from .bf16 import bf16_weight_copies
 from .objectives import Objective, evaluate, length_grouped_batches
-from .runs import Run, prepare_run
+from .runs import Run, prepare_run, resolve_recipe
 from .settings import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted
 from .tracking import Reporters
 from .train_checkpoints import Position, load_latest, rng_state, save_checkpoint, set_rng_state
@@ -244,6 +244,9 @@ class Trainer:
         self.main, self.world = distributed.is_main(), distributed.world_size()
         if not self.main:  # progress shows on rank 0 only
             self.notify = lambda event, info: None
+        self.config, recipe = resolve_recipe(config)
+        config = self.config
+        self.notify("phase", {"message": recipe})
         self.run: Run = prepare_run(config, self.notify)
         self.model, self.objective, self.dev = self.run.model, self.run.train, self.run.dev
         resolved = self.run.info["resolved"]
