@@ -8,7 +8,8 @@ through softprompt (`SoftPromptModel.generate`) and through PEFT prompt tuning -
 loop a user writes today (PEFT's generate is also wrong with transformers 5: its tokens
 are reported, not trusted). `--transformers-serve` also runs the same load against
 `transformers serve` (continuous batching on) and softprompt serve, both on the bare
-default model. `--cache-holds N` gives the server a prompt-KV budget that holds N
+default model; `--against-bare` runs the adapters mixed and the bare model on one server,
+interleaved. `--cache-holds N` gives the server a prompt-KV budget that holds N
 adapters' KV; `--pick random` draws each request's adapter at random; `--miss-cost`
 times one prompt-KV miss (computing it) against a hit, in-process.
 
@@ -16,6 +17,7 @@ times one prompt-KV miss (computing it) against a hit, in-process.
     python bench/serve_load.py --adapters-count 8 --concurrency 1 8 32 64 --requests 128
     python bench/serve_load.py --adapters-count 1000 --cache-holds 100 --pick random --miss-cost
     python bench/serve_load.py --transformers-serve --concurrency 1 8 32
+    python bench/serve_load.py --against-bare --rounds 2 --concurrency 1 16 64 --requests 128
 
 Writes bench/results/serve-<name>.json, .md and .png. Nothing here asserts a timing.
 """
@@ -463,6 +465,11 @@ def main() -> None:
     )
     p.add_argument("--per-client", type=int, default=None, help="Requests per client, up to --requests.")
     p.add_argument("--bare-only", action="store_true", help="With --transformers-serve: no adapter levels.")
+    p.add_argument(
+        "--against-bare",
+        action="store_true",
+        help="The adapters mixed and the bare model on the same server, interleaved for --rounds rounds.",
+    )
     p.add_argument("--prompt-cache-mb", type=float, default=None, help="The server's prompt-KV budget.")
     p.add_argument(
         "--cache-holds", type=int, default=None, help="A prompt-KV budget that holds this many adapters."
@@ -482,7 +489,7 @@ def main() -> None:
         "--rounds",
         type=int,
         default=1,
-        help="With --transformers-serve: the servers stay up and every level runs on each in turn, "
+        help="With --transformers-serve or --against-bare: every level runs on each target in turn, "
         "this many rounds, the order reversed every other round.",
     )
     p.add_argument(
@@ -527,7 +534,13 @@ def main() -> None:
             t0 = time.perf_counter()
             proc, url = start_server(model_name, adapters, args.max_batch_size, work / "server.log", budget)
             extra["server_start_s"] = time.perf_counter() - t0
-            if not (args.bare_only and args.transformers_serve):
+            if args.against_bare and not args.transformers_serve:
+                from softprompt.base_models import DEFAULT_MODEL
+
+                mixed = (f"softprompt serve, {len(models)} adapters", url, models)
+                run_interleaved([mixed, ("softprompt serve, bare model", url, [model_name or DEFAULT_MODEL])],
+                                prompts, args, levels)  # fmt: skip
+            elif not (args.bare_only and args.transformers_serve):
                 run_levels(url, f"softprompt serve, {len(models)} adapters", models, prompts, args, levels)
             if args.transformers_serve:
                 from softprompt.base_models import DEFAULT_MODEL, default_model_dir

@@ -235,6 +235,11 @@ class EvalConfig:
         None, "Stop after this many evaluations without improvement (None: never)."
     )
     zero_shot: bool = option(True, "Also score the bare model on the test set, for comparison.")
+    reuse_zero_shot: bool = option(
+        True,
+        "Reuse the bare model's test scores kept by an earlier run with the same weights, examples, "
+        "precision and versions (softprompt.score_cache) instead of scoring it again.",
+    )
 
 
 @dataclass

@@ -525,9 +525,14 @@ class Trainer:
         results: dict[str, Any] = {"final_split": split}
         names = [("tuned", self.adapter)] + ([("zero_shot", None)] if self.config.zero_shot else [])
         for label, name in names:
-            who = "the bare model" if name is None else "the best prompt"
+            if name is None:
+                results[label], reused = self._bare_scores(split, data)
+                if reused is not None:
+                    results["zero_shot_reused_from"] = str(reused)
+                continue
             self.notify(
-                "phase", {"message": f"scoring {who} on {split} ({len(data)} examples)", "total": len(data)}
+                "phase",
+                {"message": f"scoring the best prompt on {split} ({len(data)} examples)", "total": len(data)},
             )
             with self.autocast(), self._evaluation():
                 scores = evaluate(
@@ -537,6 +542,37 @@ class Trainer:
         if self.main:
             atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
         return results
+
+    def _bare_scores(self, split: str, data: Objective) -> tuple[dict[str, Any], Path | None]:
+        """The bare model's scores on `data` and the file they came from: those an earlier run
+        kept under the same key (see `softprompt.score_cache`), else scored now (and kept)."""
+        from . import score_cache
+
+        key = None
+        if self.config.reuse_zero_shot and not self.sharded:
+            key = score_cache.scores_key(self.model, data, bf16=self.bf16, batch_size=64)
+        kept = score_cache.lookup(key) if key else None
+        if kept is not None:
+            scores, path = kept
+            message = (
+                f"the bare model on {split}: the scores kept in {path} (same weights, examples and "
+                "precision; --no-reuse-zero-shot scores it again)"
+            )
+            self.notify("phase", {"message": message})
+            return scores, path
+        self.notify(
+            "phase",
+            {"message": f"scoring the bare model on {split} ({len(data)} examples)", "total": len(data)},
+        )
+        with self.autocast(), self._evaluation():
+            scores = evaluate(
+                data, self.model, None, adapter=None, progress=lambda n: self.notify("progress", {"n": n})
+            )
+        if key and self.main:
+            score_cache.store(
+                key, scores, {"model": self.config.model, "split": split, "examples": len(data)}
+            )
+        return scores, None
 
 
 def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:

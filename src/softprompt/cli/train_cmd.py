@@ -32,6 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\n{metrics.get('final_split', 'test')} results ({rows[0].get('examples')} examples):")
         columns = ["model"] + [k for k in rows[0] if k not in ("model", "examples")]
         print_table(rows, columns)
+    if metrics.get("zero_shot_reused_from"):
+        print(f"(the bare model's scores: kept by an earlier run, {metrics['zero_shot_reused_from']})")
     print(
         f"\nsteps: {result.steps} ({metrics.get('stop_reason')}), best dev at step {result.best_step}, "
         f"{result.seconds / 60:.1f} min"
