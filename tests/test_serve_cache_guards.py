@@ -105,7 +105,7 @@ def test_engine_prompt_cache_keeps_the_least_recently_used_order_and_counts(pack
     )
     assert engine.packed == packed
     for name in NAMES:  # serve the model's own adapters under their names
-        engine._served[name] = name
+        engine.registry.adopt(name, name)
     store = model.prompt_kv
     assert store.budget_bytes == budget and len(store) == 0
     engine.start()

@@ -61,7 +61,7 @@ def _engine(model, tok, scheduler_kw=None, **kw) -> Engine:
     engine = Engine(model, tok, sched, base_id="base", **kw)
     assert engine.packed == kw.get("packed", engine.packed)
     for name in PROMPTS:  # serve the model's own adapters under their names
-        engine._served[name] = name
+        engine.registry.adopt(name, name)
     return engine
 
 

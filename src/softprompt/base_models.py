@@ -216,6 +216,34 @@ def _tensor_listing(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], 
     return {name: (tuple(t.shape), t.dtype) for name, t in named}
 
 
+def model_folder(
+    name_or_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """The local folder of a model as `load_model` names it: the packaged default (converted
+    on first use), a local folder, or a hub id's snapshot (config, tokenizer and safetensors
+    files only, downloaded where missing).
+
+    Raises:
+        ModelLoadError: Not a folder and not a hub id, or the download failed.
+    """
+    if name_or_path is None or (isinstance(name_or_path, str) and _is_default_alias(name_or_path)):
+        return default_model_dir(cache_dir)
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_dir():
+        return path
+    if not isinstance(name_or_path, str) or not _HUB_ID.match(name_or_path.strip()):
+        raise ModelLoadError(f"Model folder {str(path)!r} does not exist (and it is not a hub id).")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+        return Path(snapshot_download(name_or_path.strip(), allow_patterns=patterns))
+    except Exception as err:
+        raise ModelLoadError(
+            f"Could not fetch {name_or_path!r}: {type(err).__name__}: {err}\n{_hub_advice(name_or_path)}"
+        ) from err
+
+
 def _empty_model(task: TaskType, sent: dict[str, Any]) -> PreTrainedModel:
     """Rank 0's model (`sent`: what `load_model_on_rank0` sends) built from its config on the
     meta device, each tensor in rank 0's dtype."""

@@ -153,6 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Decode in left-padded batches with separate prefill passes instead of packed steps.",
     )
+    p.add_argument(
+        "--engine",
+        choices=["builtin", "vllm"],
+        default="builtin",
+        help="builtin: this process runs the model. vllm: a vLLM server started with --enable-prompt-embeds "
+        "does; this process keeps the tokenizer and the embeddings and sends vLLM [prompt; text] embeddings.",
+    )
+    p.add_argument("--vllm-url", default=None, help="vLLM's API base, e.g. http://127.0.0.1:8001/v1.")
+    p.add_argument(
+        "--vllm-python",
+        default=None,
+        help="Without --vllm-url: start vLLM with this Python (of the environment vLLM is installed in) "
+        "on a free loopback port, for the same --model.",
+    )
+    p.add_argument("--vllm-args", default="", help="Further options for the vLLM that --vllm-python starts.")
+    p.add_argument(
+        "--vllm-model", default=None, help="The model name vLLM serves (default: the first listed)."
+    )
+    p.add_argument("--vllm-timeout", type=float, default=120.0, help="Seconds to wait for vLLM (then 504).")
+    p.add_argument("--vllm-api-key", default=None, help="vLLM's --api-key (or VLLM_API_KEY).")
     allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -108,6 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..distributed import resolve_device, resolve_dtype
 
     resolve_dtype(args.dtype, resolve_device(args.device))  # a bad value stops here, not in the worker
+    vllm, started = _vllm_settings(args)
     config = ServeConfig(
         model=args.model,
         base_id=args.served_model_name,
@@ -126,15 +127,79 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefill_tokens=args.prefill_tokens,
         device=args.device,
         dtype=args.dtype,
+        engine=args.engine,
+        vllm=vllm,
     )
     for folder in config.adapters_dirs:
         if not Path(folder).is_dir():
             raise ValueError(f"--adapters {folder!r} is not a folder.")
-    uvicorn.run(
-        create_app(config),
-        host=args.host,
-        port=args.port,
-        log_level="debug" if args.verbose else "info",
-        timeout_graceful_shutdown=int(args.drain_seconds),
-    )
+    try:
+        if started is not None:
+            vllm.url = started(config)
+        uvicorn.run(
+            create_app(config),
+            host=args.host,
+            port=args.port,
+            log_level="debug" if args.verbose else "info",
+            timeout_graceful_shutdown=int(args.drain_seconds),
+        )
+    finally:
+        if started is not None:
+            started.stop()
     return 0
+
+
+class _StartedVllm:
+    """The vLLM that `--vllm-python` starts for the model (stopped when the server stops)."""
+
+    def __init__(self, python: str, extra: list[str], timeout_s: float) -> None:
+        self.python, self.extra, self.timeout_s, self.proc = python, extra, timeout_s, None
+
+    def __call__(self, config: Any) -> str:
+        import tempfile
+
+        from ..base_models import model_folder
+        from ..serve.vllm_process import start_vllm
+
+        folder = model_folder(config.model)
+        log = Path(tempfile.gettempdir()) / f"softprompt-vllm-{os.getpid()}.log"
+        print(
+            f"starting vLLM for {folder} with {self.python} (log: {log}); this can take minutes", flush=True
+        )
+        self.proc, url = start_vllm(self.python, folder, log, served_name="model", extra=self.extra)
+        print(f"vLLM is ready at {url}", flush=True)
+        return url
+
+    def stop(self) -> None:
+        from ..serve.vllm_process import stop_vllm
+
+        if self.proc is not None:
+            stop_vllm(self.proc)
+
+
+def _vllm_settings(args: argparse.Namespace) -> tuple[Any, _StartedVllm | None]:
+    """The vLLM settings of `--engine vllm` (and the vLLM to start, for --vllm-python)."""
+    if args.engine != "vllm":
+        if args.vllm_url or args.vllm_python:
+            raise ValueError("--vllm-url and --vllm-python go with --engine vllm.")
+        return None, None
+    import shlex
+
+    from ..serve.vllm_engine import VllmSettings
+
+    if bool(args.vllm_url) == bool(args.vllm_python):
+        raise ValueError(
+            "--engine vllm needs either --vllm-url (a running vLLM, started with --enable-prompt-embeds) "
+            "or --vllm-python (the Python of an environment with vLLM, to start one)."
+        )
+    key = args.vllm_api_key or os.environ.get("VLLM_API_KEY") or None
+    settings = VllmSettings(
+        url=args.vllm_url or "http://127.0.0.1:0/v1",
+        model=args.vllm_model,
+        timeout_s=args.vllm_timeout,
+        api_key=key,
+    )
+    started = None
+    if args.vllm_python:
+        started = _StartedVllm(args.vllm_python, shlex.split(args.vllm_args), args.vllm_timeout)
+    return settings, started

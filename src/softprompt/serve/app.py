@@ -89,6 +89,9 @@ class ServeConfig:
             cpu, cuda, cuda:N or mps, as for `softprompt train`.
         dtype: The weights' dtype: auto (bfloat16 on a GPU that has it, float16 on one that
             does not, float32 on the CPU), float32, bfloat16 or float16.
+        engine: "builtin" (this process runs the model) or "vllm" (a vLLM server does, see
+            `softprompt.serve.vllm_engine`; this process keeps the tokenizer and embeddings).
+        vllm: Where vLLM is, a `softprompt.serve.vllm_engine.VllmSettings` (engine "vllm").
     """
 
     model: str | None = None
@@ -108,6 +111,14 @@ class ServeConfig:
     prefill_tokens: int = 256
     device: str = "auto"
     dtype: str = "auto"
+    engine: str = "builtin"
+    vllm: Any = None
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("builtin", "vllm"):
+            raise ValueError(f"engine must be builtin or vllm; got {self.engine!r}.")
+        if self.engine == "vllm" and self.vllm is None:
+            raise ValueError("engine='vllm' needs vllm=VllmSettings(url=...): where vLLM serves the model.")
 
     def resolved_base_id(self) -> str:
         if self.base_id:
@@ -141,21 +152,10 @@ class _Server:
     def load(self) -> None:
         """Load the model and the start-up adapters, then start the engine (own thread)."""
         try:
-            from .engine import Engine, scan_adapters
+            from .adapters import scan_adapters
 
             model, tokenizer = (self.loader or _default_loader(self.config))()
-            engine = Engine(
-                model,
-                tokenizer,
-                self.scheduler,
-                base_id=self.base_id,
-                metrics=self.metrics,
-                prompt_cache_mb=self.config.prompt_cache_mb,
-                adapters_dirs=[Path(d) for d in self.config.adapters_dirs],
-                allow_base_mismatch=self.config.allow_base_mismatch,
-                packed=self.config.packed,
-                prefill_tokens=self.config.prefill_tokens,
-            )
+            engine = _build_engine(self, model, tokenizer)
             for root in self.config.adapters_dirs:
                 for name, path in scan_adapters(Path(root)).items():
                     try:
@@ -167,11 +167,7 @@ class _Server:
             engine.start()
             self.tokenizer, self.engine, self.state = tokenizer, engine, "ready"
             logger.info(
-                "ready: %s with %d adapters, on %s in %s",
-                self.base_id,
-                len(engine.adapters()),
-                model.device,
-                str(engine.dtype).removeprefix("torch."),
+                "ready: %s with %d adapters, on %s", self.base_id, len(engine.adapters()), engine.description
             )
         except Exception as err:
             logger.exception("loading failed")
@@ -186,6 +182,32 @@ class _Server:
         raise Unavailable(f"the model worker is not running ({self.error or self.state}).")
 
 
+def _build_engine(server: _Server, model: Any, tokenizer: Any) -> Any:
+    """The configured engine over `model` (see `ServeConfig.engine`)."""
+    config = server.config
+    common = {
+        "base_id": server.base_id,
+        "metrics": server.metrics,
+        "adapters_dirs": [Path(d) for d in config.adapters_dirs],
+        "allow_base_mismatch": config.allow_base_mismatch,
+    }
+    if config.engine == "vllm":
+        from .vllm_engine import VllmEngine
+
+        return VllmEngine(model, tokenizer, server.scheduler, settings=config.vllm, **common)
+    from .engine import Engine
+
+    return Engine(
+        model,
+        tokenizer,
+        server.scheduler,
+        prompt_cache_mb=config.prompt_cache_mb,
+        packed=config.packed,
+        prefill_tokens=config.prefill_tokens,
+        **common,
+    )
+
+
 def _default_loader(config: ServeConfig) -> Callable[[], tuple[Any, Any]]:
     def load() -> tuple[Any, Any]:
         from ..base_models import load_model
@@ -194,8 +216,16 @@ def _default_loader(config: ServeConfig) -> Callable[[], tuple[Any, Any]]:
         from ..model import SoftPromptModel
         from .engine import PLACEHOLDER
 
-        device = resolve_device(config.device)
-        base, tokenizer = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device)
+        if config.engine == "vllm":  # the front: the tokenizer and the input embeddings only
+            from .vllm_engine import embeddings_only_model
+
+            dtype = resolve_dtype("float32" if config.dtype == "auto" else config.dtype, torch_cpu())
+            base, tokenizer = embeddings_only_model(config.model, dtype)
+        else:
+            device = resolve_device(config.device)
+            base, tokenizer = load_model(
+                config.model, dtype=resolve_dtype(config.dtype, device), device=device
+            )
         model = SoftPromptModel(
             base,
             PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1),
@@ -205,6 +235,12 @@ def _default_loader(config: ServeConfig) -> Callable[[], tuple[Any, Any]]:
         return model.eval(), tokenizer
 
     return load
+
+
+def torch_cpu() -> Any:
+    import torch
+
+    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------- errors and parsing
@@ -498,12 +534,12 @@ async def _metrics(request: Request) -> Response:
     server = _server(request)
     server.metrics.queue.set(server.scheduler.queue_depth)
     if server.engine is not None:
-        server.metrics.prompt_cache(server.engine.model.prompt_kv)
+        server.engine.observe(server.metrics)
     return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def _models(request: Request) -> Response:
-    from .engine import scan_adapters
+    from .adapters import scan_adapters
 
     server = _server(request)
     _check_key(server, request)

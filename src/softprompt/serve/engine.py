@@ -33,10 +33,8 @@ machine a one-row decode step went from about 50 ms to about 75 ms.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
-import re
 import threading
 import time
 from pathlib import Path
@@ -44,13 +42,20 @@ from typing import Any
 
 import torch
 
-from ..adapter_files import BaseModelMismatch
 from ..model import BASE
 from ..prefix import PromptKV, cache_tensors, make_cache, supports_prefix_cache
+from .adapters import (  # noqa: F401  (find_adapter_folder, scan_adapters: re-exported)
+    ADAPTER_NAME,
+    AdapterMethods,
+    AdapterRegistry,
+    context_length,
+    find_adapter_folder,
+    scan_adapters,
+    stop_token_ids,
+)
 from .request import (
     GenerationRequest,
     InternalError,
-    NotFound,
     ServeError,
     Unavailable,
 )
@@ -58,30 +63,8 @@ from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 PLACEHOLDER = "_serve_placeholder_"
 IDLE_SLOTS_BYTES = 256 * 2**20  # packed KV slots kept through an idle spell at most
-
-
-# ---------------------------------------------------------------------- adapters on disk
-def find_adapter_folder(folder: Path) -> Path | None:
-    """The adapter in `folder`: the folder itself, or a run's `best/` (then `last/`) adapter."""
-    for candidate in (folder, folder / "best", folder / "last"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    return None
-
-
-def scan_adapters(root: Path) -> dict[str, Path]:
-    """Every adapter folder directly under `root`, by folder name."""
-    found = {}
-    if root.is_dir():
-        for child in sorted(root.iterdir()):
-            if child.is_dir() and ADAPTER_NAME.match(child.name):
-                path = find_adapter_folder(child)
-                if path is not None:
-                    found[child.name] = path
-    return found
 
 
 # ---------------------------------------------------------------------- the running batch
@@ -175,7 +158,7 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- the engine
-class Engine:
+class Engine(AdapterMethods):
     """One worker thread running a `SoftPromptModel` for many adapters at once.
 
     Args:
@@ -226,20 +209,9 @@ class Engine:
         budget = None if prompt_cache_mb is None else int(prompt_cache_mb * 2**20)
         model.prompt_kv = PromptKV(budget)
         self.dtype = model.base_model.get_input_embeddings().weight.dtype
-        config = model.base_model.config
-        self.context_length = int(
-            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-        )
-        gen = getattr(model.base_model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.stop_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self._served: dict[str, str] = {}  # served name -> the model's internal adapter name
-        self._paths: dict[str, Path] = {}
-        self._settings: dict[str, dict[str, Any]] = {}
-        self._counter = itertools.count(1)
-        self._names_lock = threading.Lock()
+        self.context_length = context_length(model)
+        self.stop_token_ids = stop_token_ids(model, tokenizer)
+        self.registry = AdapterRegistry(model, base_id, adapters_dirs, allow_base_mismatch)
         self.prefill_tokens = max(1, int(prefill_tokens))
         self.packed = self._check_packed() if packed is None else packed
         if packed and not self._check_packed():
@@ -255,112 +227,23 @@ class Engine:
         self.state = "ready"
         self.steps = 0
 
-    # ------------------------------------------------------------------ adapters
-    def adapters(self) -> dict[str, Path]:
-        """Served adapter names and their folders."""
-        with self._names_lock:
-            return dict(self._paths)
-
-    def has_adapter(self, name: str) -> bool:
-        with self._names_lock:
-            return name in self._served
-
-    def settings_for(self, name: str) -> dict[str, Any]:
-        with self._names_lock:
-            return dict(self._settings.get(name, {}))
-
-    def prompt_length(self, name: str | None) -> int:
-        """Virtual tokens of a served adapter (0 for the bare model)."""
-        if name is None:
-            return 0
-        with self._names_lock:
-            internal = self._served.get(name)
-        prompt = self.model.prompts[internal] if internal in self.model.prompts else None  # noqa: SIM401
-        return prompt.num_virtual_tokens if prompt is not None else 0
-
-    def load_adapter_now(self, name: str, path: str | Path) -> None:
-        """Load (or replace) adapter `name` from `path`; call on the worker thread (or before start)."""
-        from ..classify import run_settings
-
-        if not isinstance(name, str) or not ADAPTER_NAME.match(name) or name == self.base_id:
-            raise ServeError(
-                f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-', not the "
-                "base model's name.",
-                param="name",
-            )
-        folder = find_adapter_folder(Path(path))
-        if folder is None:
-            raise ServeError(f"no adapter (adapter_config.json) in {str(path)!r}.", param="path")
-        try:
-            settings = run_settings(folder)
-        except ValueError as err:  # a damaged run_config.json: generation works, classify will not
-            logger.warning("adapter %s: %s", name, err)
-            settings = {}
-        internal = f"a{next(self._counter)}"
-        try:
-            self.model.load_adapter(folder, internal, allow_base_mismatch=self.allow_base_mismatch)
-        except BaseModelMismatch as err:
-            if internal in self.model.prompts:
-                self.model.delete_adapter(internal)
-            raise ServeError(
-                f"cannot load adapter {name!r}: {err}", param="path", code="base_model_mismatch"
-            ) from err
-        except Exception as err:
-            if internal in self.model.prompts:
-                self.model.delete_adapter(internal)
-            raise ServeError(
-                f"cannot load adapter {name!r} from {str(folder)!r}: {err}", param="path"
-            ) from err
-        with self._names_lock:
-            old = self._served.get(name)
-            self._served[name] = internal
-            self._paths[name] = folder
-            self._settings[name] = settings
-        if old is not None:
-            self.model.delete_adapter(old)
-        logger.info("serving adapter %s from %s", name, folder)
-
-    def unload_adapter_now(self, name: str) -> None:
-        with self._names_lock:
-            internal = self._served.pop(name, None)
-            self._paths.pop(name, None)
-            self._settings.pop(name, None)
-        if internal is None:
-            raise NotFound(f"no adapter named {name!r} is loaded.", param="name")
-        self.model.delete_adapter(internal)
-
-    def find_on_disk(self, name: str) -> Path | None:
-        """A folder `name` under the adapters folders (just-in-time loading), or None."""
-        if not ADAPTER_NAME.match(name):
-            return None
-        for root in self.adapters_dirs:
-            folder = find_adapter_folder(root / name)
-            if folder is not None:
-                return folder
-        return None
-
+    # ------------------------------------------------------------------ adapters (AdapterMethods)
     def _internal(self, name: str | None) -> str | None:
-        if name is None:
-            return None
-        with self._names_lock:
-            internal = self._served.get(name)
-        if internal is None:
-            raise NotFound(f"the adapter {name!r} is not loaded (it was unloaded).", param="model")
-        return internal
+        return self.registry.internal(name)
+
+    @property
+    def description(self) -> str:
+        return f"{self.model.device}, {str(self.dtype).removeprefix('torch.')}"
+
+    def observe(self, metrics: Any) -> None:
+        metrics.prompt_cache(self.model.prompt_kv)
 
     # ------------------------------------------------------------------ classification
     def classify(self, name: str, texts: list[str], max_length: int | None = None) -> list[dict[str, Any]]:
         """Rank classification with the adapter's run template and label words (worker thread)."""
         from ..classify import classify_texts
 
-        settings = self.settings_for(name)
-        template, words = settings.get("template"), settings.get("label_words")
-        if not template or not words:
-            raise ServeError(
-                f"adapter {name!r} has no classification settings: its run_config.json (next to the "
-                "adapter or in its parent folder) gives no template and label_words.",
-                param="model",
-            )
+        template, words, max_length_run = self.registry.classification_settings(name)
         return classify_texts(
             self.model,
             self.tokenizer,
@@ -368,7 +251,7 @@ class Engine:
             adapter=self._internal(name),
             template=template,
             label_words=words,
-            max_length=max_length or settings.get("max_length") or 256,
+            max_length=max_length or max_length_run or 256,
         )
 
     # ------------------------------------------------------------------ thread
@@ -464,8 +347,8 @@ class Engine:
         """The prompt KV of the joining requests' adapters that is not in the cache (evicted,
         never used), in one forward pass for all of them instead of one each. On any error
         nothing fails here: each request computes its own as it joins, and fails alone."""
-        with self._names_lock:  # an unknown (unloaded) adapter: its join reports it
-            names = [self._served.get(r.adapter) for r in reqs if r.adapter is not None]
+        # an unknown (unloaded) adapter: its join reports it
+        names = [self.registry.internal_or_none(r.adapter) for r in reqs if r.adapter is not None]
         names = [n for n in names if n is not None and self.model.uses_prompt_cache([n], 1)]
         if len(set(names)) > 1:
             try:
