@@ -18,6 +18,7 @@ times one prompt-KV miss (computing it) against a hit, in-process.
     python bench/serve_load.py --adapters-count 1000 --cache-holds 100 --pick random --miss-cost
     python bench/serve_load.py --transformers-serve --concurrency 1 8 32
     python bench/serve_load.py --against-bare --rounds 2 --concurrency 1 16 64 --requests 128
+    python bench/serve_load.py --vllm-python .venv-vllm/bin/python --transformers-serve --rounds 2
 
 Writes bench/results/serve-<name>.json, .md and .png. Nothing here asserts a timing.
 """
@@ -466,6 +467,14 @@ def main() -> None:
     p.add_argument("--per-client", type=int, default=None, help="Requests per client, up to --requests.")
     p.add_argument("--bare-only", action="store_true", help="With --transformers-serve: no adapter levels.")
     p.add_argument(
+        "--vllm-python",
+        default=None,
+        help="The Python of a vLLM environment (make vllm: .venv-vllm/bin/python): softprompt serve "
+        "--engine vllm with the adapters against bare vLLM (and, with --transformers-serve, the built-in "
+        "engine and transformers serve), interleaved for --rounds rounds.",
+    )
+    p.add_argument("--vllm-block-size", type=int, default=32, help="vLLM's KV block (its CPU default: 128).")
+    p.add_argument(
         "--against-bare",
         action="store_true",
         help="The adapters mixed and the bare model on the same server, interleaved for --rounds rounds.",
@@ -534,7 +543,9 @@ def main() -> None:
             t0 = time.perf_counter()
             proc, url = start_server(model_name, adapters, args.max_batch_size, work / "server.log", budget)
             extra["server_start_s"] = time.perf_counter() - t0
-            if args.against_bare and not args.transformers_serve:
+            if args.vllm_python:
+                run_vllm(args, model_name, adapters, models, prompts, work, levels, extra, others)
+            elif args.against_bare and not args.transformers_serve:
                 from softprompt.base_models import DEFAULT_MODEL
 
                 mixed = (f"softprompt serve, {len(models)} adapters", url, models)
@@ -579,6 +590,90 @@ def main() -> None:
         for server in [proc, *others] if proc is not None else others:
             server.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_vllm(
+    args: argparse.Namespace,
+    model_name: str | None,
+    adapters: Path,
+    models: list[str],
+    prompts: list[str],
+    work: Path,
+    levels: list,
+    extra: dict,
+    others: list,
+) -> None:
+    """`--vllm-python`: one vLLM (prompt embeddings on) and `softprompt serve --engine vllm` in
+    front of it, interleaved: the adapters mixed through the front, the bare model sent to vLLM
+    as token ids, and (with --transformers-serve) the built-in engine with the same adapters and
+    `transformers serve`; vLLM's prefix-cache counters and every process's RSS are recorded."""
+    from softprompt.base_models import default_model_dir
+    from softprompt.serve.vllm_process import start_vllm
+
+    folder = model_name or str(default_model_dir())
+    t0 = time.perf_counter()
+    vllm, vllm_api = start_vllm(
+        args.vllm_python, folder, work / "vllm.log", served_name="vllm-bare", dtype="float32",
+        max_model_len=2048, block_size=args.vllm_block_size,
+        extra=["--max-num-seqs", str(args.max_batch_size)],
+    )  # fmt: skip
+    others.append(vllm)
+    extra["vllm_start_s"] = time.perf_counter() - t0
+    front, front_url = start_server(
+        model_name, adapters, args.max_batch_size, work / "front.log", None,
+        ("--engine", "vllm", "--vllm-url", vllm_api, "--vllm-model", "vllm-bare"),
+    )  # fmt: skip
+    others.append(front)
+    vllm_url = vllm_api.removesuffix("/v1")
+    servers = [
+        (f"softprompt serve --engine vllm, {len(models)} adapters", front_url, models),
+        ("vLLM, bare model (token ids)", vllm_url, ["vllm-bare"]),
+    ]
+    if args.transformers_serve:
+        builtin, builtin_url = start_server(model_name, adapters, args.max_batch_size, work / "builtin.log")
+        others.append(builtin)
+        servers.append((f"softprompt serve --engine builtin, {len(models)} adapters", builtin_url, models))
+        theirs, their_url = start_transformers_serve(folder, work / "transformers-serve.log")
+        others.append(theirs)
+        servers.append(("transformers serve, bare model", their_url, [folder]))
+    before = vllm_prefix_counters(vllm_url)
+    run_interleaved(servers, prompts, args, levels)
+    after = vllm_prefix_counters(vllm_url)
+    extra["vllm_prefix_cache"] = {"before": before, "after": after, "block_size": args.vllm_block_size}
+    extra["rss_mb"] = {
+        "vllm (api server + engine core)": rss_mb(vllm.pid, children=True),
+        "softprompt front": rss_mb(front.pid),
+    }
+    print(json.dumps({k: extra[k] for k in ("vllm_prefix_cache", "rss_mb")}), flush=True)
+
+
+def vllm_prefix_counters(url: str) -> dict[str, float]:
+    """vLLM's prefix-cache counters (tokens queried, tokens found), summed over its engines."""
+    import re
+
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out = {}
+    for name in ("queries", "hits"):
+        found = re.findall(rf"^vllm:prefix_cache_{name}_total\{{[^}}]*\}} ([0-9.e+]+)$", text, re.MULTILINE)
+        out[name] = sum(float(v) for v in found)
+    return out
+
+
+def rss_mb(pid: int, children: bool = False) -> float:
+    """Resident memory of a process (and its children), from /proc, in MB."""
+    pids = [pid]
+    if children:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            kids = (task / "children").read_text().split() if (task / "children").exists() else []
+            pids += [int(k) for k in kids]
+    total = 0
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
 
 
 def rounds_summary(levels: list[dict]) -> list[str]:
@@ -672,6 +767,22 @@ def write_results(
                 f"{m['miss_ms_p50']:.2f} ms; a hit: {m['hit_ms_p50']:.3f} ms "
                 f"(medians of {m['repeats']}, in-process)."
             ),
+            "",
+        ]
+    if "vllm_prefix_cache" in extra:
+        v = extra["vllm_prefix_cache"]
+        hits = v["after"].get("hits", 0) - v["before"].get("hits", 0)
+        queries = v["after"].get("queries", 0) - v["before"].get("queries", 0)
+        lines += [
+            (
+                f"vLLM (block size {v['block_size']}) started in {extra.get('vllm_start_s', 0):.0f} s; its "
+                f"prefix cache in the rounds: {hits:.0f} of {queries:.0f} prompt tokens cached."
+            ),
+            "",
+        ]
+    if "rss_mb" in extra:
+        lines += [
+            "Resident memory at the end: " + ", ".join(f"{k} {v:.0f} MB" for k, v in extra["rss_mb"].items()),
             "",
         ]
     if "transformers_serve_error" in extra:
