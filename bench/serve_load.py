@@ -544,7 +544,7 @@ def main() -> None:
             proc, url = start_server(model_name, adapters, args.max_batch_size, work / "server.log", budget)
             extra["server_start_s"] = time.perf_counter() - t0
             if args.vllm_python:
-                run_vllm(args, model_name, adapters, models, prompts, work, levels, extra, others)
+                run_vllm(args, model_name, adapters, models, prompts, work, levels, extra, others, url)
             elif args.against_bare and not args.transformers_serve:
                 from softprompt.base_models import DEFAULT_MODEL
 
@@ -602,6 +602,7 @@ def run_vllm(
     levels: list,
     extra: dict,
     others: list,
+    builtin_url: str,
 ) -> None:
     """`--vllm-python`: one vLLM (prompt embeddings on) and `softprompt serve --engine vllm` in
     front of it, interleaved: the adapters mixed through the front, the bare model sent to vLLM
@@ -630,8 +631,6 @@ def run_vllm(
         ("vLLM, bare model (token ids)", vllm_url, ["vllm-bare"]),
     ]
     if args.transformers_serve:
-        builtin, builtin_url = start_server(model_name, adapters, args.max_batch_size, work / "builtin.log")
-        others.append(builtin)
         servers.append((f"softprompt serve --engine builtin, {len(models)} adapters", builtin_url, models))
         theirs, their_url = start_transformers_serve(folder, work / "transformers-serve.log")
         others.append(theirs)

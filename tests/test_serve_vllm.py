@@ -30,6 +30,7 @@ from tests.test_serve_support import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "Review: {text}\nSentiment:"
+MARKED = "Review: {text}\n{prompt}Sentiment:"
 WORDS = {"negative": " negative", "positive": " positive"}
 BLOCK = 32  # vLLM's KV block on the CPU here (its default is 128: no soft prompt fills one)
 TEXTS = [
@@ -85,6 +86,16 @@ def library(softprompt_cache, tmp_path_factory):
         table.copy_(base.get_input_embeddings().weight[2000:2012])
     peft_model.save_pretrained(root / "peft")
     model.load_adapter(root / "peft", "peft")
+    torch.manual_seed(3)  # placed at the {prompt} marker of its run's template
+    marker = PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_position="MARKER",
+        prompt_tuning_init="CLASS_LABELS", prompt_tuning_init_text=list(WORDS.values()),
+        tokenizer_name_or_path="unused",
+    )  # fmt: skip
+    model.add_adapter("marked", marker, tokenizer=tok, trainable=False)
+    model.save_pretrained(root / "marked" / "best", selected_adapters=["marked"])
+    resolved = {"task": "classification", "template": MARKED, "label_words": WORDS}
+    (root / "marked" / "run_config.json").write_text(json.dumps({"config": {}, "resolved": resolved}))
     return model, tok, root
 
 
@@ -169,11 +180,26 @@ def test_classify_equals_the_library(library, front):
     for got, want in zip(r.json()["data"], expected):
         assert got["label"] == want["label"]
         assert got["probs"] == pytest.approx(want["probs"], abs=1e-4)
+    # an adapter placed at its template's {prompt} marker: the prompt goes there, as in the library
+    r = httpx.post(front.url + "/v1/classify", json={"model": "marked", "input": texts}, timeout=300)
+    assert r.status_code == 200, r.text
+    expected = classify_texts(model, tok, texts, adapter="marked", template=MARKED, label_words=WORDS)
+    for got, want in zip(r.json()["data"], expected):
+        assert got["probs"] == pytest.approx(want["probs"], abs=1e-4)
+    # completions put a prompt in front: a marker adapter is refused with the reason
+    r = httpx.post(front.url + "/v1/completions", json={"model": "marked", "prompt": "hi"}, timeout=60)
+    assert r.status_code == 400 and "marker" in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.slow
-def test_seeded_sampling_repeats_and_streams(front):
+def test_chat_equals_the_library_and_seeded_sampling_repeats(library, front):
+    model, tok, _ = library
     client = openai.OpenAI(base_url=front.url + "/v1", api_key="x", timeout=300, max_retries=0)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model="sst", messages=messages, max_tokens=10, temperature=0)
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = _reference(model, tok, rendered, "sst", 10)
+    assert chat.choices[0].message.content == tok.decode(expected, skip_special_tokens=True)
     ask = {"model": "sst", "prompt": TEXTS[2], "max_tokens": 10, "temperature": 0.9, "seed": 7, "n": 2}
     first = client.completions.create(**ask)
     again = client.completions.create(**ask)

@@ -272,3 +272,44 @@ def test_vllm_down_slow_or_broken_gives_503_504_502_and_the_front_recovers(model
 def test_encode_embeds_round_trips_through_torch_load():
     t = torch.randn(4, 6)
     assert torch.equal(_decode(encode_embeds(t)), t)
+
+
+def test_prompt_embedder_builds_the_rows_the_library_feeds_the_model(model_dir, adapters):
+    from softprompt.base_models import load_model
+    from softprompt.prompt_embeds import PromptEmbedder
+
+    embedder = PromptEmbedder(model_dir, {"beta": adapters / "beta"})
+    base, tok = load_model(str(model_dir))
+    library = SoftPromptModel.from_pretrained(base, adapters / "beta", adapter_name="beta")
+    table = base.get_input_embeddings().weight
+    ids = tok("good movie", add_special_tokens=False)["input_ids"]
+    rows, bare = embedder.embeds("beta", ["good movie", ids]), embedder.embeds(None, ["good movie"])
+    expected = torch.cat([library.prompts["beta"](torch.float32), table[ids]])
+    assert torch.equal(rows[0], expected) and torch.equal(rows[1], expected)
+    assert torch.equal(bare[0], table[ids])
+    assert embedder.vllm_inputs("beta", [ids])[0]["prompt_embeds"].shape == expected.shape
+    with pytest.raises(ValueError, match="no adapter 'gamma'"):
+        embedder.embeds("gamma", ["good"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--engine", "vllm"], "needs either --vllm-url"),
+        (["--engine", "vllm", "--vllm-url", "http://a/v1", "--vllm-python", "p"], "needs either --vllm-url"),
+        (["--vllm-url", "http://127.0.0.1:1/v1"], "go with --engine vllm"),
+        (["--engine", "vllm", "--vllm-url", "127.0.0.1:8001"], "must start with http://"),
+    ],
+)
+def test_serve_refuses_incomplete_vllm_options_before_loading_anything(argv, message, capsys):
+    from softprompt.cli import main
+
+    assert main(["serve", *argv]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_starting_vllm_with_a_python_that_does_not_exist_says_what_to_do(tmp_path):
+    from softprompt.serve.vllm_process import start_vllm
+
+    with pytest.raises(FileNotFoundError, match="make vllm"):
+        start_vllm(tmp_path / "no-python", tmp_path, tmp_path / "log")

@@ -69,6 +69,9 @@ class AdapterRegistry:
         self._settings: dict[str, dict[str, Any]] = {}
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
+        #: Held while the model's adapters change, and by an engine that reads prompts on
+        #: another thread than the one loading adapters (the vLLM engine).
+        self.model_lock = threading.RLock()
 
     def adapters(self) -> dict[str, Path]:
         """Served adapter names and their folders."""
@@ -134,7 +137,8 @@ class AdapterRegistry:
             settings = {}
         internal = f"a{next(self._counter)}"
         try:
-            self.model.load_adapter(folder, internal, allow_base_mismatch=self.allow_base_mismatch)
+            with self.model_lock:
+                self.model.load_adapter(folder, internal, allow_base_mismatch=self.allow_base_mismatch)
         except BaseModelMismatch as err:
             self._drop(internal)
             raise ServeError(
@@ -145,13 +149,14 @@ class AdapterRegistry:
             raise ServeError(
                 f"cannot load adapter {name!r} from {str(folder)!r}: {err}", param="path"
             ) from err
-        with self._lock:
-            old = self._served.get(name)
-            self._served[name] = internal
-            self._paths[name] = folder
-            self._settings[name] = settings
-        if old is not None:
-            self.model.delete_adapter(old)
+        with self.model_lock:
+            with self._lock:
+                old = self._served.get(name)
+                self._served[name] = internal
+                self._paths[name] = folder
+                self._settings[name] = settings
+            if old is not None:
+                self.model.delete_adapter(old)
         logger.info("serving adapter %s from %s", name, folder)
 
     def adopt(self, name: str, internal: str, folder: str | Path = "", settings: Any = None) -> None:
@@ -164,17 +169,19 @@ class AdapterRegistry:
             self._settings[name] = dict(settings or {})
 
     def _drop(self, internal: str) -> None:
-        if internal in self.model.prompts:
-            self.model.delete_adapter(internal)
+        with self.model_lock:
+            if internal in self.model.prompts:
+                self.model.delete_adapter(internal)
 
     def unload(self, name: str) -> None:
-        with self._lock:
-            internal = self._served.pop(name, None)
-            self._paths.pop(name, None)
-            self._settings.pop(name, None)
-        if internal is None:
-            raise NotFound(f"no adapter named {name!r} is loaded.", param="name")
-        self.model.delete_adapter(internal)
+        with self.model_lock:
+            with self._lock:
+                internal = self._served.pop(name, None)
+                self._paths.pop(name, None)
+                self._settings.pop(name, None)
+            if internal is None:
+                raise NotFound(f"no adapter named {name!r} is loaded.", param="name")
+            self.model.delete_adapter(internal)
 
     def find_on_disk(self, name: str) -> Path | None:
         """A folder `name` under the adapters folders (just-in-time loading), or None."""

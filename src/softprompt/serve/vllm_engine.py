@@ -186,11 +186,12 @@ class VllmEngine(AdapterMethods):
         self._jobs.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ embeddings
-    def embeds(self, adapter: str | None, ids: list[int]) -> torch.Tensor:
-        """`[adapter's prompt; embeddings of ids]`, `(prompt + len(ids), hidden)` in the model's dtype.
+    def embeds(self, adapter: str | None, ids: list[int], at: int | None = None) -> torch.Tensor:
+        """`[adapter's prompt; embeddings of ids]`, `(prompt + len(ids), hidden)` in the model's
+        dtype; for an adapter placed at a `{prompt}` marker, the prompt goes before `ids[at]`.
 
         Raises:
-            ServeError: An id outside the vocabulary, or an adapter placed at a marker.
+            ServeError: An id outside the vocabulary, or a marker adapter without `at`.
             NotFound: The adapter is not served (any more).
         """
         vocab = self.table.shape[0]
@@ -200,19 +201,21 @@ class VllmEngine(AdapterMethods):
                 f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}).", param="prompt"
             )
         rows = self.table[torch.tensor(ids, dtype=torch.long)] if ids else self.table[:0]
-        internal = self.registry.internal(adapter)
-        if internal is None:
-            return rows
-        config = self.model.peft_config[internal]
-        if config.prompt_position == PromptPosition.MARKER:
-            raise ServeError(
-                f"adapter {adapter!r} is placed at a {{prompt}} marker inside its template; completions "
-                "put the prompt in front. Use /v1/classify, or an adapter trained without {prompt}.",
-                param="model",
-            )
-        with torch.no_grad():
-            prompt = self.model.prompts[internal](self.dtype).to(rows.device)
-        return torch.cat([prompt, rows], dim=0)
+        with self.registry.model_lock:  # an adapter replaced meanwhile: the name's current one
+            internal = self.registry.internal(adapter)
+            if internal is None:
+                return rows
+            marker = self.model.peft_config[internal].prompt_position == PromptPosition.MARKER
+            if marker and at is None:
+                raise ServeError(
+                    f"adapter {adapter!r} is placed at a {{prompt}} marker inside its run's template; "
+                    "completions and chat put a prompt in front, so only /v1/classify can use it.",
+                    param="model",
+                )
+            with torch.no_grad():
+                prompt = self.model.prompts[internal](self.dtype).to(rows.device)
+        at = at if marker else 0
+        return torch.cat([rows[:at], prompt, rows[at:]], dim=0)
 
     # ------------------------------------------------------------------ classification
     def classify(self, name: str, texts: list[str], max_length: int | None = None) -> list[dict[str, Any]]:
@@ -224,20 +227,15 @@ class VllmEngine(AdapterMethods):
         template, words, run_max = self.registry.classification_settings(name)
         verbalizer = Verbalizer.build(self.tokenizer, words)
         rows, positions = encode_template(self.tokenizer, list(texts), template, max_length or run_max or 256)
-        if positions is not None:
-            raise ServeError(
-                f"adapter {name!r} is placed at a {{prompt}} marker; classification through vLLM puts "
-                "the prompt in front. Serve it with --engine builtin.",
-                param="model",
-            )
+        where = positions or [None] * len(rows)
         scores = torch.zeros(len(rows), len(verbalizer.labels), dtype=torch.float64)
         # the first token of every label in one request per text, then one per further token
         firsts = sorted({ids[0] for ids in verbalizer.token_ids})
-        calls: list[tuple[int, list[int], list[int]]] = [(i, row, firsts) for i, row in enumerate(rows)]
+        calls = [(i, row, where[i], firsts) for i, row in enumerate(rows)]
         for i, row in enumerate(rows):
             for ids in verbalizer.token_ids:
                 for k in range(1, len(ids)):
-                    calls.append((i, row + list(ids[:k]), [ids[k]]))
+                    calls.append((i, row + list(ids[:k]), where[i], [ids[k]]))
         answers = self._sync(self._label_logprobs_all(name, calls))
         for i, row in enumerate(rows):
             for j, ids in enumerate(verbalizer.token_ids):
@@ -248,22 +246,24 @@ class VllmEngine(AdapterMethods):
         return label_probs(verbalizer.labels, scores)
 
     async def _label_logprobs_all(
-        self, name: str, calls: list[tuple[int, list[int], list[int]]]
+        self, name: str, calls: list[tuple[int, list[int], int | None, list[int]]]
     ) -> dict[tuple[int, tuple[int, ...]], dict[int, float]]:
         limit = asyncio.Semaphore(max(1, self.scheduler.max_batch_size))
 
-        async def one(i: int, ids: list[int], wanted: list[int]) -> tuple[tuple[int, tuple[int, ...]], dict]:
+        async def one(i: int, ids: list[int], at: int | None, wanted: list[int]) -> tuple[Any, dict]:
             async with limit:
-                return (i, tuple(ids)), await self._label_logprobs(name, ids, wanted)
+                return (i, tuple(ids)), await self._label_logprobs(name, ids, at, wanted)
 
         merged: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
         for key, values in await asyncio.gather(*(one(*c) for c in calls)):
             merged.setdefault(key, {}).update(values)
         return merged
 
-    async def _label_logprobs(self, name: str, ids: list[int], wanted: list[int]) -> dict[int, float]:
+    async def _label_logprobs(
+        self, name: str, ids: list[int], at: int | None, wanted: list[int]
+    ) -> dict[int, float]:
         body = {
-            "prompt_embeds": encode_embeds(self.embeds(name, ids)),
+            "prompt_embeds": encode_embeds(self.embeds(name, ids, at)),
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": 1,
