@@ -61,8 +61,9 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-def make_adapters(folder: Path, count: int, tiny: bool) -> tuple[str | None, Path]:
-    """A base model (None: the default) and `count` freshly initialised adapters under `folder`."""
+def make_adapters(folder: Path, count: int, tiny: bool, tokens: int = 20) -> tuple[str | None, Path]:
+    """A base model (None: the default) and `count` freshly initialised adapters of `tokens`
+    virtual tokens under `folder`."""
     import torch
 
     from softprompt import PromptTuningConfig, SoftPromptModel
@@ -81,7 +82,7 @@ def make_adapters(folder: Path, count: int, tiny: bool) -> tuple[str | None, Pat
     for i in range(min(count, 8)):
         torch.manual_seed(i)
         cfg = PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=20, tokenizer_name_or_path="unused"
+            task_type="CAUSAL_LM", num_virtual_tokens=tokens, tokenizer_name_or_path="unused"
         )
         model = SoftPromptModel(base, cfg, f"a{i}", trainable=False)
         model.save_pretrained(adapters / f"a{i}", selected_adapters=[f"a{i}"])
@@ -449,6 +450,7 @@ def main() -> None:
         "--tiny", action="store_true", help="A tiny random model (a quick check that it all runs)."
     )
     p.add_argument("--adapters-count", type=int, default=8)
+    p.add_argument("--virtual-tokens", type=int, default=20, help="Each adapter's prompt length.")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=32, help="Requests per concurrency level.")
     p.add_argument(
@@ -526,7 +528,7 @@ def main() -> None:
             url, models = args.url, args.models or []
             run_levels(url, "given server", models, prompts, args, levels)
         else:
-            model_name, adapters = make_adapters(work, args.adapters_count, args.tiny)
+            model_name, adapters = make_adapters(work, args.adapters_count, args.tiny, args.virtual_tokens)
             models = sorted(x.name for x in adapters.iterdir())[: args.adapters_count]
             budget = args.prompt_cache_mb
             if args.cache_holds:
@@ -553,7 +555,7 @@ def main() -> None:
                                 prompts, args, levels)  # fmt: skip
             elif not (args.bare_only and args.transformers_serve):
                 run_levels(url, f"softprompt serve, {len(models)} adapters", models, prompts, args, levels)
-            if args.transformers_serve:
+            if args.transformers_serve and not args.vllm_python:
                 from softprompt.base_models import DEFAULT_MODEL, default_model_dir
 
                 base_id = model_name or DEFAULT_MODEL

@@ -333,7 +333,11 @@ class VllmEngine(AdapterMethods):
             coroutine.close()
             raise Unavailable("the vLLM worker is not running.")
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        return future.result(self.settings.timeout_s * 4)
+        try:
+            return future.result(self.settings.timeout_s * 4)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise GatewayTimeout(f"vLLM did not answer within {self.settings.timeout_s * 4:g} s.") from None
 
     def _launch(self, req: GenerationRequest) -> None:
         self.in_flight += req.rows
