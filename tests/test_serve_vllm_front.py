@@ -8,9 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -23,82 +21,9 @@ from softprompt import PromptTuningConfig, SoftPromptModel
 from softprompt.serve.app import ServeConfig, create_app
 from softprompt.serve.engine import PLACEHOLDER
 from softprompt.serve.vllm_engine import VllmSettings, embeddings_only_model, encode_embeds
+from tests.fake_vllm import FakeVllm
 from tests.test_serve_support import free_port
 from tests.tiny import build_model, make_tokenizer
-
-REPLY = [7, 8, 9, 10]  # the stand-in's tokens, one per chunk
-
-
-class FakeVllm:
-    """A stand-in vLLM: records every request body; `mode` says how it answers."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.mode = "ok"
-        self.bodies: list[dict] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _json(self, status, data):
-                raw = json.dumps(data).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def do_GET(self):
-                self._json(200, {"data": [{"id": "m", "max_model_len": 256}]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.bodies.append(body)
-                if fake.mode == "hang":
-                    time.sleep(3)
-                    return
-                if fake.mode == "fail":
-                    return self._json(500, {"error": {"message": "engine core died", "code": 500}})
-                if fake.mode == "refuse":
-                    return self._json(400, {"error": {"message": "prompt too long", "code": 400}})
-                if not body.get("stream"):  # classification: the label tokens' log-probabilities
-                    wanted = body["logprob_token_ids"]
-                    top = {f"token_id:{t}": -0.5 - t / 100 for t in wanted}
-                    choice = {"index": 0, "logprobs": {"top_logprobs": [top]}, "token_ids": [wanted[0]]}
-                    return self._json(200, {"choices": [choice]})
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                n = body.get("n", 1)
-                for j, token in enumerate(REPLY[: body["max_tokens"]]):
-                    for i in range(n):
-                        last = j == min(len(REPLY), body["max_tokens"]) - 1
-                        choice = {
-                            "index": i,
-                            "token_ids": [token + i],
-                            "finish_reason": "length" if last else None,
-                            "logprobs": {
-                                "token_logprobs": [-0.25],
-                                "top_logprobs": [{f"token_id:{token + i}": -0.25, "token_id:3": -2.0}],
-                            },
-                        }
-                        self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
-                        self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
-
-        self.port = port or free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +238,34 @@ def test_starting_vllm_with_a_python_that_does_not_exist_says_what_to_do(tmp_pat
 
     with pytest.raises(FileNotFoundError, match="make vllm"):
         start_vllm(tmp_path / "no-python", tmp_path, tmp_path / "log")
+
+
+def test_vllm_python_starts_vllm_on_loopback_and_stops_it_with_the_server(model_dir, adapters, tmp_path):
+    """`--vllm-python`: the front starts `PYTHON -m vllm.entrypoints.openai.api_server ...` on a
+    free loopback port (here a Python that runs the stand-in), serves through it, and stops it."""
+    import re
+    import socket
+    import sys
+    from pathlib import Path
+
+    from tests.test_serve_support import ServerProcess
+
+    fake_python = tmp_path / "python"
+    stand_in = Path(__file__).with_name("fake_vllm.py")
+    fake_python.write_text(f'#!/bin/sh\nshift 2\nexec "{sys.executable}" "{stand_in}" "$@"\n')
+    fake_python.chmod(0o755)
+    args = ["--engine", "vllm", "--vllm-python", str(fake_python), "--model", str(model_dir)]
+    server = ServerProcess([*args, "--adapters", str(adapters)], tmp_path / "front.log")
+    try:
+        server.wait_ready(timeout=120)
+        import httpx
+
+        ask = {"model": "alpha", "prompt": "good movie", "max_tokens": 3, "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json=ask, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+        port = int(re.search(r"vLLM is ready at http://127\.0\.0\.1:(\d+)/v1", server.output()).group(1))
+    finally:
+        assert server.terminate() is not None
+    with socket.socket() as s, pytest.raises(OSError):  # the stand-in is gone with the server
+        s.settimeout(2)
+        s.connect(("127.0.0.1", port))

