@@ -137,3 +137,11 @@ def test_the_key_follows_the_weights_the_examples_and_the_precision(model_dir):
         for param in model.trainable_parameters():
             param.add_(1.0)
     assert key == score_cache.scores_key(model, objective, bf16=False, batch_size=64)
+
+
+def test_the_key_follows_softprompts_own_code(model_dir, monkeypatch):
+    model, objective = _model_and_objective(model_dir)
+    key = score_cache.scores_key(model, objective, bf16=False, batch_size=64)
+    assert len(score_cache.source_digest()) == 64
+    monkeypatch.setattr(score_cache, "source_digest", lambda: "an edited evaluate.py")
+    assert key != score_cache.scores_key(model, objective, bf16=False, batch_size=64)

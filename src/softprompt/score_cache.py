@@ -16,7 +16,8 @@ The key is a SHA-256 over everything the numbers depend on:
   prompt positions (so the data, the template, the label words and `max_length`);
 - how they are computed: device type, the weights' dtype, bfloat16 autocast or not, the
   CPU kernels torch dispatches to (`torch.backends.cpu.get_cpu_capability`), the torch,
-  transformers and softprompt versions, the scoring batch size.
+  transformers and softprompt versions and softprompt's source files (`source_digest`), the
+  scoring batch size.
 
 Only single-process runs of classification objectives use it (a distributed or sharded
 run, or a generation objective, scores as before). `--no-reuse-zero-shot` scores again;
@@ -64,6 +65,16 @@ def weights_sample(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def source_digest() -> str:
+    """A SHA-256 over softprompt's own source files: a release or an edit that may change how
+    scores are computed gives another key."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"|" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def scores_key(model: Any, objective: Any, *, bf16: bool, batch_size: int) -> str | None:
     """The cache key of the bare model's scores on `objective`, or None where the scores are
     not kept (not a classification objective; a distributed run)."""
@@ -96,6 +107,7 @@ def scores_key(model: Any, objective: Any, *, bf16: bool, batch_size: int) -> st
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "softprompt": __version__,
+        "code": source_digest(),
         "batch_size": batch_size,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
