@@ -248,6 +248,27 @@ def stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
 
+def stop_worker(engine: Any, drain_seconds: float) -> None:
+    """An engine's shutdown: the scheduler refuses new work and fails what never started, the
+    worker (`engine._thread`, watching `engine._stop`) gets `drain_seconds` to finish what
+    runs (`engine._drain_deadline`), then jobs still queued fail."""
+    import time
+
+    from .request import Unavailable
+
+    for req in engine.scheduler.close():
+        req.fail(Unavailable("the server is shutting down."))
+    engine._drain_deadline = time.monotonic() + drain_seconds
+    engine._stop.set()
+    if engine._thread is not None:
+        engine._thread.join(drain_seconds + 10)
+    for job in engine.scheduler.pending_jobs():
+        job.error = Unavailable("the server is shutting down.")
+        job.done.set()
+        if job.on_done:
+            job.on_done(job)
+
+
 def context_length(model: Any) -> int:
     """Positions the base model takes (its config's maximum, else 2048)."""
     config = model.base_model.config

@@ -52,6 +52,7 @@ from .adapters import (  # noqa: F401  (find_adapter_folder, scan_adapters: re-e
     find_adapter_folder,
     scan_adapters,
     stop_token_ids,
+    stop_worker,
 )
 from .request import (
     GenerationRequest,
@@ -265,17 +266,7 @@ class Engine(AdapterMethods):
 
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Refuse new work, let running requests finish (up to `drain_seconds`), then stop."""
-        for req in self.scheduler.close():
-            req.fail(Unavailable("the server is shutting down."))
-        self._drain_deadline = time.monotonic() + drain_seconds
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(drain_seconds + 10)
-        for job in self.scheduler.pending_jobs():
-            job.error = Unavailable("the server is shutting down.")
-            job.done.set()
-            if job.on_done:
-                job.on_done(job)
+        stop_worker(self, drain_seconds)
 
     def _run(self) -> None:
         try:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ..config import PromptPosition
-from .adapters import AdapterMethods, AdapterRegistry, stop_token_ids
+from .adapters import AdapterMethods, AdapterRegistry, stop_token_ids, stop_worker
 from .request import GenerationRequest, InternalError, ServeError, Unavailable
 from .scheduler import Scheduler
 
@@ -172,17 +172,7 @@ class VllmEngine(AdapterMethods):
 
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Refuse new work, let requests in flight finish (up to `drain_seconds`), then stop."""
-        for req in self.scheduler.close():
-            req.fail(Unavailable("the server is shutting down."))
-        self._drain_deadline = time.monotonic() + drain_seconds
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(drain_seconds + 10)
-        for job in self.scheduler.pending_jobs():
-            job.error = Unavailable("the server is shutting down.")
-            job.done.set()
-            if job.on_done:
-                job.on_done(job)
+        stop_worker(self, drain_seconds)
         self._jobs.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ embeddings
@@ -303,6 +293,10 @@ class VllmEngine(AdapterMethods):
             self._client = client
             self._freed = asyncio.Event()
             ready.set()
+            probe = asyncio.get_running_loop().create_task(self._model_name())  # /v1/models' length early
+            probe.add_done_callback(
+                lambda task: task.cancelled() or task.exception()
+            )  # down: asked again later
             loop = asyncio.get_running_loop()
             while True:
                 if self._stop.is_set() and (
@@ -430,16 +424,8 @@ class VllmEngine(AdapterMethods):
                         raise self._upstream_error(502, json.dumps(chunk))
                     for choice in chunk.get("choices", []):
                         self._feed(req, choice, copies)
-        except httpx.ConnectError as err:
-            raise Unavailable(
-                f"vLLM at {self.settings.url} is not reachable ({err}); is it running?"
-            ) from None
-        except httpx.TimeoutException:
-            raise GatewayTimeout(
-                f"vLLM at {self.settings.url} sent nothing for {self.settings.timeout_s:g} s."
-            ) from None
         except httpx.HTTPError as err:
-            raise BadGateway(f"the connection to vLLM at {self.settings.url} failed: {err!r}") from None
+            raise self._transport_error(err) from None
         for choice in req.choices:  # vLLM ended without saying why: it reached its limit
             if not choice.finished:
                 choice.finish("length")
@@ -483,22 +469,26 @@ class VllmEngine(AdapterMethods):
         url = self.settings.url + path
         try:
             response = await self._client.request(method, url, json=body)
-        except httpx.ConnectError as err:
-            raise Unavailable(
-                f"vLLM at {self.settings.url} is not reachable ({err}); is it running?"
-            ) from None
-        except httpx.TimeoutException:
-            raise GatewayTimeout(
-                f"vLLM at {self.settings.url} sent nothing for {self.settings.timeout_s:g} s."
-            ) from None
         except httpx.HTTPError as err:
-            raise BadGateway(f"the connection to vLLM at {self.settings.url} failed: {err!r}") from None
+            raise self._transport_error(err) from None
         if response.status_code != 200:
             raise self._upstream_error(response.status_code, response.text)
         try:
             return response.json()
         except ValueError:
             raise BadGateway(f"vLLM answered {path} with something that is not JSON.") from None
+
+    def _transport_error(self, err: Exception) -> ServeError:
+        """What a client sees when the connection to vLLM fails: 503 (not reachable), 504
+        (nothing within the timeout) or 502 (anything else)."""
+        import httpx
+
+        where = f"vLLM at {self.settings.url}"
+        if isinstance(err, httpx.ConnectError):
+            return Unavailable(f"{where} is not reachable ({err}); is it running?")
+        if isinstance(err, httpx.TimeoutException):
+            return GatewayTimeout(f"{where} sent nothing for {self.settings.timeout_s:g} s.")
+        return BadGateway(f"the connection to {where} failed: {err!r}")
 
     def _upstream_error(self, status: int, text: str) -> ServeError:
         try:
