@@ -104,3 +104,41 @@ def test_start_up_refuses_an_adapter_of_another_base_unless_allowed(tmp_path):
         assert allowed.state == "ready" and allowed.engine.has_adapter("alien")
     finally:
         allowed.engine.stop(5)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_marker_adapter_completes_with_its_prompt_where_the_text_says(tmp_path, packed):
+    """An adapter placed at a {prompt} marker: the completion's text says where (once); the
+    tokens are the library's with `prompt_positions` (the text before and after the marker
+    tokenized separately); chat and a text without the marker are refused with the reason."""
+    torch.manual_seed(5)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_position="MARKER")
+    library = SoftPromptModel(build_model("CAUSAL_LM", "llama", seed=1), config, "mk", trainable=False).eval()
+    with torch.no_grad():
+        library.prompts["mk"].embedding.mul_(40)  # large enough to change the greedy tokens
+    library.save_pretrained(tmp_path / "mk", selected_adapters=["mk"])
+    tok = make_tokenizer()
+    server = ServeConfig(base_id="base", adapters={"mk": str(tmp_path / "mk")}, packed=packed)
+    with TestClient(create_app(server, loader=lambda: _loaded(1))) as client:
+        assert _wait_for(client, 200).status_code == 200
+        for text in ("good {prompt}movie", "{prompt}the plot was very boring", "love it {prompt}"):
+            ask = {"model": "mk", "prompt": text, "max_tokens": 5, "temperature": 0}
+            r = client.post("/v1/completions", json={**ask, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            left, right = text.split("{prompt}")
+            pieces = [tok(t, add_special_tokens=False)["input_ids"] if t else [] for t in (left, right)]
+            ids = torch.tensor([pieces[0] + pieces[1]])
+            with torch.no_grad():
+                out = library.generate(
+                    ids, attention_mask=torch.ones_like(ids), adapter_names=["mk"], max_new_tokens=5,
+                    do_sample=False, prompt_positions=[len(pieces[0])],
+                )  # fmt: skip
+            expected = out[0, ids.shape[1] :].tolist()
+            stops = {tok.eos_token_id, library.base_model.generation_config.eos_token_id}
+            cut = next((i + 1 for i, t in enumerate(expected) if t in stops), len(expected))
+            assert r.json()["choices"][0]["token_ids"] == expected[:cut], text
+        r = client.post("/v1/completions", json={"model": "mk", "prompt": "good movie", "max_tokens": 2})
+        assert r.status_code == 400 and "write {prompt} once" in r.json()["error"]["message"]
+        chat = {"model": "mk", "messages": [{"role": "user", "content": "hi"}]}
+        r = client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 400 and "marker" in r.json()["error"]["message"]

@@ -171,7 +171,7 @@ def test_greedy_text_equals_the_library_for_every_adapter_mixed_in_one_burst(lib
 
 
 @pytest.mark.slow
-def test_classify_equals_the_library(library, front):
+def test_classify_and_marker_completions_equal_the_library(library, front):
     model, tok, _ = library
     texts = ["a warm, funny and moving film.", "dull, too long and badly acted.", "it was fine, I guess."]
     r = httpx.post(front.url + "/v1/classify", json={"model": "sst", "input": texts}, timeout=300)
@@ -186,9 +186,26 @@ def test_classify_equals_the_library(library, front):
     expected = classify_texts(model, tok, texts, adapter="marked", template=MARKED, label_words=WORDS)
     for got, want in zip(r.json()["data"], expected):
         assert got["probs"] == pytest.approx(want["probs"], abs=1e-4)
-    # completions put a prompt in front: a marker adapter is refused with the reason
+    # completions: the text says where the marker adapter's prompt goes, once
+    for text in ("Review: a warm, funny and moving film.\n{prompt}Sentiment:", "Name a colour.{prompt}"):
+        ask = {"model": "marked", "prompt": text, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+        r = httpx.post(front.url + "/v1/completions", json=ask, timeout=300)
+        assert r.status_code == 200, r.text
+        left, right = text.split("{prompt}")
+        pieces = [tok(t, add_special_tokens=False)["input_ids"] if t else [] for t in (left, right)]
+        ids = torch.tensor([pieces[0] + pieces[1]])
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), adapter_names=["marked"], max_new_tokens=8,
+                do_sample=False, prompt_positions=[len(pieces[0])],
+            )  # fmt: skip
+        new = out[0, ids.shape[1] :].tolist()
+        eos = model.base_model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or [])
+        cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+        assert r.json()["choices"][0]["token_ids"] == new[:cut], text
     r = httpx.post(front.url + "/v1/completions", json={"model": "marked", "prompt": "hi"}, timeout=60)
-    assert r.status_code == 400 and "marker" in r.json()["error"]["message"], r.text
+    assert r.status_code == 400 and "write {prompt} once" in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.slow

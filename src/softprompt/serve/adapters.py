@@ -106,6 +106,14 @@ class AdapterRegistry:
             raise NotFound(f"the adapter {name!r} is not loaded (it was unloaded).", param="model")
         return internal
 
+    def placed_at_marker(self, name: str | None) -> bool:
+        """Whether served adapter `name` goes at a ``{prompt}`` marker inside the input."""
+        from ..config import PromptPosition
+
+        internal = self.internal_or_none(name)
+        config = self.model.peft_config.get(internal) if internal is not None else None
+        return config is not None and config.prompt_position == PromptPosition.MARKER
+
     def prompt_length(self, name: str | None) -> int:
         """Virtual tokens of a served adapter (0 for the bare model or an unknown name)."""
         internal = self.internal_or_none(name)
@@ -227,6 +235,9 @@ class AdapterMethods:
     def prompt_length(self, name: str | None) -> int:
         return self.registry.prompt_length(name)
 
+    def placed_at_marker(self, name: str | None) -> bool:
+        return self.registry.placed_at_marker(name)
+
     def load_adapter_now(self, name: str, path: str | Path) -> None:
         """Load (or replace) adapter `name` from `path` (on the engine's worker, or before start)."""
         self.registry.load(name, path)
@@ -299,6 +310,8 @@ class ServingEngine(Protocol):
     def has_adapter(self, name: str) -> bool: ...
 
     def prompt_length(self, name: str | None) -> int: ...
+
+    def placed_at_marker(self, name: str | None) -> bool: ...
 
     def load_adapter_now(self, name: str, path: str | Path) -> None: ...
 

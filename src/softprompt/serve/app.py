@@ -402,6 +402,26 @@ def _encode_prompt(server: _Server, prompt: Any) -> list[int]:
     return ids
 
 
+MARKER = "{prompt}"
+
+
+def _encode_marked(server: _Server, adapter: str, prompt: Any) -> tuple[list[int], int]:
+    """A completion prompt for an adapter placed at a ``{prompt}`` marker: the text before and
+    the text after the marker tokenized separately (as `softprompt.compose.tokenize_template`
+    does), and the index of the first token after it."""
+    if not isinstance(prompt, str) or prompt.count(MARKER) != 1:
+        raise ServeError(
+            f"adapter {adapter!r} is placed at a {MARKER} marker: write {MARKER} once in the prompt text, "
+            f"where the soft prompt goes (e.g. 'Review: great film\\n{MARKER}Sentiment:').",
+            param="prompt",
+        )
+    left, right = prompt.split(MARKER)
+    ids = [server.tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in (left, right)]
+    if not ids[0] and not ids[1]:
+        raise ServeError("the prompt is empty.", param="prompt")
+    return list(ids[0]) + list(ids[1]), len(ids[0])
+
+
 def _plan_requests(
     server: _Server,
     body: CompletionRequest | ChatCompletionRequest,
@@ -409,6 +429,7 @@ def _plan_requests(
     prompts: list[list[int]],
     default_max: int | None,
     max_tokens: int | None,
+    positions: list[int | None] | None = None,
 ) -> list[GenerationRequest]:
     """One `GenerationRequest` per prompt, its length and sampling checked against the model."""
     engine = server.engine
@@ -434,7 +455,7 @@ def _plan_requests(
         )
     temperature = 1.0 if body.temperature is None else body.temperature
     out = []
-    for ids in prompts:
+    for ids, position in zip(prompts, positions or [None] * len(prompts)):
         limit = max_tokens if max_tokens is not None else min(default_max or room, room - len(ids))
         if isinstance(body, CompletionRequest):
             logprobs = body.logprobs
@@ -456,6 +477,7 @@ def _plan_requests(
                 n=n,
                 decode=lambda t: server.tokenizer.decode(t, skip_special_tokens=True),
                 stop_token_ids=engine.stop_token_ids,
+                prompt_position=position,
             )
         )
     return out
@@ -569,8 +591,13 @@ async def _completions(request: Request) -> Response:
         raise ServeError("the prompt is empty.", param="prompt")
     if len(raw) * (body.n or 1) > server.scheduler.max_batch_size * 4:
         raise ServeError("too many prompts in one request.", param="prompt")
-    prompts = await asyncio.to_thread(lambda: [_encode_prompt(server, x) for x in raw])
-    reqs = _plan_requests(server, body, adapter, prompts, 16, body.max_tokens)
+    positions: list[int | None] | None = None
+    if adapter is not None and server.engine.placed_at_marker(adapter):
+        marked = await asyncio.to_thread(lambda: [_encode_marked(server, adapter, x) for x in raw])
+        prompts, positions = [m[0] for m in marked], [m[1] for m in marked]
+    else:
+        prompts = await asyncio.to_thread(lambda: [_encode_prompt(server, x) for x in raw])
+    reqs = _plan_requests(server, body, adapter, prompts, 16, body.max_tokens, positions)
     return await _generate(server, request, body, reqs, "completion", "completions", body.model)
 
 
@@ -578,6 +605,12 @@ async def _chat(request: Request) -> Response:
     server, body = await _checked_body(request, ChatCompletionRequest)
     adapter = await _resolve_model(server, body.model)
     server.ready_engine()
+    if adapter is not None and server.engine.placed_at_marker(adapter):
+        raise ServeError(
+            f"adapter {body.model!r} is placed at a {MARKER} marker inside its input; chat has no place "
+            f"for it: use /v1/completions with {MARKER} in the prompt.",
+            param="model",
+        )
     tokenizer = server.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ServeError(f"{server.base_id} has no chat template; use /v1/completions.", param="messages")

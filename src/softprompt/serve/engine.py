@@ -234,7 +234,7 @@ class Engine(AdapterMethods):
 
     @property
     def description(self) -> str:
-        return f"{self.model.device}, {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.model.device} in {str(self.dtype).removeprefix('torch.')}"
 
     def observe(self, metrics: Any) -> None:
         metrics.prompt_cache(self.model.prompt_kv)
@@ -339,7 +339,10 @@ class Engine(AdapterMethods):
         never used), in one forward pass for all of them instead of one each. On any error
         nothing fails here: each request computes its own as it joins, and fails alone."""
         # an unknown (unloaded) adapter: its join reports it
-        names = [self.registry.internal_or_none(r.adapter) for r in reqs if r.adapter is not None]
+        prefixed = [
+            r for r in reqs if r.adapter is not None and not self.registry.placed_at_marker(r.adapter)
+        ]
+        names = [self.registry.internal_or_none(r.adapter) for r in prefixed]
         names = [n for n in names if n is not None and self.model.uses_prompt_cache([n], 1)]
         if len(set(names)) > 1:
             try:
@@ -355,14 +358,19 @@ class Engine(AdapterMethods):
         model = self.model
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=model.device)
         names = [internal if internal is not None else BASE]
-        if internal is not None and model.uses_prompt_cache(names, 1):
+        if internal is not None and model.uses_prompt_cache(names, 1, _marker_at(req)):
             cache, _ = model.prompt_cache_for([internal], self.dtype)
         else:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=model.base_model.config)
         mask = torch.ones_like(ids)
-        out = model(input_ids=ids, attention_mask=mask, adapter_names=names, cache=cache, use_cache=True)
+        extra: dict[str, Any] = {}
+        if req.prompt_position is not None:  # every column's logits: the last may be a prompt column
+            extra = {"prompt_positions": _marker_at(req), "full_sequence": True}
+        out = model(
+            input_ids=ids, attention_mask=mask, adapter_names=names, cache=cache, use_cache=True, **extra
+        )
         kv = cache_tensors(_cache_of(out))
         return kv, kv[0][0].shape[2], out.logits[:, -1].float()
 
@@ -383,7 +391,7 @@ class Engine(AdapterMethods):
                 continue
             try:
                 internal = self._internal(req.adapter)
-                if internal is not None and not self.model.uses_prompt_cache([internal], 1):
+                if internal is not None and not self.model.uses_prompt_cache([internal], 1, _marker_at(req)):
                     self._join(req)
                     continue
             except Exception:  # noqa: BLE001  (_join fails it with its own message)
@@ -532,7 +540,7 @@ class Engine(AdapterMethods):
             try:
                 internal = self._internal(req.adapter)
                 model = self.model
-                if internal is not None and not model.uses_prompt_cache([internal], 1):
+                if internal is not None and not model.uses_prompt_cache([internal], 1, _marker_at(req)):
                     kv, length, logits = self._prefill_alone(req, internal)
                     rows, keep = self._first_tokens(req, logits.expand(req.n, -1), length)
                     self._finished(req)
@@ -781,6 +789,11 @@ class Engine(AdapterMethods):
         if self.metrics is not None and req.done.is_set() and not getattr(req, "_counted", False):
             req._counted = True
             self.metrics.finished(req, self._label(req))
+
+
+def _marker_at(req: GenerationRequest) -> list[int] | None:
+    """`prompt_positions` for a request of an adapter placed at a marker (else None)."""
+    return None if req.prompt_position is None else [req.prompt_position]
 
 
 def _idx(values: list[int], device: Any) -> torch.Tensor:

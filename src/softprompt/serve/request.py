@@ -170,6 +170,7 @@ class GenerationRequest:
     decode: Callable[[list[int]], str] = field(default=lambda ids: "", repr=False)
     stop_token_ids: frozenset[int] = frozenset()
     sink: Callable[[Event], None] | None = field(default=None, repr=False)
+    prompt_position: int | None = None  # a marker adapter's: its prompt goes before prompt_ids[i]
     id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.monotonic)
 

@@ -198,9 +198,9 @@ class VllmEngine(AdapterMethods):
             marker = self.model.peft_config[internal].prompt_position == PromptPosition.MARKER
             if marker and at is None:
                 raise ServeError(
-                    f"adapter {adapter!r} is placed at a {{prompt}} marker inside its run's template; "
-                    "completions and chat put a prompt in front, so only /v1/classify can use it.",
-                    param="model",
+                    f"adapter {adapter!r} is placed at a {{prompt}} marker: write {{prompt}} once in the "
+                    "prompt text, where the soft prompt goes.",
+                    param="prompt",
                 )
             with torch.no_grad():
                 prompt = self.model.prompts[internal](self.dtype).to(rows.device)
@@ -382,7 +382,7 @@ class VllmEngine(AdapterMethods):
         one = params.greedy and req.n > 1  # vLLM refuses n > 1 when greedy: all n are the same
         body: dict[str, Any] = {
             "model": await self._model_name(),
-            "prompt_embeds": encode_embeds(self.embeds(req.adapter, req.prompt_ids)),
+            "prompt_embeds": encode_embeds(self.embeds(req.adapter, req.prompt_ids, req.prompt_position)),
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
