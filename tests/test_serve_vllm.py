@@ -127,11 +127,16 @@ def front(library, vllm, tmp_path_factory):
 
 
 def _reference(model, tok, text: str, adapter: str | None, max_new_tokens: int) -> list[int]:
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    """The library's greedy tokens, cut after the first end-of-sequence token; a text with
+    {prompt} places a marker adapter's prompt there (before and after tokenized apart)."""
+    left, marker, right = text.partition("{prompt}")
+    pieces = [tok(t, add_special_tokens=False)["input_ids"] if t else [] for t in (left, right)]
+    ids = torch.tensor([pieces[0] + pieces[1]])
+    extra = {"prompt_positions": [len(pieces[0])]} if marker else {}
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), adapter_names=[adapter], max_new_tokens=max_new_tokens,
-            do_sample=False,
+            do_sample=False, **extra,
         )  # fmt: skip
     new = out[0, ids.shape[1] :].tolist()
     eos = model.base_model.generation_config.eos_token_id
@@ -191,19 +196,7 @@ def test_classify_and_marker_completions_equal_the_library(library, front):
         ask = {"model": "marked", "prompt": text, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
         r = httpx.post(front.url + "/v1/completions", json=ask, timeout=300)
         assert r.status_code == 200, r.text
-        left, right = text.split("{prompt}")
-        pieces = [tok(t, add_special_tokens=False)["input_ids"] if t else [] for t in (left, right)]
-        ids = torch.tensor([pieces[0] + pieces[1]])
-        with torch.no_grad():
-            out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), adapter_names=["marked"], max_new_tokens=8,
-                do_sample=False, prompt_positions=[len(pieces[0])],
-            )  # fmt: skip
-        new = out[0, ids.shape[1] :].tolist()
-        eos = model.base_model.generation_config.eos_token_id
-        eos = {eos} if isinstance(eos, int) else set(eos or [])
-        cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
-        assert r.json()["choices"][0]["token_ids"] == new[:cut], text
+        assert r.json()["choices"][0]["token_ids"] == _reference(model, tok, text, "marked", 8), text
     r = httpx.post(front.url + "/v1/completions", json={"model": "marked", "prompt": "hi"}, timeout=60)
     assert r.status_code == 400 and "write {prompt} once" in r.json()["error"]["message"], r.text
 

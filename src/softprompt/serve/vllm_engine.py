@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ..config import PromptPosition
-from .adapters import AdapterMethods, AdapterRegistry, stop_token_ids, stop_worker
+from .adapters import AdapterMethods, AdapterRegistry, context_length, stop_token_ids, stop_worker
 from .request import GenerationRequest, InternalError, ServeError, Unavailable
 from .scheduler import Scheduler
 
@@ -138,8 +138,7 @@ class VllmEngine(AdapterMethods):
             raise ValueError("the model's input embeddings are on the meta device; load them first.")
         self.table = weight.detach()
         self.dtype = weight.dtype
-        config = model.base_model.config
-        self.context_length = int(getattr(config, "max_position_embeddings", None) or 2048)
+        self.context_length = context_length(model)  # until vLLM's /v1/models says its own
         self.stop_token_ids = stop_token_ids(model, tokenizer)
         self.served_model = settings.model
         self.in_flight = 0
