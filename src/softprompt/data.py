@@ -436,8 +436,9 @@ def examples_from_records(
     Args:
         records: The rows, each a mapping from field name to value.
         source_name: Name used for the rows in messages and `Example.source`.
-        task, text_field, label_field, target_field, labels, skip_invalid, max_chars:
-            As for `read_examples`.
+
+    `task`, `text_field`, `label_field`, `target_field`, `labels`, `skip_invalid` and
+    `max_chars` are as for `read_examples`.
 
     Returns:
         The examples in order, and the report of skipped rows.

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import devices
 from .objectives import ClassificationObjective
 
 if TYPE_CHECKING:
@@ -283,7 +284,6 @@ def train_seeds(
     Raises:
         TrainingError: As `train` (per seed), or `output_dir` holds a single run.
     """
-    from . import distributed
     from ._io import atomic_write_text
     from .settings import TrainingError
     from .train import train
@@ -291,7 +291,7 @@ def train_seeds(
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise TrainingError(f"seeds must be distinct integers, at least one; got {seeds}.")
-    if distributed.launched():
+    if devices.launched():
         raise TrainingError(
             "train --seeds runs in one process; start it without torchrun / accelerate launch "
             "(or train each seed under them with train --seed K --output DIR/seed-K)."
@@ -322,7 +322,6 @@ def _score_seeds(
     notify: Callable[[str, dict[str, Any]], None],
     batch_size: int,
 ) -> dict[str, Any]:
-    from . import distributed
     from .base_models import load_model
     from .data import BUILTIN
     from .model import SoftPromptModel
@@ -358,8 +357,8 @@ def _score_seeds(
         "phase",
         {"message": f"scoring the ensemble of {len(names)} prompts on {split} ({len(examples)} examples)"},
     )
-    device = distributed.resolve_device(config.device)
-    dtype = distributed.resolve_dtype(config.dtype, device)
+    device = devices.resolve_device(config.device)
+    dtype = devices.resolve_dtype(config.dtype, device)
     base, tokenizer = load_model(config.model, dtype=dtype, device=device)
     model = SoftPromptModel.from_pretrained(base, out / names[0] / "best", adapter_name=names[0])
     for name in names[1:]:

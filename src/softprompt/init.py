@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import PromptTuningConfig, PromptTuningInit
-from .zero3 import full_shape, gathered, partitioned
+from .sharded_tensors import full_shape, gathered, partitioned
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import TaskType
 from .layout import PositionStyle
+from .sharded_tensors import full_shape
 
 
 @lru_cache(maxsize=256)
@@ -78,9 +79,7 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 
 def hidden_size(model: nn.Module) -> int:
     """The width of the input embeddings (the prompt's hidden size)."""
-    from .zero3 import full_shape  # (a ZeRO-3 partitioned weight's own shape is (0,))
-
-    emb = model.get_input_embeddings()
+    emb = model.get_input_embeddings()  # (a ZeRO-3 partitioned weight's own shape is (0,))
     return int(full_shape(emb.weight)[1])
 
 

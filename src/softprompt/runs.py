@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import distributed, zero3
+from . import devices, distributed, zero3
 from ._io import atomic_write_text
 from .bf16 import resolve_bf16
 from .config import PromptPosition, PromptTuningConfig, PromptTuningInit
@@ -316,10 +316,10 @@ def resolve_recipe(config: TrainConfig) -> tuple[TrainConfig, str]:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     name, why = config.recipe, "as asked"
     if name == "auto":
-        device = distributed.resolve_device(config.device)
+        device = devices.resolve_device(config.device)
         float32_cpu = (
             device.type == "cpu"
-            and distributed.resolve_dtype(config.dtype, device) == torch.float32
+            and devices.resolve_dtype(config.dtype, device) == torch.float32
             and not resolve_bf16(config.bf16, device)
         )
         own = [k for k in RECIPES["short"] if getattr(config, k) != defaults[k]]
@@ -366,8 +366,8 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     notify("phase", {"message": f"loading model {config.model or 'SmolLM2-135M-Instruct (packaged)'}"})
     from .base_models import load_model, load_model_on_rank0
 
-    device = distributed.resolve_device(config.device)
-    dtype = distributed.resolve_dtype(config.dtype, device)
+    device = devices.resolve_device(config.device)
+    dtype = devices.resolve_dtype(config.dtype, device)
     zero3_plan = _zero3_plan(config) if distributed.active() else None
     fsdp = (config.fsdp or distributed.accelerate_fsdp()) and distributed.active()
     sharded = None

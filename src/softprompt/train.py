@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import distributed
+from . import devices, distributed
 from ._io import atomic_write_text
 from .adapter_files import load_weights_into
 from .attention import attention_implementation, training_attention
@@ -239,8 +239,8 @@ class Trainer:
     def setup(self) -> None:
         """Prepare the run (folder, data, model, prompt), the optimizer, and resume if asked."""
         config, out = self.config, self.out
-        if distributed.launched() and not distributed.active():
-            self._owns_group = distributed.init(distributed.resolve_device(config.device))
+        if devices.launched() and not distributed.active():
+            self._owns_group = distributed.init(devices.resolve_device(config.device))
         self.main, self.world = distributed.is_main(), distributed.world_size()
         if not self.main:  # progress shows on rank 0 only
             self.notify = lambda event, info: None

@@ -26,15 +26,15 @@ not built (`_skip_shm_build`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .sharded_tensors import partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -272,30 +272,5 @@ def attach(sharded: Sharded) -> Any:
     return engine
 
 
-def partitioned(tensor: Any) -> bool:
-    """Whether `tensor` is a parameter partitioned by ZeRO-3."""
-    return isinstance(tensor, torch.Tensor) and hasattr(tensor, "ds_id")
-
-
-def full_shape(tensor: torch.Tensor) -> torch.Size:
-    """The shape of `tensor`, its whole shape when ZeRO-3 partitioned it."""
-    return tensor.ds_shape if partitioned(tensor) else tensor.shape
-
-
-@contextlib.contextmanager
-def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """The whole of the ZeRO-3 partitioned `params` on every process for the block (read only),
-    partitioned again after; a collective (every process enters it with the same parameters). A
-    no-op when none is partitioned."""
-    params = [p for p in params if partitioned(p)]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
 __all__ = ["Plan", "Sharded", "Zero3Error", "accelerate_settings", "attach", "available", "ds_config",
-           "full_shape", "gathered", "load_partitioned", "partitioned", "plan"]  # fmt: skip
+           "load_partitioned", "plan"]  # fmt: skip

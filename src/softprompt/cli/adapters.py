@@ -50,7 +50,7 @@ def load_with_adapters(
     if device is None:  # the CPU in float32
         base, tokenizer = load_model(model_name)
     else:
-        from ..distributed import resolve_device, resolve_dtype
+        from ..devices import resolve_device, resolve_dtype
 
         where = resolve_device(device)
         base, tokenizer = load_model(model_name, dtype=resolve_dtype(dtype, where), device=where)

@@ -105,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     if args.prefill_tokens < 1:
         raise ValueError(f"--prefill-tokens must be at least 1; got {args.prefill_tokens}.")
-    from ..distributed import resolve_device, resolve_dtype
+    from ..devices import resolve_device, resolve_dtype
 
     resolve_dtype(args.dtype, resolve_device(args.device))  # a bad value stops here, not in the worker
     vllm, started = _vllm_settings(args)

@@ -212,7 +212,7 @@ def _default_loader(config: ServeConfig) -> Callable[[], tuple[Any, Any]]:
     def load() -> tuple[Any, Any]:
         from ..base_models import load_model
         from ..config import PromptTuningConfig
-        from ..distributed import resolve_device, resolve_dtype
+        from ..devices import resolve_device, resolve_dtype
         from ..model import SoftPromptModel
         from .engine import PLACEHOLDER
 

@@ -109,7 +109,8 @@ class VllmEngine(AdapterMethods):
         base_id: The name clients use for the bare model.
         settings: Where vLLM is (`VllmSettings`).
         metrics: A `softprompt.serve.metrics.Metrics` (or None).
-        adapters_dirs, allow_base_mismatch: As for the built-in `Engine`.
+
+    `adapters_dirs` and `allow_base_mismatch` are as for the built-in `Engine`.
     """
 
     def __init__(
