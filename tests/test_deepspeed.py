@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from softprompt import zero3
+from softprompt import distributed, sharding, zero3
 from tests.sharded_support import (
     FLOAT32_15_BATCHES,
     assert_same_training,
@@ -230,19 +230,22 @@ def clean_env(monkeypatch):
 
 
 def test_zero3_comes_from_the_flag_or_accelerates_deepspeed_stage_3(clean_env, tmp_path):
-    assert zero3.plan(False, False) is None
-    assert zero3.plan(True, False).zero == zero3.DEFAULT_ZERO
+    assert zero3.plan(False) is None
+    assert zero3.plan(True).zero == zero3.DEFAULT_ZERO
     clean_env.setenv(zero3.USE_ENV, "true")  # accelerate's own default stage is 2: plain data parallel
-    assert zero3.plan(False, False) is None
+    assert zero3.plan(False) is None
     clean_env.setenv(zero3.STAGE_ENV, "2")
-    assert zero3.plan(False, False) is None
+    assert zero3.plan(False) is None
     clean_env.setenv(zero3.STAGE_ENV, "3")
-    chosen = zero3.plan(False, False)
+    chosen = zero3.plan(False)
     assert chosen.source == "accelerate launch --use_deepspeed" and chosen.zero == zero3.DEFAULT_ZERO
-    with pytest.raises(zero3.Zero3Error, match="choose one"):
-        zero3.plan(False, True)
+    clean_env.setattr(distributed, "active", lambda: True)  # (sharding needs several processes)
+    with pytest.raises(
+        sharding.ShardingError, match="--fsdp and accelerate launch --use_deepspeed --zero_stage"
+    ):
+        sharding.choose(True, False, torch.device("cpu"), torch.float32)
     clean_env.setenv(zero3.OFFLOAD_PARAM_ENV, "cpu")
-    assert zero3.plan(False, False).zero["offload_param"] == {"device": "cpu"}
+    assert zero3.plan(False).zero["offload_param"] == {"device": "cpu"}
     # a DeepSpeed config file: its stage and zero_optimization settings, "auto" left to softprompt
     clean_env.delenv(zero3.STAGE_ENV)
     clean_env.delenv(zero3.OFFLOAD_PARAM_ENV)
@@ -250,13 +253,13 @@ def test_zero3_comes_from_the_flag_or_accelerates_deepspeed_stage_3(clean_env, t
     config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto",
                                                         "stage3_max_live_parameters": 1000}}))  # fmt: skip
     clean_env.setenv(zero3.CONFIG_FILE_ENV, str(config))
-    zero = zero3.plan(False, False).zero
+    zero = zero3.plan(False).zero
     assert zero["stage3_max_live_parameters"] == 1000 and zero["stage3_prefetch_bucket_size"] == 0
     config.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
-    assert zero3.plan(False, False) is None
+    assert zero3.plan(False) is None
     clean_env.setenv(zero3.STAGE_ENV, "three")
     with pytest.raises(zero3.Zero3Error, match="ZeRO stage"):
-        zero3.plan(False, False)
+        zero3.plan(False)
 
 
 def test_the_deepspeed_config_follows_the_weights_dtype():
@@ -272,11 +275,18 @@ def test_without_deepspeed_zero3_says_what_to_install(monkeypatch):
         zero3.load_partitioned("x", zero3.Plan("--zero3"), torch.float32, torch.device("cpu"), 2)
 
 
-def test_fsdp_and_zero3_together_are_refused():
+def test_fsdp_and_zero3_together_are_refused(tmp_path):
+    """One check (`sharding.choose`), before the run touches its folder, in one process too."""
     from softprompt.settings import TrainConfig
+    from softprompt.train import train
 
+    with pytest.raises(
+        ValueError, match="--fsdp and --zero3 are two ways to shard the frozen model; choose one"
+    ):
+        sharding.choose(True, True, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="choose one"):
-        TrainConfig(output_dir="x", fsdp=True, zero3=True)
+        train(TrainConfig(output_dir=str(tmp_path / "run"), fsdp=True, zero3=True))
+    assert not (tmp_path / "run").exists()
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ def _rank0_worker(root: Path) -> None:
     """One rank of `test_only_rank_0_reads_the_weights` (run by torchrun): rank 0 loads each model
     folder; rank 1 is given a copy whose weights file is garbage, so reading it would fail."""
     from softprompt import distributed
-    from softprompt.base_models import ModelLoadError, load_model, load_model_on_rank0
+    from softprompt.base_models import ModelLoadError, load_model
+    from softprompt.sharding import load_model_on_rank0
     from tests.tiny import VOCAB
 
     distributed.init("cpu")

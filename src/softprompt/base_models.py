@@ -124,7 +124,7 @@ def load_model(
         )  # fmt: skip
         return model.to(torch.device(device)), tokenizer
     task = TaskType.parse(task_type, "task_type")
-    _check_args(task, num_labels, dtype, revision)
+    check_load_args(task, num_labels, dtype, revision)
     if name_or_path is None or (isinstance(name_or_path, str) and _is_default_alias(name_or_path)):
         _ignore_revision(revision, DEFAULT_MODEL)
         folder = default_model_dir(cache_dir)
@@ -152,65 +152,7 @@ def load_model(
     return _load_pretrained(name_or_path.strip(), task, num_labels, dtype, revision, None)
 
 
-def load_model_on_rank0(
-    name_or_path: str | os.PathLike | None = None,
-    *,
-    task_type: TaskType | str = "CAUSAL_LM",
-    num_labels: int | None = None,
-    dtype: torch.dtype | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    revision: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """`load_model` for a model that `distributed.shard_model(..., weights_from_rank0=True)`
-    shards next: in a run of several processes only rank 0 reads the weights.
-
-    Rank 0 loads the model (on the CPU) and its tokenizer exactly as `load_model` does (the
-    packaged default model, a local folder or a hub id), then sends the other ranks its
-    config, generation config, tokenizer and the name, shape and dtype of every weight and
-    buffer. They build the same model from that config on the `meta` device: no weight file
-    is opened and no memory is taken for the weights, which `shard_model` later fills from
-    rank 0's. (So with N processes on a machine the host holds one copy of the model while
-    loading, not N.) Every rank must call it. In one process it is `load_model`.
-
-    Returns:
-        `(model, tokenizer)`: on rank 0 as `load_model` gives them; elsewhere the model on the
-        meta device (in eval mode, weights tied as the config says) and rank 0's tokenizer.
-
-    Raises:
-        ModelLoadError: Rank 0 could not load the model (every rank raises it: the others
-            with rank 0's message), or the model built from its config differs from rank 0's.
-        ValueError, TypeError: An argument is invalid.
-    """
-    from . import distributed
-
-    kwargs: dict[str, Any] = {"task_type": task_type, "num_labels": num_labels, "dtype": dtype,
-                              "cache_dir": cache_dir, "revision": revision}  # fmt: skip
-    if not distributed.active():
-        return load_model(name_or_path, **kwargs)
-    task = TaskType.parse(task_type, "task_type")
-    _check_args(task, num_labels, dtype, revision)  # on every rank: the same error everywhere
-    if distributed.is_main():
-        try:
-            model, tokenizer = load_model(name_or_path, **kwargs)
-        except Exception as err:
-            distributed.broadcast_object({"error": f"{type(err).__name__}: {err}"})
-            raise
-        distributed.broadcast_object(
-            {
-                "config": model.config,
-                "generation_config": getattr(model, "generation_config", None),
-                "tokenizer": tokenizer,
-                "tensors": _tensor_listing(model),
-            }
-        )
-        return model, tokenizer
-    sent = distributed.broadcast_object(None)
-    if "error" in sent:
-        raise ModelLoadError(f"(rank 0) {sent['error']}")
-    return _empty_model(task, sent), sent["tokenizer"]
-
-
-def _tensor_listing(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def tensor_listing(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of every parameter and buffer by name (tied ones under each name)."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     return {name: (tuple(t.shape), t.dtype) for name, t in named}
@@ -244,9 +186,9 @@ def model_folder(
         ) from err
 
 
-def _empty_model(task: TaskType, sent: dict[str, Any]) -> PreTrainedModel:
-    """Rank 0's model (`sent`: what `load_model_on_rank0` sends) built from its config on the
-    meta device, each tensor in rank 0's dtype."""
+def empty_model(task: TaskType, sent: dict[str, Any]) -> PreTrainedModel:
+    """Rank 0's model (`sent`: what `sharding.load_model_on_rank0` sends) built from its config
+    on the meta device, each tensor in rank 0's dtype."""
     import transformers
 
     auto_name = task_spec(task).auto_class
@@ -265,7 +207,7 @@ def _empty_model(task: TaskType, sent: dict[str, Any]) -> PreTrainedModel:
         ) from err
     if sent.get("generation_config") is not None:
         model.generation_config = sent["generation_config"]
-    mine = _tensor_listing(model)
+    mine = tensor_listing(model)
     if mine.keys() != listing.keys():
         differ = sorted(mine.keys() ^ listing.keys())
         raise ModelLoadError(
@@ -344,7 +286,7 @@ def _is_default_alias(name: str) -> bool:
     return name.strip().lower() in {alias.lower() for alias in DEFAULT_ALIASES}
 
 
-def _check_args(task: TaskType, num_labels: Any, dtype: Any, revision: Any) -> None:
+def check_load_args(task: TaskType, num_labels: Any, dtype: Any, revision: Any) -> None:
     if num_labels is not None:
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ValueError(f"num_labels must be a positive integer or None; got {num_labels!r}.")

@@ -28,7 +28,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -83,6 +83,11 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0: the process that writes files and shows progress."""
     return rank() == 0
+
+
+def on_main(callback: Callable[..., None]) -> Callable[..., None]:
+    """`callback` on rank 0, a function that does nothing on the other ranks (progress shows once)."""
+    return callback if is_main() else (lambda *args, **kwargs: None)
 
 
 def init(device: torch.device | str | None = None) -> bool:
@@ -439,6 +444,6 @@ def gathered_input_embeddings(base: torch.nn.Module) -> Iterator[None]:
 
 __all__ = ["DistributedError", "accelerate_fsdp", "active", "all_reduce_mean", "all_reduce_sum", "barrier",
            "broadcast_object", "broadcast_parameters", "close", "gather_objects", "gathered_input_embeddings",
-           "init", "is_main", "rank", "reduce_gradients",
+           "init", "is_main", "on_main", "rank", "reduce_gradients",
            "replicated", "shard", "shard_model", "timeout_s",
            "world_size"]  # fmt: skip

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import devices, distributed, zero3
+from . import devices, distributed, sharding
 from ._io import atomic_write_text
 from .bf16 import resolve_bf16
 from .config import PromptPosition, PromptTuningConfig, PromptTuningInit
 from .model import SoftPromptModel
 from .objectives import ClassificationObjective, GenerationObjective, Objective
 from .settings import RECIPES, RUN_IDENTITY, TrainConfig, TrainingError
+from .sharding import Strategy
 
 if TYPE_CHECKING:
     from .settings import DataConfig
@@ -51,8 +52,8 @@ class Run:
     dev: Objective | None
     test: Objective | None
     info: dict[str, Any] = field(default_factory=dict)
-    #: ZeRO-3's partitioned base and what keeps it working (`softprompt.zero3.Sharded`), or None
-    zero3: Any = None
+    #: how the run spreads over processes, chosen once (`softprompt.sharding.choose`)
+    strategy: Strategy = field(default_factory=lambda: Strategy(torch.device("cpu"), torch.float32))
 
 
 @dataclass
@@ -346,8 +347,11 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     """Check the output folder, load data and model, attach a fresh prompt, write run_config.json."""
     import softprompt
 
+    device = devices.resolve_device(config.device)
+    dtype = devices.resolve_dtype(config.dtype, device)
+    strategy = sharding.choose(config.fsdp, config.zero3, device, dtype)  # (refuses both at once)
     out = Path(config.output_dir)
-    if distributed.is_main():  # rank 0 checks (and with --overwrite clears) the folder
+    if strategy.main:  # rank 0 checks (and with --overwrite clears) the folder
         try:
             check_output_dir(config)
             out.mkdir(parents=True, exist_ok=True)
@@ -364,27 +368,7 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     if config.max_train_examples is not None:
         spec.train = spec.train[: config.max_train_examples]
     notify("phase", {"message": f"loading model {config.model or 'SmolLM2-135M-Instruct (packaged)'}"})
-    from .base_models import load_model, load_model_on_rank0
-
-    device = devices.resolve_device(config.device)
-    dtype = devices.resolve_dtype(config.dtype, device)
-    zero3_plan = _zero3_plan(config) if distributed.active() else None
-    fsdp = (config.fsdp or distributed.accelerate_fsdp()) and distributed.active()
-    sharded = None
-    if zero3_plan is not None:
-        # ZeRO-3: every rank loads its 1/N of the weights (transformers under zero.Init)
-        try:
-            world = distributed.world_size()
-            sharded = zero3.load_partitioned(config.model, zero3_plan, dtype, device, world)
-        except zero3.Zero3Error as err:
-            raise _error(str(err)) from err
-        base, tokenizer = sharded.base, sharded.tokenizer
-    elif fsdp:
-        # FSDP: rank 0 reads the model into host memory; the others build it on the meta device
-        # (no weights read, no memory taken) and get rank 0's weights when it is sharded
-        base, tokenizer = load_model_on_rank0(config.model, dtype=dtype)
-    else:
-        base, tokenizer = load_model(config.model, dtype=dtype, device=device)
+    base, tokenizer = strategy.load(config.model, notify)
     if config.gradient_checkpointing:
         # transformers 5.x renamed it (the old name warns and goes in v6)
         (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
@@ -394,28 +378,10 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     train_obj, dev_obj, test_obj = objectives
     if train_obj is None:
         raise _error(f"no training examples in {config.data}.")
-    if fsdp:
-        # Sharded before the prompt is added: only rank 0 held the weights until now. The
-        # prompt's initialisation then gathers the embedding table (softprompt.init), which
-        # gives bit-identical rows. The base is frozen first: FSDP gives the weights it
-        # gathers the requires_grad they have when it first gathers them.
-        notify("phase", {"message": f"sharding the model over {distributed.world_size()} processes (FSDP)"})
-        for p in base.parameters():
-            p.requires_grad_(False)
-        distributed.shard_model(base, device, weights_from_rank0=True)
-    if sharded is not None:
-        # DeepSpeed's hooks gather each module's weights for its forward and backward passes; the
-        # prompt, added after, is an ordinary parameter (whole on every rank). Its initialisation
-        # gathers the embedding table (softprompt.init): the rows are those of the whole model.
-        notify("phase", {"message": f"sharding the model over {world} processes (DeepSpeed ZeRO-3)"})
-        zero3.attach(sharded)
+    strategy.shard(base, notify)  # before the prompt is added: see the strategies
     torch.manual_seed(config.seed)  # the prompt's initialisation depends on the seed only
     model = SoftPromptModel(base, prompt_config(config, train_obj), tokenizer=tokenizer)
-    if fsdp:
-        # the prompt stays whole on every process (its gradient is all-reduced by hand)
-        with torch.no_grad():
-            for p in model.trainable_parameters():
-                p.data = p.data.to(device)
+    strategy.place_prompt(model)
     info = {
         "config": config.to_dict(),
         "resolved": {
@@ -423,9 +389,7 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
             "bf16": resolve_bf16(config.bf16, model.device) if dtype == torch.float32 else bool(config.bf16),
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
-            "world_size": distributed.world_size(),
-            "fsdp": fsdp,
-            "zero3": sharded is not None,
+            **strategy.describe(),
             "task": spec.task,
             "template": spec.template,
             "label_words": spec.label_words,
@@ -443,13 +407,4 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
     }
     if distributed.is_main() and not (config.resume and (out / "run_config.json").exists()):
         atomic_write_text(out / "run_config.json", json.dumps(info, indent=2, default=str) + "\n")
-    return Run(model, tokenizer, train_obj, dev_obj, test_obj, info, sharded)
-
-
-def _zero3_plan(config: TrainConfig) -> zero3.Plan | None:
-    """ZeRO-3 for this (distributed) run: `--zero3`, or accelerate launch --use_deepspeed with
-    stage 3 (see `softprompt.zero3.plan`)."""
-    try:
-        return zero3.plan(config.zero3, config.fsdp or distributed.accelerate_fsdp())
-    except zero3.Zero3Error as err:
-        raise _error(str(err)) from err
+    return Run(model, tokenizer, train_obj, dev_obj, test_obj, info, strategy)

@@ -210,8 +210,6 @@ class OptimConfig:
 
     def _validate_optim(self) -> None:
         _at_least_one(self, ("batch_size", "grad_accum"))
-        if self.fsdp and self.zero3:
-            raise ValueError("fsdp and zero3 are two ways to shard the frozen model; choose one.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (or None); got {self.max_steps}.")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -32,7 +32,6 @@ training passes take the uncached prompt path (see `Trainer._prompt_cache`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import devices, distributed
+from . import distributed, sharding
 from ._io import atomic_write_text
 from .adapter_files import load_weights_into
 from .attention import attention_implementation, training_attention
@@ -239,21 +238,18 @@ class Trainer:
     def setup(self) -> None:
         """Prepare the run (folder, data, model, prompt), the optimizer, and resume if asked."""
         config, out = self.config, self.out
-        if devices.launched() and not distributed.active():
-            self._owns_group = distributed.init(devices.resolve_device(config.device))
+        self._owns_group = sharding.join_process_group(config.device)  # under torchrun / accelerate
         self.main, self.world = distributed.is_main(), distributed.world_size()
-        if not self.main:  # progress shows on rank 0 only
-            self.notify = lambda event, info: None
+        self.notify = distributed.on_main(self.notify)  # progress shows on rank 0 only
         self.config, recipe = resolve_recipe(config)
         config = self.config
         self.notify("phase", {"message": recipe})
         self.run: Run = prepare_run(config, self.notify)
         self.model, self.objective, self.dev = self.run.model, self.run.train, self.run.dev
-        resolved = self.run.info["resolved"]
-        #: the frozen model is sharded (FSDP or ZeRO-3): every forward pass is a collective
-        self.sharded = bool(resolved.get("fsdp") or resolved.get("zero3"))
+        #: how the run spreads over processes (chosen once by `prepare_run`); the loop calls it
+        self.strategy = strategy = self.run.strategy
         self.params = self.model.trainable_parameters()
-        distributed.broadcast_parameters(self.params)  # every rank starts from rank 0's prompt
+        strategy.broadcast(self.params)  # every rank starts from rank 0's prompt
         per_step = config.batch_size * config.grad_accum * self.world
         self.total_steps = config.max_steps or max(
             1, math.ceil(config.epochs * len(self.objective) / per_step)
@@ -264,17 +260,15 @@ class Trainer:
         # float16 weights: the loss is scaled so small gradients survive the backward pass
         fp16 = self.run.info["resolved"].get("dtype") == "float16"
         self.scaler = torch.amp.GradScaler(self.model.device.type) if fp16 else None
-        resumed = load_latest(out / "checkpoints") if config.resume and self.main else None
-        if self.world > 1 and config.resume:  # rank 0 read the checkpoint: the others get it from there
-            resumed = distributed.broadcast_object(resumed)
-            # (a sharded table is gathered on every rank: the adapter's base-model check reads it)
-            with distributed.gathered_input_embeddings(self.model.base_model):
-                if resumed is not None and self.main:
-                    load_weights_into(self.model, self.adapter, resumed[0])
-            distributed.broadcast_parameters(self.params)
-        elif resumed is not None:
-            load_weights_into(self.model, self.adapter, resumed[0])
+        # rank 0 reads the checkpoint; the others get it from there
+        latest = load_latest(out / "checkpoints") if config.resume and self.main else None
+        resumed = strategy.broadcast_object(latest)
+        # (a sharded table is gathered on every rank: the adapter's base-model check reads it)
+        with strategy.full_embeddings(self.model.base_model):
+            if resumed is not None and self.main:
+                load_weights_into(self.model, self.adapter, resumed[0])
         if resumed is not None:
+            strategy.broadcast(self.params)
             folder, payload = resumed
             self.state.load_state_dict(payload, config.lr)
             if self.scaler is not None and "scaler" in payload:
@@ -315,44 +309,35 @@ class Trainer:
         Raises:
             TrainingDiverged: A loss is NaN or infinite (its checkpoint is dropped first).
         """
-        lengths, state = self.objective.lengths, self.state
+        lengths, state, strategy = self.objective.lengths, self.state, self.strategy
         step_loss, bad = 0.0, None
-        mine = distributed.shard(group)  # this rank's micro-batches (all of them in one process)
-        turns = len(mine)
-        if self.sharded:
-            # Every forward and backward gathers sharded weights, a collective: every rank makes
-            # the same number of passes. A rank with fewer micro-batches (the end of an epoch)
-            # repeats one whose loss counts zero, and a non-finite loss does not stop the others.
-            turns = -(-len(group) // self.world)
-        for turn in range(turns):
-            real = turn < len(mine)
-            indices = mine[turn] if real else group[0]
+        # this rank's micro-batches (all of them in one process), with any stand-in passes
+        for indices, real in strategy.passes(group):
             positions = max(lengths[i] for i in indices) + self.config.num_virtual_tokens
             attention = training_attention(self.model.base_model, self.bf16, self.device, positions)
-            with attention_implementation(self.model.base_model, attention), self._prompt_cache():
+            with (
+                attention_implementation(self.model.base_model, attention),
+                strategy.training_pass(self.model),
+            ):
                 with self.autocast():
                     loss = self.objective.loss(self.model, indices) / len(group)
                 if not real:
                     loss = loss * 0.0
                 elif not torch.isfinite(loss):
-                    if self.world == 1:
-                        raise TrainingDiverged(_diverged(loss, state.position, state.scheduler, self.out))
-                    bad = loss.detach()  # every rank must learn of it in the all-reduce below
-                    if not self.sharded:
+                    bad = loss.detach()  # every rank learns of it in the reduction below
+                    if strategy.stops_at_a_bad_loss:
                         break
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if real:
                 step_loss += float(loss.detach())
-        if self.world > 1:  # one collective: the prompt's gradient, the loss, Ctrl-C, divergence
-            stop = bool(self._stop is not None and self._stop.requested)
-            flags = distributed.reduce_gradients(
-                self.params, [step_loss, float(stop), float(bad is not None)]
-            )
-            step_loss, self.stop_agreed = flags[0], self.stop_agreed or flags[1] > 0
-            if flags[2] > 0:
-                value = bad if bad is not None else torch.tensor(float("nan"))
-                message = _diverged(value, state.position, state.scheduler, self.out, remove=self.main)
-                raise TrainingDiverged(message)
+        # one collective (none in one process): the prompt's gradient, the loss, Ctrl-C, divergence
+        stop = bool(self._stop is not None and self._stop.requested)
+        flags = strategy.reduce(self.params, [step_loss, float(stop), float(bad is not None)])
+        step_loss, self.stop_agreed = flags[0], self.stop_agreed or flags[1] > 0
+        if flags[2] > 0:
+            value = bad if bad is not None else torch.tensor(float("nan"))
+            message = _diverged(value, state.position, state.scheduler, self.out, remove=self.main)
+            raise TrainingDiverged(message)
         if self.scaler is not None:
             self.scaler.step(state.optimizer)
             self.scaler.update()
@@ -364,33 +349,17 @@ class Trainer:
         state.position.step += 1
         return step_loss
 
-    def _prompt_cache(self) -> contextlib.AbstractContextManager[None]:
-        """Under FSDP a training pass feeds the prompt as embeddings instead of starting from its
-        cached keys/values (the same results; see `softprompt.prefix`): the prompt's KV is
-        computed inside each transformer block and reaches the loss through the cache, not
-        through the block's output, so FSDP's backward hooks (registered on block outputs)
-        would not gather the block's weights again for that part of the backward pass.
-        ZeRO-3 gathers on the same kind of hooks and takes the same path (the one its tests
-        check). Evaluation runs without gradients and keeps the cached path."""
-        if not self.sharded:
-            return contextlib.nullcontext()
-        return _attribute(self.model, "prefix_cache", False)
-
-    def _evaluation(self) -> contextlib.AbstractContextManager[None]:
-        """Under FSDP or ZeRO-3 every rank scores every example (see `distributed.replicated`)."""
-        return distributed.replicated() if self.sharded else contextlib.nullcontext()
-
     # ------------------------------------------------------------------ evaluate / save
     def evaluate(self) -> bool:
         """Score the prompt on dev; a new best is saved to `best/`. Returns whether it improved."""
         state, dev = self.state, self.dev
-        with self.autocast(), self._evaluation():
+        with self.autocast(), self.strategy.evaluation():
             scores = evaluate(dev, self.model, self.dev_indices, adapter=self.adapter)
         value = scores[dev.primary_metric]
         improved = state.best_metric is None or value > state.best_metric
         if improved:  # the same on every rank: the scores are
             state.best_metric, state.best_step = value, state.position.step
-            with distributed.gathered_input_embeddings(self.model.base_model):
+            with self.strategy.full_embeddings(self.model.base_model):
                 if self.main:
                     self.model.save_pretrained(self.out / "best", overwrite=True)
             state.patience = 0
@@ -404,7 +373,7 @@ class Trainer:
     def save(self) -> Path:
         """Write a resumable checkpoint of the current state (rank 0); returns its folder.
         Every rank calls it (under FSDP the adapter's base-model fingerprint gathers rows)."""
-        with distributed.gathered_input_embeddings(self.model.base_model):
+        with self.strategy.full_embeddings(self.model.base_model):
             if not self.main:
                 return self.out / "checkpoints" / f"step-{self.state.position.step:08d}"
             return save_checkpoint(
@@ -435,16 +404,16 @@ class Trainer:
         window = _Window()
         # (FSDP and ZeRO-3 manage the sharded weights themselves: autocast casts them per call, the
         # same rounding)
-        copies = self.bf16 and not self.sharded
+        copies = self.bf16 and not self.strategy.sharded
         with _StopOnSignal() as stop, bf16_weight_copies(self.model.base_model, copies):
             self._stop = stop
             while position.step < self.total_steps:
                 batches = length_grouped_batches(self.objective.lengths, config.batch_size, config.seed,
                                                  position.epoch)  # fmt: skip
                 while position.batch < len(batches) and position.step < self.total_steps:
-                    if stop.requested if self.world == 1 else self.stop_agreed:  # Ctrl-C: between steps
+                    if self.strategy.stop(stop.requested, self.stop_agreed):  # Ctrl-C: between steps
                         folder = self.save()
-                        distributed.barrier()  # the others wait for rank 0's checkpoint
+                        self.strategy.barrier()  # the others wait for rank 0's checkpoint
                         raise TrainingInterrupted(
                             f"interrupted at step {position.step}; checkpoint saved to {folder}. "
                             "Run the same command with --resume to continue."
@@ -484,7 +453,7 @@ class Trainer:
         if self.dev is not None and not self._due(config.eval_every):
             self.evaluate()
         self.save()
-        with distributed.gathered_input_embeddings(self.model.base_model):
+        with self.strategy.full_embeddings(self.model.base_model):
             if self.main:
                 self.model.save_pretrained(out / "last", overwrite=True)
                 if state.best_step is None:  # no dev set: the last prompt is the best we know
@@ -506,9 +475,8 @@ class Trainer:
 
             plot_metrics(self.metrics.records, out / "plot.png", self.objective.primary_metric)
         self.notify("end", final)
-        distributed.barrier()  # no rank leaves before rank 0 has written everything
-        if self._owns_group:
-            distributed.close()
+        self.strategy.barrier()  # no rank leaves before rank 0 has written everything
+        sharding.close_process_group(self._owns_group)
         return TrainResult(out, state.position.step, final, state.best_step, time.time() - self.started)
 
     def final_scores(self) -> dict[str, Any]:
@@ -518,10 +486,10 @@ class Trainer:
         if data is None:
             return {}
         best = self.out / "best"
-        with distributed.gathered_input_embeddings(self.model.base_model):  # see `setup`
+        with self.strategy.full_embeddings(self.model.base_model):  # see `setup`
             if self.main and (best / "adapter_config.json").exists():
                 load_weights_into(self.model, self.adapter, best)
-        distributed.broadcast_parameters(self.params)  # rank 0 read best/: no shared disk needed
+        self.strategy.broadcast(self.params)  # rank 0 read best/: no shared disk needed
         results: dict[str, Any] = {"final_split": split}
         names = [("tuned", self.adapter)] + ([("zero_shot", None)] if self.config.zero_shot else [])
         for label, name in names:
@@ -534,7 +502,7 @@ class Trainer:
                 "phase",
                 {"message": f"scoring the best prompt on {split} ({len(data)} examples)", "total": len(data)},
             )
-            with self.autocast(), self._evaluation():
+            with self.autocast(), self.strategy.evaluation():
                 scores = evaluate(
                     data, self.model, None, adapter=name, progress=lambda n: self.notify("progress", {"n": n})
                 )
@@ -549,7 +517,7 @@ class Trainer:
         from . import score_cache
 
         key = None
-        if self.config.reuse_zero_shot and not self.sharded:
+        if self.config.reuse_zero_shot and self.strategy.reuses_kept_scores:
             key = score_cache.scores_key(self.model, data, bf16=self.bf16, batch_size=64)
         kept = score_cache.lookup(key) if key else None
         if kept is not None:
@@ -564,7 +532,7 @@ class Trainer:
             "phase",
             {"message": f"scoring the bare model on {split} ({len(data)} examples)", "total": len(data)},
         )
-        with self.autocast(), self._evaluation():
+        with self.autocast(), self.strategy.evaluation():
             scores = evaluate(
                 data, self.model, None, adapter=None, progress=lambda n: self.notify("progress", {"n": n})
             )
@@ -638,17 +606,6 @@ class _StopOnSignal:
 
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-@contextlib.contextmanager
-def _attribute(obj: Any, name: str, value: Any) -> Any:
-    """`obj.name = value` for the block, put back however it ends."""
-    previous = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, previous)
 
 
 def _dev_subset(dev: Objective | None, config: TrainConfig) -> list[int] | None:

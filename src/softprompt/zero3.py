@@ -109,13 +109,14 @@ def accelerate_settings() -> tuple[int, dict[str, Any]] | None:
     return stage, zero
 
 
-def plan(zero3_flag: bool, fsdp_flag: bool) -> Plan | None:
+def plan(zero3_flag: bool) -> Plan | None:
     """Whether (and how) this run shards its frozen model with ZeRO-3: `--zero3`, or `accelerate
     launch --use_deepspeed` with stage 3. Stages 0-2 shard only gradients and optimizer state,
-    which the frozen model has none of: the run is plain data parallel (logged).
+    which the frozen model has none of: the run is plain data parallel (logged). (ZeRO-3
+    together with FSDP is refused by `softprompt.sharding.choose`.)
 
     Raises:
-        Zero3Error: ZeRO-3 together with `--fsdp`.
+        Zero3Error: accelerate's DeepSpeed settings cannot be read.
     """
     settings = accelerate_settings()
     if settings is not None and settings[0] != 3 and not zero3_flag:
@@ -128,9 +129,6 @@ def plan(zero3_flag: bool, fsdp_flag: bool) -> Plan | None:
         settings = None
     if not zero3_flag and settings is None:
         return None
-    if fsdp_flag:
-        where = "--zero3" if zero3_flag else "accelerate launch --use_deepspeed --zero_stage 3"
-        raise Zero3Error(f"--fsdp and {where} are two ways to shard the frozen model; choose one.")
     extra = settings[1] if settings is not None else {}
     zero = {**DEFAULT_ZERO, **extra, "stage": 3}
     return Plan("--zero3" if zero3_flag else "accelerate launch --use_deepspeed", zero)
