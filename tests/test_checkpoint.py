@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from softprompt import AdapterFileError, PromptTuningConfig, SoftPromptModel, wrap
-from softprompt.adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from softprompt.core.adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from tests.tiny import build_model
 
 

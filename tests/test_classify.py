@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from softprompt.classify import classify_texts, run_settings
 from softprompt.cli import main
-from softprompt.evaluate import Verbalizer, classify, encode
+from softprompt.scoring.classify import classify_texts, run_settings
+from softprompt.scoring.metrics import Verbalizer, classify, encode
 from tests.test_serve_support import LABEL_WORDS, TEMPLATE, build_served_folder, load_library
 
 TEXTS = ["good movie", "the plot was very boring", "love it so", "awful acting"]

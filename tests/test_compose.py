@@ -15,15 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from softprompt import BASE, PromptTuningConfig, SoftPromptModel, wrap
-from softprompt.compose import (
+from softprompt.core.config import PromptPosition
+from softprompt.scoring.compose import (
     Templated,
     ensemble_scores,
     pad_templated,
     parse_template,
     tokenize_template,
 )
-from softprompt.config import PromptPosition
-from softprompt.evaluate import Verbalizer, class_logits
+from softprompt.scoring.metrics import Verbalizer, class_logits
 from tests.tiny import EOS, PAD, VOCAB, WORDS, build_model, make_tokenizer
 
 ATOL = 1e-5
@@ -199,7 +199,7 @@ def test_marker_classification_equals_the_row_alone(task, arch):
 
 
 def _route(model, name):
-    from softprompt.heads import routed
+    from softprompt.core.heads import routed
 
     return routed(list(model.heads.values()), [(name, None)])
 

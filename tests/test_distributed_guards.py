@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt import distributed
+from softprompt.sharding import distributed
 
 folder = Path(sys.argv[1])
 base, head = torch.tensor(json.loads(sys.argv[2])), torch.tensor(json.loads(sys.argv[3]))
@@ -106,9 +106,9 @@ from pathlib import Path
 
 import torch
 
-from softprompt import distributed
-from softprompt.objectives import length_grouped_batches
-from softprompt.train import TrainConfig, Trainer
+from softprompt.sharding import distributed
+from softprompt.scoring.objectives import length_grouped_batches
+from softprompt.training.trainer import TrainConfig, Trainer
 
 folder, ws, grad_accum = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 config = TrainConfig(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from softprompt import PromptTuningConfig, SoftPromptModel
-from softprompt.adapter_files import (
+from softprompt.core.adapter_files import (
     META_BASE,
     WEIGHTS_NAME,
     BaseModelMismatch,
@@ -82,7 +82,7 @@ def test_the_override_loads_with_a_warning(tmp_path, caplog):
     reference = SoftPromptModel.from_pretrained(build_model("CAUSAL_LM", "llama", seed=1), folder)
     want = reference.prompts["default"].embedding.detach()
     other = build_model("CAUSAL_LM", "llama", seed=2)
-    with caplog.at_level(logging.WARNING, logger="softprompt.adapter_files"):
+    with caplog.at_level(logging.WARNING, logger="softprompt.core.adapter_files"):
         model = SoftPromptModel.from_pretrained(other, folder, allow_base_mismatch=True)
         model.load_adapter(folder, "b", allow_base_mismatch=True)
         load_adapter(model, folder, "c", allow_base_mismatch=True)
@@ -97,7 +97,7 @@ def test_a_peft_adapter_without_a_fingerprint_loads_with_a_notice(tmp_path, capl
     cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
     peft.get_peft_model(base, cfg).save_pretrained(tmp_path / "peft")
     assert META_BASE not in _safetensors_metadata(tmp_path / "peft" / WEIGHTS_NAME)
-    with caplog.at_level(logging.WARNING, logger="softprompt.adapter_files"):
+    with caplog.at_level(logging.WARNING, logger="softprompt.core.adapter_files"):
         model = SoftPromptModel.from_pretrained(build_model("CAUSAL_LM", "llama", seed=2), tmp_path / "peft")
     notices = [r.getMessage() for r in caplog.records if "no base-model fingerprint" in r.getMessage()]
     assert len(notices) == 1 and "\n" not in notices[0]
@@ -125,7 +125,7 @@ def test_fingerprint_is_stable_across_saves_loads_and_processes(tmp_path):
     script = (
         "import json, sys, torch\n"
         "from softprompt import PromptTuningConfig, SoftPromptModel\n"
-        "from softprompt.adapter_files import base_fingerprint\n"
+        "from softprompt.core.adapter_files import base_fingerprint\n"
         "from tests.tiny import build_model\n"
         "base = build_model('CAUSAL_LM', 'llama', seed=1)\n"
         "torch.manual_seed(5)\n"
@@ -147,7 +147,7 @@ def test_fingerprint_is_stable_across_saves_loads_and_processes(tmp_path):
 
 
 def test_fingerprint_is_cached_per_model_and_follows_weight_changes():
-    from softprompt import adapter_files
+    from softprompt.core import adapter_files
 
     base = build_model("CAUSAL_LM", "llama", seed=1)
     first = base_fingerprint(base)

@@ -88,7 +88,8 @@ def _worker(out: Path) -> None:
     """One rank of `test_a_sharded_model_initialises_and_computes_as_the_whole_one` (run by torchrun)."""
     from torch.distributed.tensor import DTensor
 
-    from softprompt import PromptTuningConfig, SoftPromptModel, distributed
+    from softprompt import PromptTuningConfig, SoftPromptModel
+    from softprompt.sharding import distributed
     from tests.sharded_support import (
         PASS_POSITIONS,
         pass_report,
@@ -182,9 +183,8 @@ RANK0_CASES = [
 def _rank0_worker(root: Path) -> None:
     """One rank of `test_only_rank_0_reads_the_weights` (run by torchrun): rank 0 loads each model
     folder; rank 1 is given a copy whose weights file is garbage, so reading it would fail."""
-    from softprompt import distributed
     from softprompt.base_models import ModelLoadError, load_model
-    from softprompt.sharding import load_model_on_rank0
+    from softprompt.sharding import distributed, load_model_on_rank0
     from tests.tiny import VOCAB
 
     distributed.init("cpu")

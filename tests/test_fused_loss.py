@@ -8,7 +8,7 @@ import torch
 import transformers as T
 
 from softprompt import BASE, PromptTuningConfig, wrap
-from softprompt.losses import LinearCrossEntropy, SummedCrossEntropy, linear_output_layer
+from softprompt.core.losses import LinearCrossEntropy, SummedCrossEntropy, linear_output_layer
 from tests.test_prefix import _batch
 from tests.tiny import PAD, VOCAB, build_model, make_tokenizer
 
@@ -180,7 +180,7 @@ def test_output_layers_that_do_more_keep_the_model_path():
 
 def test_the_generation_objective_trains_without_logits():
     """The trainer's generation objective asks for the loss only, and gets the default loss."""
-    from softprompt.objectives import GenerationObjective
+    from softprompt.scoring.objectives import GenerationObjective
 
     tok = make_tokenizer()
     objective = GenerationObjective.build(
@@ -208,7 +208,7 @@ def test_the_generation_objective_trains_without_logits():
 def test_loss_only_under_bfloat16_autocast(copies):
     """The trainer's bf16 run (autocast, optionally bfloat16 copies of the frozen weights):
     the loss-only path scores the logits in bfloat16 as the output layer would."""
-    from softprompt.bf16 import bf16_weight_copies
+    from softprompt.core.bf16 import bf16_weight_copies
 
     model = _model("llama")
     ids, mask = _batch()
@@ -267,7 +267,7 @@ def test_loss_only_training_packs_prompt_and_batch_into_one_pass(arch):
 def test_packed_bfloat16_pass_matches_the_cached_prompt_pass(monkeypatch):
     """In bfloat16 the packed pass's rows attend over aligned key lengths (see
     `attention.key_padding`) and match the cached prompt's pass up to bfloat16 rounding."""
-    from softprompt import attention
+    from softprompt.core import attention
 
     torch.manual_seed(0)
     model = wrap(

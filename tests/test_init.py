@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt import PromptTuningConfig, wrap
-from softprompt.init import init_text
+from softprompt.core.init import init_text
 from tests.tiny import BOS, EOS, PAD, UNK, build_model
 
 SPECIAL = {PAD, UNK, BOS, EOS}

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import BASE, PromptTuningConfig, attention, wrap
+from softprompt import BASE, PromptTuningConfig, wrap
+from softprompt.core import attention
 from tests.tiny import PAD, VOCAB, build_model
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt import BASE, PromptTuningConfig, wrap
-from softprompt.prefix import supports_prefix_cache
+from softprompt.core.prefix import supports_prefix_cache
 from tests.tiny import PAD, TASK_ARCHS, VOCAB, build_model
 
 DECODERS = ["gpt2", "llama", "qwen2", "opt", "gpt_neox"]
@@ -340,7 +340,7 @@ def test_additive_mask_and_uncopied_cache_are_bit_identical(arch, dtype, monkeyp
     built from data, for one adapter (broadcast KV), mixed adapters and inference."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    from softprompt import attention, prefix
+    from softprompt.core import attention, prefix
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     masks = []

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from softprompt import AdapterFileError, PromptTuningConfig, PromptTuningInit, TaskType, wrap
-from softprompt.adapter_files import CONFIG_NAME, META_DIGEST, PROMPT_KEY, WEIGHTS_NAME, read_adapter
-from softprompt.config import MAX_VIRTUAL_TOKENS, PromptPosition
+from softprompt.core.adapter_files import CONFIG_NAME, META_DIGEST, PROMPT_KEY, WEIGHTS_NAME, read_adapter
+from softprompt.core.config import MAX_VIRTUAL_TOKENS, PromptPosition
 from tests.tiny import build_model
 
 FIELDS = [f.name for f in dataclasses.fields(PromptTuningConfig)]
@@ -575,11 +575,11 @@ def new_header(draw):
         header["__metadata__"] = {"format": "pt"}
         if meta in ("config", "digest"):
             config = draw(st.just(BASE_CONFIG) | mutated_config())
-            header["__metadata__"]["softprompt.config"] = _dump(config)
+            header["__metadata__"]["softprompt.core.config"] = _dump(config)
         if meta == "digest":
             header["__metadata__"][META_DIGEST] = f"{rng.getrandbits(256):064x}"
         if meta == "not-a-string":
-            header["__metadata__"]["softprompt.config"] = {"num_virtual_tokens": 4}
+            header["__metadata__"]["softprompt.core.config"] = {"num_virtual_tokens": 4}
     head = json.dumps(header).encode()
     if draw(st.booleans()):
         head += b" " * (-len(head) % 8)
@@ -601,7 +601,7 @@ _header_edits = st.lists(
             st.just("rename"), st.integers(0, 3), st.sampled_from(["other", "base_model.x.weight", ""])
         ),
         st.tuples(st.just("offsets"), st.integers(0, 3), st.integers(-8, 8)),
-        st.tuples(st.just("drop"), st.sampled_from([META_DIGEST, "softprompt.config", "format"])),
+        st.tuples(st.just("drop"), st.sampled_from([META_DIGEST, "softprompt.core.config", "format"])),
         st.tuples(st.just("config"), st.builds(_dump, mutated_config())),
     ),
     min_size=1,
@@ -635,7 +635,7 @@ def _edit_header(data: bytes, edits) -> bytes:
         elif edit[0] == "drop":
             meta.pop(edit[1], None)
         elif edit[0] == "config":
-            meta["softprompt.config"] = edit[1]
+            meta["softprompt.core.config"] = edit[1]
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)
     return len(head).to_bytes(8, "little") + head + data[8 + size :]

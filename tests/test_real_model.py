@@ -12,7 +12,7 @@ import torch
 from softprompt import PromptTuningConfig, SoftPromptModel
 from softprompt.base_models import load_model
 from softprompt.data import BUILTIN, load_builtin
-from softprompt.objectives import ClassificationObjective, length_grouped_batches
+from softprompt.scoring.objectives import ClassificationObjective, length_grouped_batches
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("softprompt_cache")]
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softprompt.train import TrainConfig, TrainingDiverged, train
+from softprompt.training.trainer import TrainConfig, TrainingDiverged, train
 from tests.tiny import build_model, make_tokenizer, review_workspace, workspace_args
 
 STEPS = 14
@@ -229,7 +229,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(ws, r
 
 
 def test_a_programming_error_while_loading_a_checkpoint_propagates(tmp_path, monkeypatch):
-    from softprompt import train_checkpoints
+    from softprompt.training import checkpoints as train_checkpoints
 
     (tmp_path / "step-00000003").mkdir()
     torch.save({"position": {"step": 3}}, tmp_path / "step-00000003" / "trainer_state.pt")
@@ -243,7 +243,7 @@ def test_a_programming_error_while_loading_a_checkpoint_propagates(tmp_path, mon
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(ws, monkeypatch):
-    from softprompt.objectives import ClassificationObjective
+    from softprompt.scoring.objectives import ClassificationObjective
 
     real_loss, calls = ClassificationObjective.loss, []
 

@@ -1,4 +1,4 @@
-"""The bare model's test scores kept between runs (softprompt.score_cache): reused only where
+"""The bare model's test scores kept between runs (softprompt.training.score_cache): reused only where
 the weights, examples and precision are the same, and equal to scoring again."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from softprompt import score_cache
 from softprompt.base_models import load_model
-from softprompt.config import PromptTuningConfig
-from softprompt.model import SoftPromptModel
-from softprompt.objectives import ClassificationObjective
-from softprompt.train import TrainConfig, train
+from softprompt.core.config import PromptTuningConfig
+from softprompt.core.model import SoftPromptModel
+from softprompt.scoring.objectives import ClassificationObjective
+from softprompt.training import score_cache
+from softprompt.training.trainer import TrainConfig, train
 from tests.tiny import build_model, make_tokenizer, review_rows
 
 
@@ -52,7 +52,7 @@ def _run(tmp_path, model_dir, name, **kw):
 
 def _count_bare_scoring(monkeypatch):
     """How many times the bare model (adapter None) is scored on the test set."""
-    import softprompt.train as train_module
+    import softprompt.training.trainer as train_module
 
     calls = []
     real = train_module.evaluate

@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from softprompt.classify import classify_texts
+from softprompt.scoring.classify import classify_texts
 from tests.test_serve_support import (
     LABEL_WORDS,
     TEMPLATE,

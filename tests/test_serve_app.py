@@ -16,7 +16,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
 from softprompt import PromptTuningConfig, SoftPromptModel
-from softprompt.serve.app import ServeConfig, _Server, create_app
+from softprompt.serve.app import ServeConfig, Server, create_app
 from softprompt.serve.engine import PLACEHOLDER
 from tests.tiny import build_model, make_tokenizer
 
@@ -91,11 +91,11 @@ def test_health_is_503_after_the_worker_died_and_requests_get_a_clean_error():
 
 def test_start_up_refuses_an_adapter_of_another_base_unless_allowed(tmp_path):
     folder = _adapter(tmp_path / "alien", seed=2)
-    server = _Server(ServeConfig(base_id="base", adapters={"alien": str(folder)}), lambda: _loaded(seed=1))
+    server = Server(ServeConfig(base_id="base", adapters={"alien": str(folder)}), lambda: _loaded(seed=1))
     server.load()
     assert server.state == "failed"
     assert "was saved from base model" in server.error and "--allow-base-mismatch" in server.error
-    allowed = _Server(
+    allowed = Server(
         ServeConfig(base_id="base", adapters={"alien": str(folder)}, allow_base_mismatch=True),
         lambda: _loaded(seed=1),
     )

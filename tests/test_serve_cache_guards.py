@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("prometheus_client")
 
 from softprompt import PromptTuningConfig, SoftPromptModel
-from softprompt.prefix import PromptKV
+from softprompt.core.prefix import PromptKV
 from softprompt.serve.engine import PLACEHOLDER, Engine
 from softprompt.serve.scheduler import Scheduler
 from tests.test_serve_engine import MODES, _expected, _matches, _request

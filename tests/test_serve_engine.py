@@ -12,15 +12,10 @@ import torch
 pytest.importorskip("prometheus_client")
 
 from softprompt import PromptTuningConfig, SoftPromptModel
-from softprompt.prefix import PromptKV
+from softprompt.core.prefix import PromptKV
 from softprompt.serve.engine import PLACEHOLDER, Engine, _Batch
-from softprompt.serve.request import (
-    GenerationRequest,
-    Job,
-    Overloaded,
-    SamplingParams,
-    _stream_safe,
-)
+from softprompt.serve.errors import Overloaded
+from softprompt.serve.request import GenerationRequest, Job, SamplingParams, _stream_safe
 from softprompt.serve.scheduler import Scheduler
 from tests.tiny import build_model, make_tokenizer
 
@@ -623,7 +618,7 @@ def test_packed_serving_and_the_packed_training_pass_coexist_in_one_process():
     """The server's attention function and the training pass's (`attention.PackedPlan`) are
     registered under different names: registering the training one after the engine's
     first step leaves served tokens equal to `generate`."""
-    from softprompt import attention
+    from softprompt.core import attention
     from softprompt.serve import packed as packed_module
 
     tok = make_tokenizer()

@@ -284,7 +284,7 @@ def test_streamed_usage_equals_the_plain_usage(world, case):
 @pytest.fixture(scope="module", params=[None, False], ids=["packed", "padded"])
 def inproc(request):
     """The app in this process under uvicorn (a thread), on a tiny base model; yields the
-    URL and the `_Server`. `packed=None`: packed steps (the tiny Llama passes the check)."""
+    URL and the `Server`. `packed=None`: packed steps (the tiny Llama passes the check)."""
     import uvicorn
 
     from softprompt.serve.app import ServeConfig, create_app

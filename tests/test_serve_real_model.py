@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from softprompt import PromptTuningConfig, SoftPromptModel
-from softprompt.classify import classify_texts
+from softprompt.scoring.classify import classify_texts
 from tests.test_serve_support import ServerProcess
 
 TEMPLATE = "Review: {text}\nSentiment:"

@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from softprompt import PromptTuningConfig, SoftPromptModel
-from softprompt.classify import classify_texts
+from softprompt.scoring.classify import classify_texts
 from tests.test_serve_support import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def _reference(model, tok, text: str, adapter: str | None, max_new_tokens: int) 
 
 @pytest.mark.slow
 def test_greedy_text_equals_the_library_for_every_adapter_mixed_in_one_burst(library, front):
-    from softprompt.model import BASE
+    from softprompt.core.model import BASE
 
     model, tok, _ = library
     client = openai.OpenAI(base_url=front.url + "/v1", api_key="x", timeout=300, max_retries=0)

@@ -201,7 +201,7 @@ def test_encode_embeds_round_trips_through_torch_load():
 
 def test_prompt_embedder_builds_the_rows_the_library_feeds_the_model(model_dir, adapters):
     from softprompt.base_models import load_model
-    from softprompt.prompt_embeds import PromptEmbedder
+    from softprompt.serve.prompt_embeds import PromptEmbedder
 
     embedder = PromptEmbedder(model_dir, {"beta": adapters / "beta"})
     base, tok = load_model(str(model_dir))

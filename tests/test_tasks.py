@@ -108,7 +108,7 @@ def test_prompt_changes_the_output(task, arch):
 def test_summed_cross_entropy_equals_torch(dtype, monkeypatch):
     """The loss's own cross-entropy (blockwise, no full log-probability tensor) gives
     PyTorch's value and gradient, ignored targets included."""
-    from softprompt.losses import SummedCrossEntropy
+    from softprompt.core.losses import SummedCrossEntropy
 
     monkeypatch.setattr(
         SummedCrossEntropy, "BLOCK_BYTES", 4 * 37 * 3

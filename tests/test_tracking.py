@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from softprompt.settings import TrainingError
-from softprompt.train import TrainConfig, train
+from softprompt.training.trainer import TrainConfig, train
 from tests.tiny import review_rows, save_model
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/examples_per_s"}
@@ -182,7 +182,7 @@ def test_mlflow_marks_a_failed_run_and_honours_the_tracking_uri(tmp_path, model_
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from softprompt import train as train_module
+    from softprompt.training import trainer as train_module
 
     uri = "sqlite:///" + (tmp_path / "elsewhere.db").as_posix()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -202,7 +202,7 @@ def test_mlflow_marks_a_failed_run_and_honours_the_tracking_uri(tmp_path, model_
 
 def test_only_rank_0_reports(tmp_path, wandb_home):
     """Another rank's metrics writer opens no tracker (it would start a second wandb run)."""
-    from softprompt.train import _Metrics
+    from softprompt.training.trainer import _Metrics
 
     out = tmp_path / "run"
     out.mkdir()
@@ -223,7 +223,7 @@ def test_a_missing_tracker_package_names_the_pip_command(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", without)
-    from softprompt.tracking import Reporters
+    from softprompt.training.tracking import Reporters
 
     for name in ("wandb", "mlflow"):
         with pytest.raises(TrainingError, match=rf"pip install 'softprompt\[{name}\]'"):

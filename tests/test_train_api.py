@@ -1,4 +1,4 @@
-"""softprompt.train from Python: in-memory data, options, schedules, early stopping."""
+"""softprompt.training.train from Python: in-memory data, options, schedules, early stopping."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from softprompt.data import Example
-from softprompt.train import TrainConfig, TrainingError, _lr_lambda, train
+from softprompt.training.trainer import TrainConfig, TrainingError, _lr_lambda, train
 from tests.tiny import build_model, make_tokenizer, review_rows
 
 
@@ -80,7 +80,7 @@ def test_early_stopping(tmp_path, model_dir):
 def test_gradient_accumulation_equals_one_big_batch(model_dir):
     """What the loop does with grad_accum: each micro-batch loss / number of micro-batches."""
     from softprompt import PromptTuningConfig, wrap
-    from softprompt.objectives import ClassificationObjective
+    from softprompt.scoring.objectives import ClassificationObjective
 
     tokenizer = make_tokenizer()
     rows = review_rows(8, 4)
@@ -142,8 +142,8 @@ def test_resume_with_different_settings_is_refused(tmp_path, model_dir):
 def test_eager_attention_gives_the_same_loss_and_gradient_as_sdpa(arch):
     """bf16 training on CPU switches to eager attention; it must compute the same thing."""
     from softprompt import PromptTuningConfig, wrap
-    from softprompt.attention import attention_implementation
-    from softprompt.objectives import ClassificationObjective
+    from softprompt.core.attention import attention_implementation
+    from softprompt.scoring.objectives import ClassificationObjective
 
     tokenizer = make_tokenizer()
     rows = review_rows(8, 5)
@@ -175,7 +175,7 @@ def test_eager_attention_gives_the_same_loss_and_gradient_as_sdpa(arch):
 
 
 def test_attention_switch_is_undone_on_error_and_chosen_for_bf16_cpu_only():
-    from softprompt.attention import attention_implementation, training_attention
+    from softprompt.core.attention import attention_implementation, training_attention
 
     base = build_model("CAUSAL_LM", "llama", attn_implementation="sdpa")
     with pytest.raises(RuntimeError, match="boom"), attention_implementation(base, "eager"):
@@ -187,7 +187,7 @@ def test_attention_switch_is_undone_on_error_and_chosen_for_bf16_cpu_only():
 
 
 def test_bf16_default_follows_the_hardware(tmp_path, model_dir):
-    from softprompt.bf16 import native_bf16
+    from softprompt.core.bf16 import native_bf16
 
     result = train(_config(tmp_path, model_dir, max_steps=2, eval_every=0))
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
@@ -234,8 +234,8 @@ def test_the_recipe_follows_the_hardware_unless_the_schedule_is_yours(monkeypatc
     both ways, so the test is the same on every machine), the full one elsewhere or when
     the user set a field the short recipe sets; an explicit recipe fills only the fields
     left at their defaults; the line says which and why."""
-    from softprompt import runs
     from softprompt.settings import RECIPES
+    from softprompt.training import runs
 
     monkeypatch.setattr(runs, "resolve_bf16", lambda setting, device: not float32_cpu)
     short, full = RECIPES["short"], {k: getattr(TrainConfig(output_dir="x"), k) for k in RECIPES["short"]}

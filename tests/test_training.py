@@ -155,7 +155,7 @@ def test_saved_adapter_resumes_training(tmp_path):
 def test_bf16_weight_copies_change_nothing_but_the_casts(arch):
     """Under bf16 autocast, training with bfloat16 copies of the frozen linear weights gives
     bit-identical losses and prompt gradients, and the model gets its own parameters back."""
-    from softprompt.bf16 import bf16_weight_copies, linear_layers
+    from softprompt.core.bf16 import bf16_weight_copies, linear_layers
 
     torch.manual_seed(0)
     base = build_model("CAUSAL_LM", arch)

@@ -3,18 +3,23 @@
 >>> from softprompt import PromptTuningConfig, wrap
 >>> model = wrap(base_model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
 
-Importing this package has no side effects.
+Importing this package has one side effect: the module names of softprompt 0.1 (the flat
+`softprompt.model`, `softprompt.train`, ...) stay importable for one more release, with a
+DeprecationWarning naming the new place (`softprompt._moved`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .adapter_files import AdapterFileError
-from .config import PromptTuningConfig, PromptTuningInit, TaskType
-from .model import BASE, SoftPromptModel
+from softprompt import _moved
+from softprompt.core.adapter_files import AdapterFileError
+from softprompt.core.config import PromptTuningConfig, PromptTuningInit, TaskType
+from softprompt.core.model import BASE, SoftPromptModel
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_moved.install()
 
 
 def wrap(

@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -78,9 +78,3 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(target, text.encode("utf-8"))
-
-
-def atomic_write_with(target: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Atomically create `target` with `writer(tmp_path)`."""
-    with atomic_path(target) as tmp:
-        writer(tmp)

@@ -37,12 +37,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers
+from filelock import FileLock, Timeout
+from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import paths
-from ._io import atomic_write_text, fsync_dir, fsync_files, sha256_file
-from .config import TaskType
-from .tasks import task_spec
+from softprompt import paths
+from softprompt._io import atomic_write_text, fsync_dir, fsync_files, sha256_file
+from softprompt.core.config import TaskType
+from softprompt.core.tasks import task_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -176,8 +180,6 @@ def model_folder(
     if not isinstance(name_or_path, str) or not _HUB_ID.match(name_or_path.strip()):
         raise ModelLoadError(f"Model folder {str(path)!r} does not exist (and it is not a hub id).")
     try:
-        from huggingface_hub import snapshot_download
-
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
         return Path(snapshot_download(name_or_path.strip(), allow_patterns=patterns))
     except Exception as err:
@@ -189,7 +191,6 @@ def model_folder(
 def empty_model(task: TaskType, sent: dict[str, Any]) -> PreTrainedModel:
     """Rank 0's model (`sent`: what `sharding.load_model_on_rank0` sends) built from its config
     on the meta device, each tensor in rank 0's dtype."""
-    import transformers
 
     auto_name = task_spec(task).auto_class
     listing: dict[str, tuple[tuple[int, ...], torch.dtype]] = sent["tensors"]
@@ -329,7 +330,6 @@ def _load_pretrained(
     local_label: str | None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `source` (a folder when `local_label` is given, else a hub id) for `task`."""
-    import transformers
 
     local = local_label is not None
     what = local_label or f"hub model {source!r}"
@@ -425,7 +425,6 @@ def _convert(gguf: Path, target_dir: Path) -> None:
             f"Reading {gguf.name} needs the packages {', '.join(missing)}, which are not installed. "
             f"Install them with: {INSTALL_HINT}"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
     options: dict[str, Any] = {"gguf_file": name, "local_files_only": True, "trust_remote_code": False}
@@ -508,7 +507,6 @@ def _check_cache(folder: Path, source: dict[str, Any] | None) -> str | None:
 
 
 def _write_manifest(folder: Path, source: dict[str, Any]) -> None:
-    import transformers
 
     files = {}
     for path in sorted(folder.iterdir()):
@@ -534,7 +532,6 @@ def _conversion_lock(target: Path) -> Iterator[None]:
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
     # Imported here: only a conversion needs it (filelock comes with huggingface_hub).
-    from filelock import FileLock, Timeout
 
     lock = FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S)
     try:

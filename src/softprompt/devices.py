@@ -3,7 +3,7 @@
 
 A leaf module: it reads the environment and asks torch what hardware there is, and imports
 nothing of softprompt, so the single-process command line and server choose their device
-without importing the multi-process machinery (`softprompt.distributed`).
+without importing the multi-process machinery (`softprompt.sharding.distributed`).
 """
 
 from __future__ import annotations

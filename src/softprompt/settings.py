@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PromptTuningInit
+from softprompt.core.config import PromptTuningInit
 
 RUN_CONFIG = "run_config.json"
 
@@ -236,7 +236,7 @@ class EvalConfig:
     reuse_zero_shot: bool = option(
         True,
         "Reuse the bare model's test scores kept by an earlier run with the same weights, examples, "
-        "precision and versions (softprompt.score_cache) instead of scoring it again.",
+        "precision and versions (softprompt.training.score_cache) instead of scoring it again.",
     )
 
 

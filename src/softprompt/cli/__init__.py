@@ -1,8 +1,8 @@
 """`softprompt`: train, evaluate, use and inspect soft prompts from the command line.
 
-A thin shell over the Python API: `train` is `softprompt.train.train`, `eval` scores
-adapters with `softprompt.objectives`, `generate` calls `SoftPromptModel.generate`,
-`inspect` calls `softprompt.interpret`, `classify` and `serve` use `softprompt.classify`
+A thin shell over the Python API: `train` is `softprompt.training.train`, `eval` scores
+adapters with `softprompt.scoring.objectives`, `generate` calls `SoftPromptModel.generate`,
+`inspect` calls `softprompt.core.interpret`, `classify` and `serve` use `softprompt.scoring.classify`
 and `softprompt.serve`. Option help comes from the same dataclass fields and docstrings.
 This package is the only place that prints; errors become one-line messages.
 
@@ -19,7 +19,9 @@ import logging
 import os
 import sys
 
-from .options import (
+from transformers.utils import logging as hf_logging
+
+from softprompt.cli.options import (
     ENSEMBLE_HELP,
     FROM_RUN,
     add_dataclass_options,
@@ -29,15 +31,15 @@ from .options import (
     parse_seeds,
     unescape,
 )
-from .scoring import cmd_classify, cmd_eval
-from .train_cmd import cmd_train
-from .using import cmd_generate, cmd_inspect, cmd_serve
+from softprompt.cli.scoring import cmd_classify, cmd_eval
+from softprompt.cli.train_cmd import cmd_train
+from softprompt.cli.using import cmd_generate, cmd_inspect, cmd_serve
+from softprompt.training.trainer import TrainConfig, TrainingDiverged, TrainingInterrupted
 
 EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="Show debug logging.")
@@ -186,11 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("softprompt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars; softprompt reports its own progress
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..train import TrainingDiverged, TrainingInterrupted
 
     try:
         return int(args.func(args) or 0)

@@ -4,10 +4,13 @@ from, and the model they are loaded onto."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..settings import AdapterRun
+from softprompt.base_models import load_model
+from softprompt.core.config import PromptTuningConfig
+from softprompt.core.model import SoftPromptModel
+from softprompt.devices import resolve_device, resolve_dtype
+from softprompt.scoring.ensemble import check_same_format
+from softprompt.settings import AdapterRun, adapter_run
 
 
 def adapter_specs(values: list[str] | None) -> list[tuple[str, Path]]:
@@ -25,9 +28,8 @@ def adapter_specs(values: list[str] | None) -> list[tuple[str, Path]]:
     return specs
 
 
-def run_settings(adapters: list[tuple[str, Path]]) -> AdapterRun:
+def first_adapter_run(adapters: list[tuple[str, Path]]) -> AdapterRun:
     """The settings of the run the first adapter with a run_config.json came from."""
-    from ..settings import AdapterRun, adapter_run
 
     for _, path in adapters:
         found = adapter_run(path)
@@ -43,15 +45,10 @@ def load_with_adapters(
     dtype: str | None = None,
     allow_base_mismatch: bool = False,
 ):
-    from ..base_models import load_model
-    from ..config import PromptTuningConfig
-    from ..model import SoftPromptModel
 
     if device is None:  # the CPU in float32
         base, tokenizer = load_model(model_name)
     else:
-        from ..devices import resolve_device, resolve_dtype
-
         where = resolve_device(device)
         base, tokenizer = load_model(model_name, dtype=resolve_dtype(dtype, where), device=where)
     if adapters:
@@ -69,7 +66,6 @@ def load_with_adapters(
 
 
 def check_ensemble(adapters: list[tuple[str, Path]]) -> None:
-    from ..ensemble import check_same_format
 
     if len(adapters) < 2:
         raise ValueError("--ensemble needs two or more --adapter (the members).")

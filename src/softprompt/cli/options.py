@@ -9,6 +9,8 @@ import json
 import typing
 from typing import Any
 
+from softprompt.settings import DataConfig, ModelConfig
+
 
 def parse_label_words(value: str) -> dict[str, str]:
     """JSON ('{"positive": " positive"}') or 'label=word,label=word' (a word keeps its spaces)."""
@@ -136,7 +138,6 @@ _RUN_NOTES = {
 def model_and_data_options(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """Model and data options of the commands that use an adapter: the same fields, defaults
     and help as `train` (`softprompt.settings`), defaults taken from the adapter's run."""
-    from ..settings import DataConfig, ModelConfig
 
     add_dataclass_options(p, ModelConfig, notes=_RUN_NOTES, only=only)
     add_dataclass_options(p, DataConfig, skip=("dev_data", "test_data"), notes=_RUN_NOTES, only=only)

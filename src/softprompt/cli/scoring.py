@@ -10,21 +10,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .adapters import adapter_specs, check_ensemble, load_with_adapters, run_settings
-from .options import options_of
-from .output import Progress, print_table
+import torch
+
+from softprompt._io import atomic_write_text
+from softprompt.cli.adapters import adapter_specs, check_ensemble, first_adapter_run, load_with_adapters
+from softprompt.cli.options import options_of
+from softprompt.cli.output import Progress, print_table
+from softprompt.core.bf16 import resolve_bf16
+from softprompt.data import BUILTIN, load_builtin, read_examples
+from softprompt.scoring.classify import classify_texts, run_settings
+from softprompt.scoring.ensemble import classify_ensemble, score_ensemble
+from softprompt.settings import DataConfig
+from softprompt.training.runs import DataSpec, build_objective, load_data
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..runs import DataSpec, build_objective
-    from ..settings import DataConfig
 
     adapters = adapter_specs(args.adapter)
     if not adapters and not args.zero_shot:
         raise ValueError("nothing to evaluate: give --adapter PATH (one or more) and/or --zero-shot.")
     if args.ensemble:
         check_ensemble(adapters)
-    run = run_settings(adapters)
+    run = first_adapter_run(adapters)
     model_name = args.model or run.model
     values = options_of(args, DataConfig)
     values.update(template=args.template or run.template, label_words=args.label_words or run.label_words)
@@ -43,9 +50,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         indices = list(range(min(args.limit, len(objective))))
     else:
         indices = None
-    import torch
-
-    from ..bf16 import resolve_bf16
 
     device = model.device
     bf16 = resolve_bf16(args.bf16, device)
@@ -66,8 +70,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         rows.append({"model": label, **scores})
     if args.ensemble:
-        from ..ensemble import score_ensemble
-
         Progress()("phase", {"message": f"scoring the ensemble of {len(adapters)} prompts in one pass"})
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             result = score_ensemble(objective, model, [n for n, _ in adapters], indices, args.batch_size)
@@ -78,8 +80,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     columns = ["model"] + [k for k in rows[0] if k != "model"]
     print_table(rows, columns)
     if args.output:
-        from .._io import atomic_write_text
-
         atomic_write_text(
             args.output,
             json.dumps({"data": args.data, "split": args.split, "results": rows}, indent=2) + "\n",
@@ -89,8 +89,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_examples(config: Any, split: str):
-    from ..data import BUILTIN, load_builtin, read_examples
-    from ..runs import load_data
 
     if config.data in BUILTIN:
         spec = load_data(config)
@@ -127,7 +125,6 @@ def _read_classify_rows(path: str, field: str) -> list[dict[str, Any]]:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from ..classify import classify_texts, run_settings
 
     adapters = adapter_specs(args.adapter)
     if args.ensemble:
@@ -160,8 +157,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
     }
     texts = [r[args.text_field] for r in rows]
     if args.ensemble:
-        from ..ensemble import classify_ensemble
-
         results = classify_ensemble(model, tokenizer, texts, [n for n, _ in adapters], **options)
     else:
         results = classify_texts(model, tokenizer, texts, adapter=adapters[0][0], **options)

@@ -1,16 +1,18 @@
-"""`softprompt train`: one run (`softprompt.train.train`) or one per seed (`--seeds`)."""
+"""`softprompt train`: one run (`softprompt.training.train`) or one per seed (`--seeds`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from .options import options_of
-from .output import Progress, print_table
+from softprompt.cli.options import options_of
+from softprompt.cli.output import Progress, print_table
+from softprompt.scoring.compose import has_prompt_marker, parse_template
+from softprompt.training.seeds import train_seeds
+from softprompt.training.trainer import TrainConfig, train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..train import TrainConfig, train
 
     config = TrainConfig(**options_of(args, TrainConfig))
     check_template(config.template)
@@ -47,16 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def check_template(template: str | None) -> None:
     """A template with {prompt} is checked before anything is loaded (a clear error early)."""
-    from ..evaluate import has_prompt_marker
 
     if template and has_prompt_marker(template):
-        from ..compose import parse_template
-
         parse_template(template)
 
 
 def _train_seeds(config: Any, seeds: list[int]) -> int:
-    from ..ensemble import train_seeds
 
     done = train_seeds(config, seeds, Progress())
     results = done.results

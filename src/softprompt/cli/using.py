@@ -5,19 +5,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from .adapters import adapter_specs, load_with_adapters, run_settings
-from .output import print_table
+import torch
+
+from softprompt.base_models import model_folder
+from softprompt.cli.adapters import adapter_specs, first_adapter_run, load_with_adapters
+from softprompt.cli.output import print_table
+from softprompt.core.interpret import compare_adapters, nearest_tokens
+from softprompt.devices import resolve_device, resolve_dtype
+from softprompt.scoring.compose import encode_template
+from softprompt.scoring.metrics import _shifted, left_pad
+from softprompt.serve.vllm_engine import VllmSettings
+from softprompt.serve.vllm_process import start_vllm, stop_vllm
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
     adapters = adapter_specs(args.adapter)
-    run = run_settings(adapters)
+    run = first_adapter_run(adapters)
     model, tokenizer = load_with_adapters(
         args.model or run.model, adapters, args.device, args.dtype, args.allow_base_mismatch
     )
@@ -28,7 +38,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     names = [n for n, _ in adapters] or [None]
     if args.zero_shot and adapters:
         names = [None] + names
-    from ..evaluate import _shifted, encode_template, left_pad
 
     rows, positions = encode_template(tokenizer, texts, template, args.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -59,10 +68,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..interpret import compare_adapters, nearest_tokens
 
     adapters = adapter_specs([args.adapter] + ([args.compare] if args.compare else []))
-    run = run_settings(adapters)
+    run = first_adapter_run(adapters)
     model, tokenizer = load_with_adapters(
         args.model or run.model, adapters, allow_base_mismatch=args.allow_base_mismatch
     )
@@ -96,16 +104,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
+        # the serve extra (FastAPI, uvicorn): only `softprompt serve` needs it, the other commands don't
         import uvicorn
 
-        from ..serve.app import ServeConfig, create_app
+        from softprompt.serve.app import ServeConfig, create_app
     except ImportError as err:
         raise RuntimeError(
             f"softprompt serve needs the serve extra ({err.name} is missing): pip install 'softprompt[serve]'"
         ) from None
     if args.prefill_tokens < 1:
         raise ValueError(f"--prefill-tokens must be at least 1; got {args.prefill_tokens}.")
-    from ..devices import resolve_device, resolve_dtype
 
     resolve_dtype(args.dtype, resolve_device(args.device))  # a bad value stops here, not in the worker
     vllm, started = _vllm_settings(args)
@@ -156,10 +164,6 @@ class _StartedVllm:
         self.python, self.extra, self.timeout_s, self.proc = python, extra, timeout_s, None
 
     def __call__(self, config: Any) -> str:
-        import tempfile
-
-        from ..base_models import model_folder
-        from ..serve.vllm_process import start_vllm
 
         folder = model_folder(config.model)
         log = Path(tempfile.gettempdir()) / f"softprompt-vllm-{os.getpid()}.log"
@@ -171,8 +175,6 @@ class _StartedVllm:
         return url
 
     def stop(self) -> None:
-        from ..serve.vllm_process import stop_vllm
-
         if self.proc is not None:
             stop_vllm(self.proc)
 
@@ -183,9 +185,6 @@ def _vllm_settings(args: argparse.Namespace) -> tuple[Any, _StartedVllm | None]:
         if args.vllm_url or args.vllm_python:
             raise ValueError("--vllm-url and --vllm-python go with --engine vllm.")
         return None, None
-    import shlex
-
-    from ..serve.vllm_engine import VllmSettings
 
     if bool(args.vllm_url) == bool(args.vllm_python):
         raise ValueError(

@@ -13,7 +13,8 @@ from typing import Any
 
 def create_app(*args: Any, **kwargs: Any) -> Any:
     """See `softprompt.serve.app.create_app`."""
-    from .app import create_app as _create
+    # (FastAPI is the serve extra's: the package's other modules, e.g. for vLLM, work without it)
+    from softprompt.serve.app import create_app as _create
 
     return _create(*args, **kwargs)
 

@@ -15,11 +15,14 @@ import itertools
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..adapter_files import BaseModelMismatch
-from .request import NotFound, ServeError
+from softprompt.core.adapter_files import BaseModelMismatch
+from softprompt.core.config import PromptPosition
+from softprompt.scoring.classify import run_settings
+from softprompt.serve.errors import NotFound, ServeError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class AdapterRegistry:
         base_id: The bare model's name (no adapter may take it).
         adapters_dirs: Folders searched for adapters requested by name (just in time).
         allow_base_mismatch: Load adapters saved from a different base model of the same
-            width (refused by default, see `softprompt.adapter_files.base_fingerprint`).
+            width (refused by default, see `softprompt.core.adapter_files.base_fingerprint`).
     """
 
     def __init__(
@@ -108,7 +111,6 @@ class AdapterRegistry:
 
     def placed_at_marker(self, name: str | None) -> bool:
         """Whether served adapter `name` goes at a ``{prompt}`` marker inside the input."""
-        from ..config import PromptPosition
 
         internal = self.internal_or_none(name)
         config = self.model.peft_config.get(internal) if internal is not None else None
@@ -127,7 +129,6 @@ class AdapterRegistry:
             ServeError: A bad name, no adapter in `path`, an adapter for another base model
                 (code `base_model_mismatch`) or a file that does not load.
         """
-        from ..classify import run_settings
 
         if not isinstance(name, str) or not ADAPTER_NAME.match(name) or name == self.base_id:
             raise ServeError(
@@ -263,9 +264,6 @@ def stop_worker(engine: Any, drain_seconds: float) -> None:
     """An engine's shutdown: the scheduler refuses new work and fails what never started, the
     worker (`engine._thread`, watching `engine._stop`) gets `drain_seconds` to finish what
     runs (`engine._drain_deadline`), then jobs still queued fail."""
-    import time
-
-    from .request import Unavailable
 
     for req in engine.scheduler.close():
         req.fail(Unavailable("the server is shutting down."))

@@ -14,7 +14,7 @@ alone, checked against `SoftPromptModel.generate` in the tests):
   `SoftPromptModel.prompt_cache_for`), once for all `n` choices of a request; their
   keys/values then join the batch cache, every row left-padded to the batch's width, the
   padding columns masked out and positions counting the attended columns only, which is
-  what `softprompt.layout` does for a padded batch.
+  what `softprompt.core.layout` does for a padded batch.
 
 After the prefill a row no longer needs its adapter (its prompt is in its KV), so decode
 steps run the whole batch as the bare model, whatever adapter each row started with, and
@@ -41,10 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
-from ..model import BASE
-from ..prefix import PromptKV, cache_tensors, make_cache, supports_prefix_cache
-from .adapters import (  # noqa: F401  (find_adapter_folder, scan_adapters: re-exported)
+from softprompt.core import introspect
+from softprompt.core.model import BASE
+from softprompt.core.prefix import PromptKV, cache_tensors, make_cache, supports_prefix_cache
+from softprompt.scoring.classify import classify_texts
+from softprompt.serve import packed
+from softprompt.serve.adapters import (  # noqa: F401  (find_adapter_folder, scan_adapters: re-exported)
     ADAPTER_NAME,
     AdapterMethods,
     AdapterRegistry,
@@ -54,13 +58,9 @@ from .adapters import (  # noqa: F401  (find_adapter_folder, scan_adapters: re-e
     stop_token_ids,
     stop_worker,
 )
-from .request import (
-    GenerationRequest,
-    InternalError,
-    ServeError,
-    Unavailable,
-)
-from .scheduler import Scheduler
+from softprompt.serve.errors import InternalError, ServeError, Unavailable
+from softprompt.serve.request import GenerationRequest
+from softprompt.serve.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class Engine(AdapterMethods):
         prompt_cache_mb: Memory budget for the prompts' KV (None: unbounded).
         adapters_dirs: Folders searched for adapters requested by name (just in time).
         allow_base_mismatch: Load adapters saved from a different base model of the same
-            width (refused by default, see `softprompt.adapter_files.base_fingerprint`).
+            width (refused by default, see `softprompt.core.adapter_files.base_fingerprint`).
         packed: Run packed steps (`softprompt.serve.packed`: prefill chunks and decode
             tokens of all rows in one forward, no padding); None: where the model passes
             a start-up check, else the padded batch.
@@ -242,7 +242,6 @@ class Engine(AdapterMethods):
     # ------------------------------------------------------------------ classification
     def classify(self, name: str, texts: list[str], max_length: int | None = None) -> list[dict[str, Any]]:
         """Rank classification with the adapter's run template and label words (worker thread)."""
-        from ..classify import classify_texts
 
         template, words, max_length_run = self.registry.classification_settings(name)
         return classify_texts(
@@ -361,8 +360,6 @@ class Engine(AdapterMethods):
         if internal is not None and model.uses_prompt_cache(names, 1, _marker_at(req)):
             cache, _ = model.prompt_cache_for([internal], self.dtype)
         else:
-            from transformers import DynamicCache
-
             cache = DynamicCache(config=model.base_model.config)
         mask = torch.ones_like(ids)
         extra: dict[str, Any] = {}
@@ -429,8 +426,6 @@ class Engine(AdapterMethods):
         if prompt_width:
             cache, _ = model.prompt_cache_for(names, self.dtype)
         else:
-            from transformers import DynamicCache
-
             cache = DynamicCache(config=model.base_model.config)
         out = model(
             input_ids=ids,
@@ -491,7 +486,6 @@ class Engine(AdapterMethods):
         """Whether packed steps give this base model's numbers: a 3-token prompt prefilled
         in two packed steps next to a plain forward (an architecture whose attention does
         not go through transformers' attention interface fails it or raises)."""
-        from . import packed
 
         base = self.model.base_model
         device = self.model.device
@@ -519,7 +513,6 @@ class Engine(AdapterMethods):
 
     @property
     def _cache_key(self) -> str:
-        from .. import introspect
 
         return introspect.cache_kwarg(self.model.base_model)
 
@@ -528,11 +521,10 @@ class Engine(AdapterMethods):
         """Give each joining request a slot holding its adapter's prompt KV; its tokens are
         prefilled by the next steps. A prompt that is not a cached prefix (a marker
         placement) is prefilled alone through the model, then decodes packed."""
-        from .packed import KVSlots
 
         batch = self._batch
         if batch.slots is None:
-            batch.slots = KVSlots(*self._kv_shape, self.dtype, self.model.device)
+            batch.slots = packed.KVSlots(*self._kv_shape, self.dtype, self.model.device)
         self._compute_missing_prompts(reqs)
         for req in reqs:
             if req.cancelled.is_set() or req.done.is_set():
@@ -574,7 +566,6 @@ class Engine(AdapterMethods):
     def _step_packed(self) -> None:
         """One packed forward: every decoding row's next token and, within the prefill
         budget, prompt tokens of the rows still prefilling (first come first served)."""
-        from .packed import StepLayout, packed_forward
 
         batch = self._batch
         self._drop_done_packed()
@@ -595,12 +586,12 @@ class Engine(AdapterMethods):
             if tokens and (r.pending is None or len(tokens) == len(r.pending)):
                 keep.append(len(ids) - 1)
                 ends.append(i)
-        layout = StepLayout.build([r.length for r in batch.rows], feeds, device)
+        layout = packed.StepLayout.build([r.length for r in batch.rows], feeds, device)
         batch.slots.reserve(len(batch.rows), layout.width)
         try:
             base, slots = self.model.base_model, batch.slots
             tokens, keep_at = _idx(ids, device), _idx(keep, device)
-            logits = packed_forward(base, self._cache_key, tokens, layout, slots, keep_at).float()
+            logits = packed.packed_forward(base, self._cache_key, tokens, layout, slots, keep_at).float()
         except Exception as err:  # noqa: BLE001  (_packed_step_failed fails who can be blamed)
             self._packed_step_failed(err, feeds)
             return

@@ -45,7 +45,7 @@ class Metrics:
         )  # fmt: skip
 
     def prompt_cache(self, store: Any) -> None:
-        """Copy a `softprompt.prefix.PromptKV`'s counters (read when /metrics is scraped)."""
+        """Copy a `softprompt.core.prefix.PromptKV`'s counters (read when /metrics is scraped)."""
         for what in ("hits", "misses", "evictions"):
             self.prompt_kv.labels(what).set(getattr(store, what))
         self.prompt_kv.labels("entries").set(len(store))

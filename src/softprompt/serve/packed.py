@@ -11,7 +11,7 @@ queries are laid out `(rows, heads, q_max, head_dim)` for one SDPA call over the
 slots with a mask that shows each query its own row's columns up to itself
 (`attention`). A row's prompt KV (the adapter's virtual tokens, computed once) is copied
 into its slot's first columns when it joins, so the positions are the attended columns,
-as in `softprompt.layout`, and a row gives the numbers it gives alone.
+as in `softprompt.core.layout`, and a row gives the numbers it gives alone.
 
 The attention function is registered with transformers' `AttentionInterface` and selected
 only for the duration of a packed forward (`packed_forward`); an architecture whose
@@ -27,6 +27,9 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from softprompt.core.attention import grouped_sdpa, register_attention
 
 NAME = "softprompt_serve_packed"  # not attention.PACKED_ATTENTION (the training pass)
 
@@ -34,7 +37,6 @@ NAME = "softprompt_serve_packed"  # not attention.PACKED_ATTENTION (the training
 @lru_cache(maxsize=1)
 def register() -> bool:
     """Register the packed attention function with transformers (once)."""
-    from ..attention import register_attention
 
     return register_attention(NAME, attention)
 
@@ -229,9 +231,6 @@ def attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """SDPA over each row's slot for packed queries `(1, heads, T, dim)`; returns `(1, T, heads, dim)`."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from ..attention import grouped_sdpa
 
     lay: StepLayout | None = kwargs.pop("softprompt_layout", None)
     if lay is None:  # not a packed forward: plain SDPA

@@ -15,7 +15,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .request import GenerationRequest, Job, Overloaded, Unavailable
+from softprompt.serve.errors import Overloaded, ServeError, Unavailable
+from softprompt.serve.request import GenerationRequest, Job
 
 
 class Scheduler:
@@ -72,8 +73,6 @@ class Scheduler:
                 or the server is shutting down (503).
         """
         if request.rows > self.max_batch_size:
-            from .request import ServeError
-
             raise ServeError(
                 f"n={request.rows} is more than this server's batch size ({self.max_batch_size}).", param="n"
             )

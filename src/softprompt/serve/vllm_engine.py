@@ -42,12 +42,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
+import transformers
+from safetensors import safe_open
 
-from ..config import PromptPosition
-from .adapters import AdapterMethods, AdapterRegistry, context_length, stop_token_ids, stop_worker
-from .request import GenerationRequest, InternalError, ServeError, Unavailable
-from .scheduler import Scheduler
+from softprompt.base_models import ModelLoadError, model_folder
+from softprompt.core.config import PromptPosition
+from softprompt.scoring.classify import label_probs
+from softprompt.scoring.compose import encode_template
+from softprompt.scoring.metrics import Verbalizer
+from softprompt.serve.adapters import (
+    AdapterMethods,
+    AdapterRegistry,
+    context_length,
+    stop_token_ids,
+    stop_worker,
+)
+from softprompt.serve.errors import InternalError, ServeError, Unavailable
+from softprompt.serve.request import GenerationRequest
+from softprompt.serve.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +225,6 @@ class VllmEngine(AdapterMethods):
     def classify(self, name: str, texts: list[str], max_length: int | None = None) -> list[dict[str, Any]]:
         """Rank classification with the adapter's run template and label words, through vLLM
         (a job: runs on the engine's job threads)."""
-        from ..classify import label_probs
-        from ..evaluate import Verbalizer, encode_template
 
         template, words, run_max = self.registry.classification_settings(name)
         verbalizer = Verbalizer.build(self.tokenizer, words)
@@ -284,8 +296,6 @@ class VllmEngine(AdapterMethods):
                 self.state = "stopped"
 
     async def _main(self, ready: threading.Event) -> None:
-        import httpx
-
         timeout = httpx.Timeout(self.settings.timeout_s, connect=self.settings.connect_timeout_s)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         headers = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
@@ -401,8 +411,6 @@ class VllmEngine(AdapterMethods):
         return body
 
     async def _stream(self, req: GenerationRequest, body: dict[str, Any]) -> None:
-        import httpx
-
         url = self.settings.url + "/completions"
         copies = req.n if body["n"] == 1 and req.n > 1 else 1
         try:
@@ -464,8 +472,6 @@ class VllmEngine(AdapterMethods):
         return await self._call("POST", path, body)
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
-        import httpx
-
         url = self.settings.url + path
         try:
             response = await self._client.request(method, url, json=body)
@@ -481,8 +487,6 @@ class VllmEngine(AdapterMethods):
     def _transport_error(self, err: Exception) -> ServeError:
         """What a client sees when the connection to vLLM fails: 503 (not reachable), 504
         (nothing within the timeout) or 502 (anything else)."""
-        import httpx
-
         where = f"vLLM at {self.settings.url}"
         if isinstance(err, httpx.ConnectError):
             return Unavailable(f"{where} is not reachable ({err}); is it running?")
@@ -518,9 +522,6 @@ def embeddings_only_model(name_or_path: str | None, dtype: torch.dtype = torch.f
         ModelLoadError: The checkpoint has no safetensors weights, or no tensor for the input
             embeddings.
     """
-    import transformers
-
-    from ..base_models import ModelLoadError, model_folder
 
     folder = model_folder(name_or_path)
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
@@ -542,7 +543,6 @@ def embeddings_only_model(name_or_path: str | None, dtype: torch.dtype = torch.f
 
 
 def _read_tensor(folder: Path, names: list[str], prefix: str) -> torch.Tensor | None:
-    from safetensors import safe_open
 
     wanted: list[str] = []
     for name in names:

@@ -12,8 +12,10 @@ started it (`prctl(PR_SET_PDEATHSIG)` on Linux), also when that one is killed.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -124,11 +126,10 @@ def _stop_with_parent() -> Any:
     """For the child, before exec: a call that makes it get SIGTERM when the process that
     started it ends, however it ends (Linux; None elsewhere, where `stop_vllm` in the caller's
     clean-up is all there is). The C function is looked up here, before the fork."""
-    import signal
-    import sys
 
     if not sys.platform.startswith("linux"):
         return None
+    # (Linux only: the parent-death signal through prctl)
     import ctypes
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
