@@ -117,7 +117,11 @@ def test_default_model_converts_once_then_loads_from_cache(convert, cache, caplo
     assert set(manifest["files"]) == on_disk and "model.safetensors" in on_disk
     for name, record in manifest["files"].items():
         assert record["size"] == (cache / name).stat().st_size
-    assert manifest["source"] == {"file": base_models.GGUF_FILE, "size": len(b"GGUF fake")}
+    assert manifest["source"] == {
+        "file": base_models.GGUF_FILE,
+        "size": len(b"GGUF fake"),
+        "conversion": base_models.CONVERSION_VERSION,
+    }
     assert _siblings(cache) == []  # the temporary folder was renamed away
     _assert_unlocked(cache)
 
@@ -208,6 +212,19 @@ def test_cache_from_another_gguf_is_rebuilt(convert, cache, fake_gguf, caplog):
     assert convert.calls == 2
     assert "packaged GGUF" in caplog.text
     assert json.loads((cache / MANIFEST_NAME).read_text())["source"]["size"] == fake_gguf.stat().st_size
+
+
+def test_cache_from_an_earlier_conversion_is_rebuilt(convert, cache, fake_gguf, caplog):
+    """A cache written before config.json named the architecture (no "conversion" in its
+    manifest) is converted again, once."""
+    default_model_dir(cache)
+    _edit_manifest(cache, source={"file": base_models.GGUF_FILE, "size": fake_gguf.stat().st_size})
+    caplog.set_level(logging.WARNING, logger="softprompt.base_models")
+    default_model_dir(cache)
+    assert convert.calls == 2
+    assert "an earlier version of softprompt converted it (conversion 1)" in caplog.text
+    default_model_dir(cache)
+    assert convert.calls == 2
 
 
 def test_target_that_is_a_file_is_replaced(convert, cache):

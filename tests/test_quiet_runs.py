@@ -89,7 +89,8 @@ print("DEEPSPEED", any(m.split(".")[0] == "deepspeed" for m in sys.modules), flu
 
 @pytest.mark.parametrize("tied", ["tied", "untied"])
 def test_the_default_models_conversion_writes_a_loadable_folder_without_deepspeed(tmp_path, tied):
-    """`base_models.write_pretrained`, which writes the converted default model: the folder loads
+    """`base_models.write_pretrained`, which writes the converted default model: the folder names its
+    architecture (as save_pretrained writes it), loads
     with `from_pretrained` to the same weights (a tied embedding stored once and tied again) and
     the same logits, and writing it imported no DeepSpeed (`save_pretrained` does, through
     accelerate's unwrapping, whenever DeepSpeed is installed)."""
@@ -105,6 +106,8 @@ def test_the_default_models_conversion_writes_a_loadable_folder_without_deepspee
     assert "DEEPSPEED False" in result.stdout and DEEPSPEED_LINE not in result.stdout + result.stderr
     arch = "llama" if tied == "tied" else "gpt2"
     want = build_model("CAUSAL_LM", arch, seed=4, tie_word_embeddings=tied == "tied")
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    assert saved["architectures"] == [type(want).__name__]  # what transformers serve and vLLM read
     got = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert (got.get_output_embeddings().weight is got.get_input_embeddings().weight) == (tied == "tied")
     theirs = want.state_dict()

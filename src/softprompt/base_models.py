@@ -407,9 +407,14 @@ def _locate_gguf() -> Path:
     )
 
 
+# What the conversion writes, by version: a cache written by another version is converted again
+# (2: config.json names the model's architecture, which transformers serve and vLLM read).
+CONVERSION_VERSION = 2
+
+
 def _source_record(gguf: Path) -> dict[str, Any]:
     # Name and size, not a hash: hashing the GGUF on every load would cost more than loading.
-    return {"file": gguf.name, "size": gguf.stat().st_size}
+    return {"file": gguf.name, "size": gguf.stat().st_size, "conversion": CONVERSION_VERSION}
 
 
 def _convert(gguf: Path, target_dir: Path) -> None:
@@ -460,6 +465,9 @@ def write_pretrained(model: PreTrainedModel, target_dir: Path) -> None:
         seen.add(where)
         tensors[name] = tensor.detach().contiguous()
     save_file(tensors, str(target_dir / "model.safetensors"), metadata={"format": "pt"})
+    # as save_pretrained does: tools that read the folder (transformers serve, vLLM) pick the
+    # model class from `architectures`
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(target_dir)
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(target_dir)
@@ -486,8 +494,11 @@ def _check_cache(folder: Path, source: dict[str, Any] | None) -> str | None:
         return f"{MANIFEST_NAME} lists no files"
     if manifest.get("format") != _MANIFEST_FORMAT:
         return f"it is in cache format {manifest.get('format')!r}, this version uses {_MANIFEST_FORMAT}"
-    if source is not None and manifest.get("source") != source:
-        return f"it was made from {manifest.get('source')!r}, but the packaged GGUF is {source!r}"
+    made = manifest.get("source")
+    if source is not None and isinstance(made, dict) and made.get("conversion") != source.get("conversion"):
+        return f"an earlier version of softprompt converted it (conversion {made.get('conversion', 1)})"
+    if source is not None and made != source:
+        return f"it was made from {made!r}, but the packaged GGUF is {source!r}"
     present = {entry.name for entry in folder.iterdir()} - {MANIFEST_NAME}
     unknown = sorted(present - set(files))
     if unknown:
