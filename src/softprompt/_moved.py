@@ -45,8 +45,6 @@ MOVED: dict[str, str] = {
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds an old name and loads it as the module it became."""
 
-    _spec: importlib.machinery.ModuleSpec | None = None
-
     def find_spec(
         self, fullname: str, path: object = None, target: object = None
     ) -> importlib.machinery.ModuleSpec | None:
@@ -61,13 +59,15 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             DeprecationWarning,
             stacklevel=2,
         )
-        module = importlib.import_module(new)
-        self._spec = module.__spec__  # the import system sets the alias's spec on it: put back in exec
-        return module
+        return importlib.import_module(new)
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module ran when it was imported under its new name; it keeps its own spec."""
-        module.__spec__ = self._spec
+        """The module ran when it was imported under its new name. The import system has just
+        set the alias's spec on it: it gets its own back (the one its new name was found by)."""
+        parent, _, _ = module.__name__.rpartition(".")
+        module.__spec__ = importlib.machinery.PathFinder.find_spec(
+            module.__name__, sys.modules[parent].__path__
+        )
 
 
 def install() -> None:

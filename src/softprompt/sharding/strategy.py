@@ -107,8 +107,6 @@ class Strategy:
     def reduce(self, params: list[torch.nn.Parameter], values: list[float]) -> list[float]:
         """The prompt's gradients summed over the processes and `values` (loss, Ctrl-C, a bad
         loss) with them, in one collective; `values` as they are in one process."""
-        if self.world == 1:
-            return list(values)
         return distributed.reduce_gradients(params, values)
 
     def stop(self, here: bool, agreed: bool) -> bool:

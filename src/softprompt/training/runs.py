@@ -409,6 +409,6 @@ def prepare_run(config: TrainConfig, notify: Callable[[str, dict[str, Any]], Non
             "transformers": __import__("transformers").__version__,
         },
     }
-    if distributed.is_main() and not (config.resume and (out / "run_config.json").exists()):
+    if strategy.main and not (config.resume and (out / "run_config.json").exists()):
         atomic_write_text(out / "run_config.json", json.dumps(info, indent=2, default=str) + "\n")
     return Run(model, tokenizer, train_obj, dev_obj, test_obj, info, strategy)
