@@ -13,7 +13,8 @@ pytest.importorskip("prometheus_client")
 
 from softprompt import PromptTuningConfig, SoftPromptModel
 from softprompt.core.prefix import PromptKV
-from softprompt.serve.engine import PLACEHOLDER, Engine, _Batch
+from softprompt.serve.batching.padded import PaddedKV
+from softprompt.serve.engine import PLACEHOLDER, Engine
 from softprompt.serve.errors import Overloaded
 from softprompt.serve.request import GenerationRequest, Job, SamplingParams, _stream_safe
 from softprompt.serve.scheduler import Scheduler
@@ -125,9 +126,8 @@ def _serve_all(engine, reqs) -> None:
 def _before_each_step(monkeypatch, engine, hook) -> None:
     """Run `hook()` on the worker thread before each decode step (packed or padded): what it
     queues joins at the next admission, while the batch's rows are decoding."""
-    name = "_step_packed" if engine.packed else "_step"
-    step = getattr(engine, name)
-    monkeypatch.setattr(engine, name, lambda: (hook(), step()))
+    step = engine.batcher.step
+    monkeypatch.setattr(engine.batcher, "step", lambda: (hook(), step())[1])
 
 
 class _TestTime:
@@ -237,7 +237,7 @@ def test_greedy_equals_generate_with_adapters_joining_mid_decode(arch, packed, m
 
 
 def test_batch_merging_keeps_rows_aligned():
-    b = _Batch()
+    b = PaddedKV()
     k1 = torch.arange(2 * 3, dtype=torch.float).view(1, 1, 6, 1)[:, :, :3].expand(2, 1, 3, 1)
     b.add([object(), object()], [(k1, k1)])
     k2 = torch.ones(1, 1, 5, 1)
@@ -422,7 +422,7 @@ def test_a_burst_reaching_an_idle_engine_is_prefilled_in_one_step(packed, monkey
     quiet = {"burst_quiet_s": 0.5, "burst_limit_s": 30, "clock": t, "wait": t.wait}
     engine = _engine(model, tok, packed=packed, scheduler_kw=quiet)
     sizes = []
-    _before_each_step(monkeypatch, engine, lambda: (sizes.append(len(engine._batch)), t.returned()))
+    _before_each_step(monkeypatch, engine, lambda: (sizes.append(len(engine.batcher)), t.returned()))
     reqs = _mixed_requests(engine, tok)[:6]
     engine.scheduler.submit(reqs[0])
     engine.start()
@@ -460,7 +460,7 @@ def test_requests_joining_together_compute_their_missing_prompts_in_one_pass(pac
 
 
 def test_kv_slots_grown_past_the_idle_limit_are_released_when_idle(monkeypatch):
-    import softprompt.serve.engine as engine_module
+    import softprompt.serve.batching.packed as packed_batcher
 
     model = _model("llama")
     tok = make_tokenizer()
@@ -468,16 +468,16 @@ def test_kv_slots_grown_past_the_idle_limit_are_released_when_idle(monkeypatch):
     engine.start()
     try:
         for limit, released in ((2**40, False), (0, True), (2**40, False)):
-            monkeypatch.setattr(engine_module, "IDLE_SLOTS_BYTES", limit)
+            monkeypatch.setattr(packed_batcher, "IDLE_SLOTS_BYTES", limit)
             reqs = _mixed_requests(engine, tok)[:4]
             for r in reqs:
                 engine.scheduler.submit(r)
             for r in reqs:
                 assert r.done.wait(60)
             deadline = time.monotonic() + 10
-            while (engine._batch.slots is None) != released and time.monotonic() < deadline:
+            while (engine.batcher.slots is None) != released and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert (engine._batch.slots is None) == released
+            assert (engine.batcher.slots is None) == released
             _assert_each_equals_generate(model, engine, reqs)  # the third on slots made anew
     finally:
         engine.stop()
@@ -521,8 +521,8 @@ def test_batched_prefill_of_mixed_adapters_and_lengths_equals_generate(arch):
     model = _model(arch)
     engine = _engine(model, tok, max_batch_size=64, packed=False)
     together = []
-    prefill = engine._prefill_together
-    engine._prefill_together = lambda shared: together.append(len(shared)) or prefill(shared)
+    prefill = engine.batcher._prefill_together
+    engine.batcher._prefill_together = lambda shared: together.append(len(shared)) or prefill(shared)
     reqs = _mixed_requests(engine, tok)
     _serve_all(engine, reqs)
     assert together and together[0] == len(reqs)
@@ -575,7 +575,7 @@ def test_a_packed_step_that_raises_fails_the_requests_prefilled_in_it(monkeypatc
     queued, beside_bad = [], []  # beside_bad: the good requests in the step that prefills bad
 
     def submit_bad_once_all_decode() -> None:  # on the worker: bad joins at the next admission
-        in_step = {id(row.request) for row in engine._batch.rows}
+        in_step = {id(row.request) for row in engine.batcher.rows}
         if id(bad) in in_step and not beside_bad:
             beside_bad.extend(r for r in good if id(r) in in_step)
         if not queued and all(r.choices[0].tokens for r in good):
@@ -605,13 +605,13 @@ def test_packed_prefill_in_chunks_next_to_decoding_rows_equals_generate(arch):
     model = _model(arch)
     engine = _engine(model, tok, max_batch_size=64, packed=True, prefill_tokens=3)
     steps = []
-    step = engine._step_packed
-    engine._step_packed = lambda: steps.append([r.pending is None for r in engine._batch.rows]) or step()
+    step = engine.batcher.step
+    engine.batcher.step = lambda: steps.append([r.pending is None for r in engine.batcher.rows]) or step()
     reqs = _mixed_requests(engine, tok)
     _serve_all(engine, reqs)
     assert any(any(s) and not all(s) for s in steps)  # prefilling and decoding rows in one step
     _assert_each_equals_generate(model, engine, reqs)
-    assert not engine._batch.rows and len(engine._batch) == 0
+    assert not engine.batcher.rows and len(engine.batcher) == 0
 
 
 def test_packed_serving_and_the_packed_training_pass_coexist_in_one_process():

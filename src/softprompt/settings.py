@@ -72,19 +72,12 @@ def parse_report_to(value: str | Sequence[str] | None) -> str:
 
 # ---------------------------------------------------------------------- the groups
 @dataclass
-class ModelConfig:
-    """Which frozen model, and how it computes."""
+class BaseModelConfig:
+    """Which frozen model, where it runs and in which dtype: shared by every command."""
 
     model: str | None = option(
         None, "Model id or local folder (default: the packaged SmolLM2-135M-Instruct)."
     )
-    bf16: bool | None = option(
-        None,
-        "Run the frozen model under bfloat16 autocast; the prompt and optimizer stay float32 "
-        "(default: on where the hardware computes bfloat16 natively: CPUs with AMX or "
-        "AVX512-BF16, CUDA GPUs with bf16).",
-    )
-
     device: str = option(
         "auto",
         "auto, cpu, cuda, cuda:N or mps. auto: the first GPU if there is one (under torchrun or "
@@ -92,9 +85,8 @@ class ModelConfig:
     )
     dtype: str = option(
         "auto",
-        "Dtype the frozen model is loaded in: auto, float32, bfloat16 or float16 (float16 trains "
-        "with loss scaling). auto: bfloat16 on a GPU that has it, float16 on one that does not, "
-        "float32 on the CPU (see --bf16). The prompt and its optimizer state stay float32.",
+        "Dtype the frozen model is loaded in: auto, float32, bfloat16 or float16. auto: bfloat16 "
+        "on a GPU that has it, float16 on one that does not, float32 on the CPU.",
     )
 
     def _validate_model(self) -> None:
@@ -105,6 +97,25 @@ class ModelConfig:
         kind = self.device.split(":")[0]
         if kind not in ("auto", "cpu", "cuda", "mps") or (self.device.count(":") and kind != "cuda"):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}.")
+
+
+@dataclass
+class ModelConfig(BaseModelConfig):
+    """Which frozen model, and how it computes."""
+
+    bf16: bool | None = option(
+        None,
+        "Run the frozen model under bfloat16 autocast; the prompt and optimizer stay float32 "
+        "(default: on where the hardware computes bfloat16 natively: CPUs with AMX or "
+        "AVX512-BF16, CUDA GPUs with bf16).",
+    )
+
+
+#: What `softprompt train` adds to the shared help of a field.
+TRAIN_NOTES = {
+    "dtype": "float16 trains with loss scaling; on the CPU see --bf16. The prompt and its optimizer "
+    "state stay float32.",
+}
 
 
 @dataclass
@@ -308,6 +319,109 @@ RECIPES: dict[str, dict[str, Any]] = {
 RUN_IDENTITY = ("model", "data", "task", "template", "label_words", "init", "init_text", "num_virtual_tokens",
                 "optimizer", "weight_decay", "warmup_steps", "schedule", "batch_size", "grad_accum",
                 "max_steps", "epochs", "seed", "bf16", "max_length", "max_train_examples")  # fmt: skip
+
+
+# ---------------------------------------------------------------------- serving
+def named_folders(values: Sequence[str] | None) -> list[tuple[str, Path]]:
+    """'name=folder' or 'folder' (named after its last two path parts) -> (name, folder),
+    names made unique (a trailing '_' per repeat) and safe (letters, digits, '_', '-')."""
+    named: list[tuple[str, Path]] = []
+    for value in values or []:
+        name, _, path = value.rpartition("=") if "=" in value else ("", "", value)
+        folder = Path(path)
+        if not name:
+            name = "_".join(part for part in folder.resolve().parts[-2:] if part not in ("/",))
+        name = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)[:64] or "adapter"
+        while name in [n for n, _ in named]:
+            name += "_"
+        named.append((name, folder))
+    return named
+
+
+def _adapters_by_name(values: Sequence[str] | None) -> dict[str, str]:
+    return {name: str(folder) for name, folder in named_folders(values)}
+
+
+def _megabytes(value: float) -> int:
+    return int(value * 2**20)
+
+
+@dataclass
+class ServedAdapters:
+    """Which adapters a server serves from the start, and which it may load later."""
+
+    adapters: dict[str, str] = option(
+        {},
+        "name=folder (or folder); repeat for several.",
+        flag="--adapter",
+        action="append",
+        convert=_adapters_by_name,
+    )
+    adapters_dirs: list[str] = option(
+        [],
+        "Serve every adapter folder under DIR by folder name (also those added later, on their first "
+        "request).",
+        flag="--adapters",
+        action="append",
+    )
+    adapter_roots: list[str] = option(
+        [], "A further folder /v1/load_adapter may load from.", flag="--adapter-root", action="append"
+    )
+    allow_adapter_updates: bool = option(False, "Enable /v1/load_adapter and /v1/unload_adapter.")
+    allow_base_mismatch: bool = option(
+        False, "Load adapters saved from a different base model of the same width (refused by default)."
+    )
+
+
+@dataclass
+class BatchingConfig:
+    """How the built-in engine batches requests."""
+
+    max_batch_size: int = option(32, "Sequences decoded together at most.")
+    max_queue: int = option(256, "Waiting requests at most (then 429).")
+    prompt_cache_mb: float | None = option(None, "Memory for prompt KVs, least recently used dropped first.")
+    packed: bool | None = option(
+        None,
+        "Decode in left-padded batches with separate prefill passes instead of packed steps.",
+        flag="--padded-batches",
+        action="store_const",
+        const=False,
+    )
+    prefill_tokens: int = option(256, "Prompt tokens prefilled per step at most (packed steps).")
+
+    def _validate_batching(self) -> None:
+        _at_least_one(self, ("max_batch_size", "prefill_tokens"))
+
+
+@dataclass
+class HttpConfig:
+    """What clients of a server see: the bare model's name, the key, the limits."""
+
+    base_id: str | None = option(
+        None,
+        "The base model's name in requests (default: --model, or the default model's name).",
+        flag="--served-model-name",
+    )
+    api_key: str | None = option(
+        None, "Require this bearer key on /v1 routes (or SOFTPROMPT_API_KEY).", env="SOFTPROMPT_API_KEY"
+    )
+    max_body_bytes: int = option(
+        1 << 20,
+        "Larger request bodies get 413, in MB.",
+        flag="--max-body-mb",
+        cli_type=float,
+        cli_default=1.0,
+        convert=_megabytes,
+    )
+    drain_seconds: float = option(30.0, "Time running requests get to finish at shutdown.")
+
+
+@dataclass
+class ListenConfig:
+    """Where a server listens (uvicorn's address)."""
+
+    host: str = option("127.0.0.1", "Address to listen on.")
+    port: int = option(8000, "Port to listen on.")
 
 
 # ---------------------------------------------------------------------- an adapter's run

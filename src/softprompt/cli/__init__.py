@@ -34,6 +34,10 @@ from softprompt.cli.options import (
 from softprompt.cli.scoring import cmd_classify, cmd_eval
 from softprompt.cli.train_cmd import cmd_train
 from softprompt.cli.using import cmd_generate, cmd_inspect, cmd_serve
+from softprompt.serve.server import ServeConfig
+from softprompt.serve.vllm_engine import VllmSettings
+from softprompt.serve.vllm_process import VllmLaunch
+from softprompt.settings import TRAIN_NOTES, ListenConfig
 from softprompt.training.trainer import TrainConfig, TrainingDiverged, TrainingInterrupted
 
 EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -46,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="Train a soft prompt.", description=TrainConfig.__doc__)
-    add_dataclass_options(p, TrainConfig, skip=("output_dir",))
+    add_dataclass_options(p, TrainConfig, skip=("output_dir",), notes=TRAIN_NOTES)
     p.add_argument(
         "--output",
         "--output-dir",
@@ -122,60 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server: one model, many soft prompts.")
-    p.add_argument("--model", default=None, help="Model id or local folder (default: SmolLM2-135M-Instruct).")
-    p.add_argument("--served-model-name", default=None, help="The base model's name in requests.")
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="auto (the first GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps.",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="Weights' dtype: auto (bfloat16 on a GPU that has it, float16 on one that does not, float32 on "
-        "the CPU), float32, bfloat16 or float16.",
-    )
-    p.add_argument("--adapters", action="append", help="Serve every adapter folder under DIR by folder name.")
-    p.add_argument("--adapter", action="append", help="name=folder (or folder); repeat for several.")
-    p.add_argument("--adapter-root", action="append", help="A further folder /v1/load_adapter may load from.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=32, help="Sequences decoded together at most.")
-    p.add_argument("--max-queue", type=int, default=256, help="Waiting requests at most (then 429).")
-    p.add_argument("--prompt-cache-mb", type=float, default=None, help="Memory for prompt KVs (LRU).")
-    p.add_argument("--allow-adapter-updates", action="store_true", help="Enable load/unload_adapter.")
-    p.add_argument("--api-key", default=None, help="Require this bearer key (or SOFTPROMPT_API_KEY).")
-    p.add_argument("--max-body-mb", type=float, default=1.0, help="Larger request bodies get 413.")
-    p.add_argument("--drain-seconds", type=float, default=30.0, help="Time running requests get at shutdown.")
-    p.add_argument(
-        "--prefill-tokens", type=int, default=256, help="Prompt tokens prefilled per step at most."
-    )
-    p.add_argument(
-        "--padded-batches",
-        action="store_true",
-        help="Decode in left-padded batches with separate prefill passes instead of packed steps.",
-    )
-    p.add_argument(
-        "--engine",
-        choices=["builtin", "vllm"],
-        default="builtin",
-        help="builtin: this process runs the model. vllm: a vLLM server started with --enable-prompt-embeds "
-        "does; this process keeps the tokenizer and the embeddings and sends vLLM [prompt; text] embeddings.",
-    )
-    p.add_argument("--vllm-url", default=None, help="vLLM's API base, e.g. http://127.0.0.1:8001/v1.")
-    p.add_argument(
-        "--vllm-python",
-        default=None,
-        help="Without --vllm-url: start vLLM with this Python (of the environment vLLM is installed in) "
-        "on a free loopback port, for the same --model.",
-    )
-    p.add_argument("--vllm-args", default="", help="Further options for the vLLM that --vllm-python starts.")
-    p.add_argument(
-        "--vllm-model", default=None, help="The model name vLLM serves (default: the first listed)."
-    )
-    p.add_argument("--vllm-timeout", type=float, default=120.0, help="Seconds to wait for vLLM (then 504).")
-    p.add_argument("--vllm-api-key", default=None, help="vLLM's --api-key (or VLLM_API_KEY).")
-    allow_base_mismatch_option(p)
+    add_dataclass_options(p, ServeConfig)
+    add_dataclass_options(p, ListenConfig)
+    add_dataclass_options(p, VllmSettings, prefix="vllm_")
+    add_dataclass_options(p, VllmLaunch, prefix="vllm_")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -10,22 +10,13 @@ from softprompt.core.config import PromptTuningConfig
 from softprompt.core.model import SoftPromptModel
 from softprompt.devices import resolve_device, resolve_dtype
 from softprompt.scoring.ensemble import check_same_format
-from softprompt.settings import AdapterRun, adapter_run
+from softprompt.settings import AdapterRun, adapter_run, named_folders
 
 
 def adapter_specs(values: list[str] | None) -> list[tuple[str, Path]]:
-    """'name=path' or 'path' (named after its folder) -> (name, path), names unique."""
-    specs: list[tuple[str, Path]] = []
-    for value in values or []:
-        name, _, path = value.rpartition("=") if "=" in value else ("", "", value)
-        p = Path(path)
-        if not name:
-            name = "_".join(part for part in p.resolve().parts[-2:] if part not in ("/",))
-        name = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)[:64] or "adapter"
-        while name in [n for n, _ in specs]:
-            name += "_"
-        specs.append((name, p))
-    return specs
+    """'name=path' or 'path' (named after its folder) -> (name, path), names unique
+    (`softprompt.settings.named_folders`, which `softprompt serve --adapter` uses too)."""
+    return named_folders(values)
 
 
 def first_adapter_run(adapters: list[tuple[str, Path]]) -> AdapterRun:

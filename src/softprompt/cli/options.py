@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from typing import Any
 
@@ -68,8 +69,15 @@ def add_dataclass_options(
     skip: tuple[str, ...] = (),
     notes: dict[str, str] | None = None,
     only: tuple[str, ...] | None = None,
+    prefix: str = "",
 ) -> None:
     """One `--option` per dataclass field, typed from the annotation, help from metadata.
+
+    A field's metadata (`softprompt.settings.option`) may also give: `flag` (the option's
+    name, if not the field's), `action` ("append" or "store_const" with `const`),
+    `choices`, `cli_type` and `cli_default` (a value typed in other units, turned into the
+    field's by `convert`, see `options_of`), `env` (read when the option is not given) and
+    `cli=False` (not an option).
 
     Args:
         parser: The (sub)command's parser.
@@ -77,37 +85,58 @@ def add_dataclass_options(
         skip: Fields that are not options of this command.
         notes: Text appended to a field's help for this command (e.g. where its default comes from).
         only: If given, just these fields.
+        prefix: Put before each field's name in its flag and in the parsed namespace, for
+            a group whose names would clash with another's (`--vllm-url`: `vllm_url`).
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or (only is not None and f.name not in only):
+        meta = f.metadata
+        if f.name in skip or (only is not None and f.name not in only) or meta.get("cli") is False:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        dest = prefix + f.name
+        flag = meta.get("flag") or "--" + dest.replace("_", "-")
+        shown_as = {"metavar": flag.lstrip("-").replace("-", "_").upper()} if "flag" in meta else {}
         hint = hints[f.name]
         args = typing.get_args(hint)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint)
-        help_text = f.metadata.get("help", "") + (f" {notes[f.name]}" if notes and f.name in notes else "")
+        help_text = meta.get("help", "") + (f" {notes[f.name]}" if notes and f.name in notes else "")
         help_text = help_text.replace("%", "%%")  # argparse %-formats help texts
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        default = meta.get("cli_default", default)
+        action = meta.get("action")
+        if action == "append":  # repeated: a list of strings, the field's default when absent
+            parser.add_argument(flag, dest=dest, action="append", default=None, help=help_text, **shown_as)
             continue
-        if typing.get_origin(base) is dict or base is dict:
-            conv: Any = parse_label_words
+        if action == "store_const":
+            parser.add_argument(
+                flag, dest=dest, action="store_const", const=meta["const"], default=default, help=help_text
+            )
+            continue
+        if base is bool:
+            parser.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+            continue
+        if "cli_type" in meta:
+            conv: Any = meta["cli_type"]
+        elif typing.get_origin(base) is dict or base is dict:
+            conv = parse_label_words
         elif f.name in ("template", "init_text"):
             conv = unescape
         elif base in (int, float):
             conv = _or_none(base) if optional else base
         else:
             conv = str
+        shown = f" (default: {str(default).replace('%', '%%')!r})" if default not in (None, "") else ""
         parser.add_argument(
             flag,
+            dest=dest,
             type=conv,
             default=default,
-            help=f"{help_text} (default: {str(default).replace('%', '%%')!r})"
-            if default is not None
-            else f"{help_text}",
+            choices=meta.get("choices"),
+            help=help_text + shown,
+            **shown_as,
         )
 
 
@@ -143,7 +172,23 @@ def model_and_data_options(p: argparse.ArgumentParser, only: tuple[str, ...] | N
     add_dataclass_options(p, DataConfig, skip=("dev_data", "test_data"), notes=_RUN_NOTES, only=only)
 
 
-def options_of(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The parsed options that are fields of settings dataclass `cls`."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
+def options_of(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
+    """The parsed options that are fields of settings dataclass `cls` (named `prefix` + field in
+    `args`, see `add_dataclass_options`), as the field takes them: an option not given falls
+    back to its `env` variable, a repeated one left out to the field's default, and a value
+    typed in other units goes through the field's `convert`."""
+    values = vars(args)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if prefix + f.name not in values:
+            continue
+        value = values[prefix + f.name]
+        meta = f.metadata
+        if value is None and meta.get("action") == "append":
+            continue  # the field's own default
+        if value in (None, "") and meta.get("env"):
+            value = os.environ.get(meta["env"]) or None
+        if "convert" in meta and value is not None:
+            value = meta["convert"](value)
+        out[f.name] = value
+    return out

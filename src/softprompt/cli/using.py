@@ -15,13 +15,16 @@ import torch
 
 from softprompt.base_models import model_folder
 from softprompt.cli.adapters import adapter_specs, first_adapter_run, load_with_adapters
+from softprompt.cli.options import options_of
 from softprompt.cli.output import print_table
 from softprompt.core.interpret import compare_adapters, nearest_tokens
 from softprompt.devices import resolve_device, resolve_dtype
 from softprompt.scoring.compose import encode_template
 from softprompt.scoring.metrics import _shifted, left_pad
+from softprompt.serve.server import ServeConfig
 from softprompt.serve.vllm_engine import VllmSettings
-from softprompt.serve.vllm_process import start_vllm, stop_vllm
+from softprompt.serve.vllm_process import VllmLaunch, start_vllm, stop_vllm
+from softprompt.settings import ListenConfig
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -107,37 +110,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # the serve extra (FastAPI, uvicorn): only `softprompt serve` needs it, the other commands don't
         import uvicorn
 
-        from softprompt.serve.app import ServeConfig, create_app
+        from softprompt.serve.app import create_app
     except ImportError as err:
         raise RuntimeError(
             f"softprompt serve needs the serve extra ({err.name} is missing): pip install 'softprompt[serve]'"
         ) from None
-    if args.prefill_tokens < 1:
-        raise ValueError(f"--prefill-tokens must be at least 1; got {args.prefill_tokens}.")
-
     resolve_dtype(args.dtype, resolve_device(args.device))  # a bad value stops here, not in the worker
     vllm, started = _vllm_settings(args)
-    config = ServeConfig(
-        model=args.model,
-        base_id=args.served_model_name,
-        adapters={name: str(path) for name, path in adapter_specs(args.adapter)},
-        adapters_dirs=list(args.adapters or []),
-        adapter_roots=list(args.adapter_root or []),
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        prompt_cache_mb=args.prompt_cache_mb,
-        allow_adapter_updates=args.allow_adapter_updates,
-        allow_base_mismatch=args.allow_base_mismatch,
-        api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        drain_seconds=args.drain_seconds,
-        packed=False if args.padded_batches else None,
-        prefill_tokens=args.prefill_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        engine=args.engine,
-        vllm=vllm,
-    )
+    config = ServeConfig(**options_of(args, ServeConfig), vllm=vllm)
     for folder in config.adapters_dirs:
         if not Path(folder).is_dir():
             raise ValueError(f"--adapters {folder!r} is not a folder.")
@@ -146,8 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             vllm.url = started(config)
         uvicorn.run(
             create_app(config),
-            host=args.host,
-            port=args.port,
+            **options_of(args, ListenConfig),
             log_level="debug" if args.verbose else "info",
             timeout_graceful_shutdown=int(args.drain_seconds),
         )
@@ -191,14 +170,10 @@ def _vllm_settings(args: argparse.Namespace) -> tuple[Any, _StartedVllm | None]:
             "--engine vllm needs either --vllm-url (a running vLLM, started with --enable-prompt-embeds) "
             "or --vllm-python (the Python of an environment with vLLM, to start one)."
         )
-    key = args.vllm_api_key or os.environ.get("VLLM_API_KEY") or None
-    settings = VllmSettings(
-        url=args.vllm_url or "http://127.0.0.1:0/v1",
-        model=args.vllm_model,
-        timeout_s=args.vllm_timeout,
-        api_key=key,
-    )
+    found = options_of(args, VllmSettings, prefix="vllm_")
+    settings = VllmSettings(**{**found, "url": found.get("url") or "http://127.0.0.1:0/v1"})
+    launch = VllmLaunch(**options_of(args, VllmLaunch, prefix="vllm_"))
     started = None
-    if args.vllm_python:
-        started = _StartedVllm(args.vllm_python, shlex.split(args.vllm_args), args.vllm_timeout)
+    if launch.python:
+        started = _StartedVllm(launch.python, shlex.split(launch.args), settings.timeout_s)
     return settings, started

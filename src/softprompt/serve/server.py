@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,19 @@ from softprompt.serve.errors import ServeError, Unavailable
 from softprompt.serve.metrics import Metrics
 from softprompt.serve.scheduler import Scheduler
 from softprompt.serve.vllm_engine import VllmEngine, embeddings_only_model
+from softprompt.settings import BaseModelConfig, BatchingConfig, HttpConfig, ServedAdapters, option
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ServeConfig:
-    """How the server runs (the `softprompt serve` options).
+class ServeConfig(HttpConfig, BatchingConfig, ServedAdapters, BaseModelConfig):
+    """How the server runs: every field is a `softprompt serve` option, from the settings
+    groups (`softprompt.settings`): `BaseModelConfig` (model, device, dtype, as for `train`),
+    `ServedAdapters` (adapters, adapters_dirs, adapter_roots, allow_adapter_updates,
+    allow_base_mismatch), `BatchingConfig` (max_batch_size, max_queue, prompt_cache_mb,
+    packed, prefill_tokens), `HttpConfig` (base_id, api_key, max_body_bytes, drain_seconds),
+    and the engine.
 
     Attributes:
         model: Base model id or folder (None: the packaged default model).
@@ -38,18 +44,18 @@ class ServeConfig:
         adapters_dirs: Folders whose sub-folders are adapters (by folder name), loaded
             at start and, when added later, on their first request.
         adapter_roots: Further folders `/v1/load_adapter` may load from.
-        max_batch_size: Sequences decoded together at most.
-        max_queue: Requests waiting at most (more get 429).
-        prompt_cache_mb: Memory budget of the prompts' KV (None: unbounded).
         allow_adapter_updates: Enable `/v1/load_adapter` and `/v1/unload_adapter`.
         allow_base_mismatch: Serve adapters saved from a different base model of the same
             width (refused by default: 400 `base_model_mismatch` at load time).
+        max_batch_size: Sequences decoded together at most.
+        max_queue: Requests waiting at most (more get 429).
+        prompt_cache_mb: Memory budget of the prompts' KV (None: unbounded).
+        packed: Packed steps (`softprompt.serve.batching`); None: where the model passes the
+            engine's start-up check; False: padded batches.
+        prefill_tokens: Prompt tokens prefilled per step at most (packed steps).
         api_key: Require `Authorization: Bearer <key>` on /v1 routes.
         max_body_bytes: Larger request bodies get 413.
         drain_seconds: At shutdown, how long running requests may take to finish.
-        packed: Packed steps (see `softprompt.serve.packed`); None: where the model
-            passes the engine's start-up check; False: padded batches.
-        prefill_tokens: Prompt tokens prefilled per step at most (packed steps).
         device: Where the model runs: auto (the first GPU if there is one, else the CPU),
             cpu, cuda, cuda:N or mps, as for `softprompt train`.
         dtype: The weights' dtype: auto (bfloat16 on a GPU that has it, float16 on one that
@@ -59,27 +65,17 @@ class ServeConfig:
         vllm: Where vLLM is, a `softprompt.serve.vllm_engine.VllmSettings` (engine "vllm").
     """
 
-    model: str | None = None
-    base_id: str | None = None
-    adapters: dict[str, str] = field(default_factory=dict)
-    adapters_dirs: list[str] = field(default_factory=list)
-    adapter_roots: list[str] = field(default_factory=list)
-    max_batch_size: int = 32
-    max_queue: int = 256
-    prompt_cache_mb: float | None = None
-    allow_adapter_updates: bool = False
-    allow_base_mismatch: bool = False
-    api_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    drain_seconds: float = 30.0
-    packed: bool | None = None
-    prefill_tokens: int = 256
-    device: str = "auto"
-    dtype: str = "auto"
-    engine: str = "builtin"
-    vllm: Any = None
+    engine: str = option(
+        "builtin",
+        "builtin: this process runs the model. vllm: a vLLM server started with --enable-prompt-embeds "
+        "does; this process keeps the tokenizer and the embeddings and sends vLLM [prompt; text] embeddings.",
+        choices=("builtin", "vllm"),
+    )
+    vllm: Any = option(None, "Where vLLM is (a VllmSettings).", cli=False)
 
     def __post_init__(self) -> None:
+        self._validate_model()
+        self._validate_batching()
         if self.engine not in ("builtin", "vllm"):
             raise ValueError(f"engine must be builtin or vllm; got {self.engine!r}.")
         if self.engine == "vllm" and self.vllm is None:
@@ -90,7 +86,6 @@ class ServeConfig:
             return self.base_id
         if self.model:
             return self.model
-
         return DEFAULT_MODEL
 
 

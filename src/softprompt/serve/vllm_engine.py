@@ -49,9 +49,7 @@ from safetensors import safe_open
 
 from softprompt.base_models import ModelLoadError, model_folder
 from softprompt.core.config import PromptPosition
-from softprompt.scoring.classify import label_probs
-from softprompt.scoring.compose import encode_template
-from softprompt.scoring.metrics import Verbalizer
+from softprompt.serve import classification
 from softprompt.serve.adapters import (
     AdapterMethods,
     AdapterRegistry,
@@ -62,6 +60,7 @@ from softprompt.serve.adapters import (
 from softprompt.serve.errors import InternalError, ServeError, Unavailable
 from softprompt.serve.request import GenerationRequest
 from softprompt.serve.scheduler import Scheduler
+from softprompt.settings import option
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +89,11 @@ class VllmSettings:
         api_key: Sent as `Authorization: Bearer` when vLLM was started with `--api-key`.
     """
 
-    url: str
-    model: str | None = None
-    timeout_s: float = 120.0
-    connect_timeout_s: float = 5.0
-    api_key: str | None = None
+    url: str = option("", "vLLM's API base, e.g. http://127.0.0.1:8001/v1.")
+    model: str | None = option(None, "The model name vLLM serves (default: the first listed).")
+    timeout_s: float = option(120.0, "Seconds to wait for vLLM (then 504).", flag="--vllm-timeout")
+    connect_timeout_s: float = option(5.0, "Seconds to wait to connect to vLLM (then 503).", cli=False)
+    api_key: str | None = option(None, "vLLM's --api-key (or VLLM_API_KEY).", env="VLLM_API_KEY")
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -223,40 +222,28 @@ class VllmEngine(AdapterMethods):
 
     # ------------------------------------------------------------------ classification
     def classify(self, name: str, texts: list[str], max_length: int | None = None) -> list[dict[str, Any]]:
-        """Rank classification with the adapter's run template and label words, through vLLM
-        (a job: runs on the engine's job threads)."""
-
-        template, words, run_max = self.registry.classification_settings(name)
-        verbalizer = Verbalizer.build(self.tokenizer, words)
-        rows, positions = encode_template(self.tokenizer, list(texts), template, max_length or run_max or 256)
-        where = positions or [None] * len(rows)
-        scores = torch.zeros(len(rows), len(verbalizer.labels), dtype=torch.float64)
-        # the first token of every label in one request per text, then one per further token
-        firsts = sorted({ids[0] for ids in verbalizer.token_ids})
-        calls = [(i, row, where[i], firsts) for i, row in enumerate(rows)]
-        for i, row in enumerate(rows):
-            for ids in verbalizer.token_ids:
-                for k in range(1, len(ids)):
-                    calls.append((i, row + list(ids[:k]), where[i], [ids[k]]))
-        answers = self._sync(self._label_logprobs_all(name, calls))
-        for i, row in enumerate(rows):
-            for j, ids in enumerate(verbalizer.token_ids):
-                total = 0.0
-                for k in range(len(ids)):
-                    total += answers[(i, tuple(row + list(ids[:k])))][ids[k]]
-                scores[i, j] = total
-        return label_probs(verbalizer.labels, scores)
+        """Rank classification with the adapter's run template and label words, the label
+        tokens' log-probabilities asked of vLLM (a job: runs on the engine's job threads), see
+        `softprompt.serve.classification.by_next_token`."""
+        return classification.by_next_token(
+            self.tokenizer,
+            self.registry,
+            name,
+            texts,
+            max_length,
+            lambda calls: self._sync(self._label_logprobs_all(name, calls)),
+        )
 
     async def _label_logprobs_all(
-        self, name: str, calls: list[tuple[int, list[int], int | None, list[int]]]
-    ) -> dict[tuple[int, tuple[int, ...]], dict[int, float]]:
+        self, name: str, calls: list[classification.Call]
+    ) -> classification.Answers:
         limit = asyncio.Semaphore(max(1, self.scheduler.max_batch_size))
 
         async def one(i: int, ids: list[int], at: int | None, wanted: list[int]) -> tuple[Any, dict]:
             async with limit:
                 return (i, tuple(ids)), await self._label_logprobs(name, ids, at, wanted)
 
-        merged: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
+        merged: classification.Answers = {}
         for key, values in await asyncio.gather(*(one(*c) for c in calls)):
             merged.setdefault(key, {}).update(values)
         return merged

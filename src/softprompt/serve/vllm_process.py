@@ -19,8 +19,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from softprompt.settings import option
+
+
+@dataclass
+class VllmLaunch:
+    """Starting vLLM for the front (`softprompt serve --vllm-python PATH`)."""
+
+    python: str | None = option(
+        None,
+        "Without --vllm-url: start vLLM with this Python (of the environment vLLM is installed in) "
+        "on a free loopback port, for the same --model.",
+    )
+    args: str = option("", "Further options for the vLLM that --vllm-python starts.")
 
 
 class VllmStartError(RuntimeError):
