@@ -642,3 +642,21 @@ def test_packed_serving_and_the_packed_training_pass_coexist_in_one_process():
         _assert_each_equals_generate(model, engine, [first, *reqs])
     finally:
         engine.stop(5)
+
+
+def test_batching_is_chosen_once_and_a_stopped_engine_holds_no_kv_slots():
+    """`batching.choose`: packed steps where the model passes the probe, padded batches when
+    asked (any false value); a stopped engine's packed batcher gives back its KV slots."""
+    from softprompt.serve import batching
+
+    tok = make_tokenizer()
+    model = _model("llama")
+    assert isinstance(_engine(model, tok).batcher, batching.PackedBatcher)
+    for off in (False, 0):
+        assert isinstance(_engine(model, tok, packed=off).batcher, batching.PaddedBatcher)
+    engine = _engine(model, tok, packed=True)
+    reqs = _mixed_requests(engine, tok)[:3]
+    _serve_all(engine, reqs)
+    assert not engine.alive and engine.batcher.slots is None and not engine.batcher.rows
+    assert engine.steps > 0 and engine.batcher.seconds > 0
+    _assert_each_equals_generate(model, engine, reqs)

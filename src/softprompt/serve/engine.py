@@ -179,12 +179,10 @@ class Engine(AdapterMethods):
 
     def _step(self) -> None:
         """One step of the batcher, timed for the scheduler's admission and the metrics."""
-        t0 = time.perf_counter()
         stepped = self.batcher.step()
         if stepped:
             self.steps += 1
-            seconds = time.perf_counter() - t0
-            self.scheduler.step_seconds = 0.9 * self.scheduler.step_seconds + 0.1 * seconds
+            self.scheduler.step_seconds = 0.9 * self.scheduler.step_seconds + 0.1 * self.batcher.seconds
             if self.metrics is not None:
                 self.metrics.step(stepped, self.scheduler.queue_depth)
         self.scheduler.running_rows = len(self.batcher)

@@ -41,7 +41,7 @@ def choose(
         ValueError: `packed=True` for a model whose attention cannot be packed.
     """
     common = {"metrics": metrics, "base_id": base_id}
-    if packed is False:
+    if packed is not None and not packed:
         return PaddedBatcher(model, registry, dtype, **common)
     shape = PackedBatcher.probe(model, dtype)
     if shape is None:

@@ -11,6 +11,7 @@ a model's attention can be packed (else the engine takes the padded batcher).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -86,6 +87,7 @@ class PackedBatcher(Batcher):
 
     def clear(self) -> None:
         self.rows = []
+        self.slots = None  # made anew by the next join
 
     def when_idle(self) -> None:
         """Give back KV slots grown past `IDLE_SLOTS_BYTES` (a burst of long rows) rather
@@ -150,6 +152,7 @@ class PackedBatcher(Batcher):
         rows = self.rows
         if not rows:
             return 0
+        t0 = time.perf_counter()
         device = self.model.device
         budget = self.prefill_tokens
         feeds, ids, keep, ends = [], [], [], []
@@ -184,6 +187,7 @@ class PackedBatcher(Batcher):
             if rows[i].pending is not None:
                 self._prefilled(i, logits[k])
         stepped = len(self)
+        self.seconds = time.perf_counter() - t0
         self.drop_done()
         return stepped
 

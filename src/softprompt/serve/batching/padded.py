@@ -13,6 +13,7 @@ bare model (a row's prompt is in its KV).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -232,6 +233,7 @@ class PaddedBatcher(Batcher):
         self.drop_done()
         if not batch:
             return 0
+        t0 = time.perf_counter()
         device = batch.kv[0][0].device
         rows = batch.rows
         ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=device)
@@ -259,6 +261,7 @@ class PaddedBatcher(Batcher):
             r.length += 1
         self.sample(rows, out.logits[:, -1].float())
         stepped = len(rows)
+        self.seconds = time.perf_counter() - t0
         self.drop_done()
         return stepped
 

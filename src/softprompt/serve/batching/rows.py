@@ -66,6 +66,9 @@ class Batcher:
         self.dtype = dtype
         self.metrics = metrics
         self.base_id = base_id
+        #: The last step's forward and sampling, in seconds (the drops before and after
+        #: not counted): what the scheduler's admission and Retry-After estimate from.
+        self.seconds = 0.0
 
     #: The running rows, in the batcher's order.
     rows: list[Row]
@@ -80,7 +83,8 @@ class Batcher:
         raise NotImplementedError
 
     def step(self) -> int:
-        """One forward for the running rows; the rows it ran (0: none ran, or it failed)."""
+        """One forward for the running rows; the rows it ran (0: none ran, or it failed),
+        its time in `seconds`."""
         raise NotImplementedError
 
     def drop_done(self) -> None:
