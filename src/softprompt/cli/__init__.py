@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from transformers.utils import logging as hf_logging
 
@@ -48,7 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="Show debug logging.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _train_command(sub)
+    _eval_command(sub)
+    _generate_command(sub)
+    _inspect_command(sub)
+    _classify_command(sub)
+    _serve_command(sub)
+    return parser
 
+
+def _train_command(sub: Any) -> None:
+    """`softprompt train`: every `TrainConfig` field, `--output` and `--seeds`."""
     p = sub.add_parser("train", help="Train a soft prompt.", description=TrainConfig.__doc__)
     add_dataclass_options(p, TrainConfig, skip=("output_dir",), notes=TRAIN_NOTES)
     p.add_argument(
@@ -67,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _eval_command(sub: Any) -> None:
+    """`softprompt eval`: adapters (and the bare model) scored on labelled data."""
     p = sub.add_parser("eval", help="Score adapters (and the bare model) on labelled data.")
     p.add_argument("--adapter", action="append", help="Adapter folder, or name=folder; repeat for several.")
     p.add_argument(
@@ -81,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _generate_command(sub: Any) -> None:
+    """`softprompt generate`: text in, text out."""
     p = sub.add_parser("generate", help="Text in, text out, through one or more adapters.")
     p.add_argument("text", nargs="*", help="Input texts (default: one per line on standard input).")
     p.add_argument("--adapter", action="append", help="Adapter folder, or name=folder; repeat for several.")
@@ -93,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _inspect_command(sub: Any) -> None:
+    """`softprompt inspect`: what a prompt learned."""
     p = sub.add_parser("inspect", help="What a prompt learned: nearest tokens, norms, similarity.")
     p.add_argument("adapter", help="Adapter folder.")
     p.add_argument("--compare", default=None, help="A second adapter folder to compare with.")
@@ -102,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_inspect)
 
+
+def _classify_command(sub: Any) -> None:
+    """`softprompt classify`: labels for new texts."""
     p = sub.add_parser("classify", help="Label new texts with a classification prompt (no labels needed).")
     p.add_argument("text", nargs="*", help="Texts (default: --data, else one per line on standard input).")
     p.add_argument(
@@ -125,13 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     allow_base_mismatch_option(p)
     p.set_defaults(func=cmd_classify)
 
+
+def _serve_command(sub: Any) -> None:
+    """`softprompt serve`: every `ServeConfig` field, where it listens, and vLLM."""
     p = sub.add_parser("serve", help="OpenAI-compatible server: one model, many soft prompts.")
     add_dataclass_options(p, ServeConfig)
     add_dataclass_options(p, ListenConfig)
     add_dataclass_options(p, VllmSettings, prefix="vllm_")
     add_dataclass_options(p, VllmLaunch, prefix="vllm_")
     p.set_defaults(func=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
