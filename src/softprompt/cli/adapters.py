@@ -1,5 +1,6 @@
-"""Adapters named on the command line: `name=folder` specs, the settings of the run they came
-from, and the model they are loaded onto."""
+"""Adapters named on the command line (`name=folder` specs, read by
+`softprompt.settings.named_folders`): the settings of the run they came from, and the model
+they are loaded onto."""
 
 from __future__ import annotations
 
@@ -10,13 +11,7 @@ from softprompt.core.config import PromptTuningConfig
 from softprompt.core.model import SoftPromptModel
 from softprompt.devices import resolve_device, resolve_dtype
 from softprompt.scoring.ensemble import check_same_format
-from softprompt.settings import AdapterRun, adapter_run, named_folders
-
-
-def adapter_specs(values: list[str] | None) -> list[tuple[str, Path]]:
-    """'name=path' or 'path' (named after its folder) -> (name, path), names unique
-    (`softprompt.settings.named_folders`, which `softprompt serve --adapter` uses too)."""
-    return named_folders(values)
+from softprompt.settings import AdapterRun, adapter_run
 
 
 def first_adapter_run(adapters: list[tuple[str, Path]]) -> AdapterRun:

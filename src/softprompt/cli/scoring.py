@@ -13,20 +13,20 @@ from typing import Any
 import torch
 
 from softprompt._io import atomic_write_text
-from softprompt.cli.adapters import adapter_specs, check_ensemble, first_adapter_run, load_with_adapters
+from softprompt.cli.adapters import check_ensemble, first_adapter_run, load_with_adapters
 from softprompt.cli.options import options_of
 from softprompt.cli.output import Progress, print_table
 from softprompt.core.bf16 import resolve_bf16
 from softprompt.data import BUILTIN, load_builtin, read_examples
 from softprompt.scoring.classify import classify_texts, run_settings
 from softprompt.scoring.ensemble import classify_ensemble, score_ensemble
-from softprompt.settings import DataConfig
+from softprompt.settings import DataConfig, named_folders
 from softprompt.training.runs import DataSpec, build_objective, load_data
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
-    adapters = adapter_specs(args.adapter)
+    adapters = named_folders(args.adapter)
     if not adapters and not args.zero_shot:
         raise ValueError("nothing to evaluate: give --adapter PATH (one or more) and/or --zero-shot.")
     if args.ensemble:
@@ -126,7 +126,7 @@ def _read_classify_rows(path: str, field: str) -> list[dict[str, Any]]:
 
 def cmd_classify(args: argparse.Namespace) -> int:
 
-    adapters = adapter_specs(args.adapter)
+    adapters = named_folders(args.adapter)
     if args.ensemble:
         check_ensemble(adapters)
     elif len(adapters) > 1:

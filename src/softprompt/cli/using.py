@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from softprompt.base_models import model_folder
-from softprompt.cli.adapters import adapter_specs, first_adapter_run, load_with_adapters
+from softprompt.cli.adapters import first_adapter_run, load_with_adapters
 from softprompt.cli.options import options_of
 from softprompt.cli.output import print_table
 from softprompt.core.interpret import compare_adapters, nearest_tokens
@@ -24,12 +24,12 @@ from softprompt.scoring.metrics import _shifted, left_pad
 from softprompt.serve.server import ServeConfig
 from softprompt.serve.vllm_engine import VllmSettings
 from softprompt.serve.vllm_process import VllmLaunch, start_vllm, stop_vllm
-from softprompt.settings import ListenConfig
+from softprompt.settings import ListenConfig, named_folders
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
 
-    adapters = adapter_specs(args.adapter)
+    adapters = named_folders(args.adapter)
     run = first_adapter_run(adapters)
     model, tokenizer = load_with_adapters(
         args.model or run.model, adapters, args.device, args.dtype, args.allow_base_mismatch
@@ -72,7 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
 
-    adapters = adapter_specs([args.adapter] + ([args.compare] if args.compare else []))
+    adapters = named_folders([args.adapter] + ([args.compare] if args.compare else []))
     run = first_adapter_run(adapters)
     model, tokenizer = load_with_adapters(
         args.model or run.model, adapters, allow_base_mismatch=args.allow_base_mismatch

@@ -6,7 +6,7 @@ apart from the forward's paths (`softprompt.core.cached_prompts`) and the adapte
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,13 +38,8 @@ class RowPrompts:
     position_style: Any
     active_adapter: str
     _disabled: bool
-
-    def _require(self, adapter_name: str) -> None:
-        raise NotImplementedError
-
-    @property
-    def device(self) -> torch.device:
-        raise NotImplementedError
+    device: torch.device
+    _require: Callable[[str], None]  # KeyError naming the loaded adapters
 
     def embed(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None

@@ -26,6 +26,8 @@ from softprompt.settings import BaseModelConfig, BatchingConfig, HttpConfig, Ser
 
 logger = logging.getLogger(__name__)
 
+ENGINES = ("builtin", "vllm")
+
 
 @dataclass
 class ServeConfig(HttpConfig, BatchingConfig, ServedAdapters, BaseModelConfig):
@@ -69,14 +71,14 @@ class ServeConfig(HttpConfig, BatchingConfig, ServedAdapters, BaseModelConfig):
         "builtin",
         "builtin: this process runs the model. vllm: a vLLM server started with --enable-prompt-embeds "
         "does; this process keeps the tokenizer and the embeddings and sends vLLM [prompt; text] embeddings.",
-        choices=("builtin", "vllm"),
+        choices=ENGINES,
     )
     vllm: Any = option(None, "Where vLLM is (a VllmSettings).", cli=False)
 
     def __post_init__(self) -> None:
         self._validate_model()
         self._validate_batching()
-        if self.engine not in ("builtin", "vllm"):
+        if self.engine not in ENGINES:
             raise ValueError(f"engine must be builtin or vllm; got {self.engine!r}.")
         if self.engine == "vllm" and self.vllm is None:
             raise ValueError("engine='vllm' needs vllm=VllmSettings(url=...): where vLLM serves the model.")
